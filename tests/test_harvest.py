@@ -73,7 +73,9 @@ def test_store_holds_the_model_activations(tiny, tiny_model_dir, text_file, tmp_
     torch.testing.assert_close(store.mean("2.resid_post"), x.mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny, tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(
+    tiny, tiny_model_dir, text_file, tmp_path, monkeypatch
+):
     clean = tmp_path / "clean"
     harvest(_cfg(tiny_model_dir, text_file, clean), loaded=tiny, progress=False)
 
@@ -104,14 +106,39 @@ def _cli(*args: str) -> list[str]:
 
 def test_kill_9_then_rerun_equals_uninterrupted(tiny, tiny_model_dir, tmp_path):
     source = tmp_path / "big.jsonl"
-    source.write_text("".join(json.dumps({"text": f"Document {i} talks about Paris and Rome."}) + "\n" for i in range(3000)))
-    args = ["harvest", "--model", str(tiny_model_dir), "--sites", "*.*", "--source", str(source), "--tokens", "40000",
-            "--context-len", "32", "--batch-size", "1", "--shard-mb", "1", "--device", "cpu"]
+    source.write_text(
+        "".join(json.dumps({"text": f"Document {i} talks about Paris and Rome."}) + "\n" for i in range(3000))
+    )
+    args = [
+        "harvest",
+        "--model",
+        str(tiny_model_dir),
+        "--sites",
+        "*.*",
+        "--source",
+        str(source),
+        "--tokens",
+        "40000",
+        "--context-len",
+        "32",
+        "--batch-size",
+        "1",
+        "--shard-mb",
+        "1",
+        "--device",
+        "cpu",
+    ]
     clean = tmp_path / "clean"
-    harvest(_cfg(tiny_model_dir, source, clean, sites="*.*", tokens=40000, batch_size=1), loaded=tiny, progress=False)
+    harvest(
+        _cfg(tiny_model_dir, source, clean, sites="*.*", tokens=40000, batch_size=1),
+        loaded=tiny,
+        progress=False,
+    )
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--output", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(*args, "--output", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     manifest = killed / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -135,7 +162,9 @@ def test_refuses_to_mix_stores(tiny, tiny_model_dir, text_file, tmp_path):
         harvest(_cfg(tiny_model_dir, text_file, out, sites="0.attn_out"), loaded=tiny, progress=False)
     with pytest.raises(OpenscopeError, match=r"holds a different store \(context_len: 32 there, 16 now\)"):
         harvest(_cfg(tiny_model_dir, text_file, out, context_len=16), loaded=tiny, progress=False)
-    harvest(_cfg(tiny_model_dir, text_file, out, sites="0.attn_out", overwrite=True), loaded=tiny, progress=False)
+    harvest(
+        _cfg(tiny_model_dir, text_file, out, sites="0.attn_out", overwrite=True), loaded=tiny, progress=False
+    )
     assert ActivationStore(out).sites == ["0.attn_out"]
     # Same settings but the text changed: the finished shards no longer match the data.
     text_file.write_text(text_file.read_text().replace("Paris", "Lyon"))
@@ -156,7 +185,9 @@ def test_corrupt_shard_is_named(tiny, tiny_model_dir, text_file, tmp_path):
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(OpenscopeError, match=r"shard_00001.safetensors of .* is corrupt \(checksum mismatch\)"):
+    with pytest.raises(
+        OpenscopeError, match=r"shard_00001.safetensors of .* is corrupt \(checksum mismatch\)"
+    ):
         ActivationStore(out).read_shard(1, ["0.mlp_out"])
     with pytest.raises(OpenscopeError, match="shard_00001.safetensors .* missing or corrupt"):
         harvest(_cfg(tiny_model_dir, text_file, out), loaded=tiny, progress=False)
@@ -170,11 +201,15 @@ def test_empty_source_and_bad_sites(tiny, tiny_model_dir, tmp_path):
     with pytest.raises(OpenscopeError, match="is empty"):
         harvest(_cfg(tiny_model_dir, empty, tmp_path / "s"), loaded=tiny, progress=False)
     with pytest.raises(OpenscopeError, match="layer 7 is out of range: the model has 3 layers"):
-        harvest(_cfg(tiny_model_dir, empty, tmp_path / "s", sites="7.resid_post"), loaded=tiny, progress=False)
+        harvest(
+            _cfg(tiny_model_dir, empty, tmp_path / "s", sites="7.resid_post"), loaded=tiny, progress=False
+        )
 
 
 def test_reader_shuffles_deterministically_without_losing_rows(tiny, tiny_model_dir, text_file, tmp_path):
-    store = ActivationStore(harvest(_cfg(tiny_model_dir, text_file, tmp_path / "s"), loaded=tiny, progress=False).output)
+    store = ActivationStore(
+        harvest(_cfg(tiny_model_dir, text_file, tmp_path / "s"), loaded=tiny, progress=False).output
+    )
 
     def epoch(seed: int) -> list[tuple[int, int]]:
         keys = []
@@ -196,8 +231,11 @@ def test_reader_shuffles_deterministically_without_losing_rows(tiny, tiny_model_
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    result = subprocess.run(_cli("harvest", "--model", "no-such-model", "--output", str(tmp_path / "x")),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        _cli("harvest", "--model", "no-such-model", "--output", str(tmp_path / "x")),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: unknown model 'no-such-model'"), result.stderr

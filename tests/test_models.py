@@ -84,7 +84,11 @@ def test_parse_sites_patterns():
     assert parse_sites("layer 6 resid_post", 18) == [Site(6, "resid_post")]
     assert parse_sites("*.mlp_out", 18) == [Site(i, "mlp_out") for i in range(18)]
     assert parse_sites("mlp_out", 4) == [Site(i, "mlp_out") for i in range(4)]
-    assert parse_sites("1-2.attn_out, 0.resid_pre", 4) == [Site(0, "resid_pre"), Site(1, "attn_out"), Site(2, "attn_out")]
+    assert parse_sites("1-2.attn_out, 0.resid_pre", 4) == [
+        Site(0, "resid_pre"),
+        Site(1, "attn_out"),
+        Site(2, "attn_out"),
+    ]
     assert parse_sites("3.*", 4) == [Site(3, k) for k in SITE_KINDS]
     assert Site.from_name("6.resid_post") == Site(6, "resid_post")
 
@@ -120,8 +124,14 @@ def test_multimodal_gemma3_layers_are_found(tiny):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     text = tiny.model.config.to_dict()
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     config = Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4)
     model = Gemma3ForConditionalGeneration(config).eval()
     arch = find_architecture(model)

@@ -112,7 +112,9 @@ def _resolve_sites(spec: str, loaded: LoadedModel) -> list[Site]:
     return parse_sites(spec.replace("mid.", f"{mid}."), loaded.n_layers)
 
 
-def identity(cfg: HarvestConfig, loaded: LoadedModel, sites: list[Site], shard_contexts: int) -> dict[str, Any]:
+def identity(
+    cfg: HarvestConfig, loaded: LoadedModel, sites: list[Site], shard_contexts: int
+) -> dict[str, Any]:
     """The fields two runs must share to write into one store."""
     return {
         "model": loaded.name,
@@ -136,7 +138,9 @@ def _prepare_output(root: Path, ident: dict[str, Any], overwrite: bool) -> dict[
         if overwrite:
             shutil.rmtree(root)
             return None
-        raise OpenscopeError(f"output folder {root} is not empty and holds no activation store; choose another --output")
+        raise OpenscopeError(
+            f"output folder {root} is not empty and holds no activation store; choose another --output"
+        )
     manifest = read_manifest(root)
     differ = [k for k, v in ident.items() if manifest["identity"].get(k) != v]
     if not differ:
@@ -176,7 +180,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
 
     row_bytes = sum(widths.values()) * store_dtype.itemsize
     per_context = cfg.context_len * row_bytes
-    shard_contexts = max(cfg.batch_size, (cfg.shard_mb * 2**20 // per_context) // cfg.batch_size * cfg.batch_size)
+    shard_contexts = max(
+        cfg.batch_size, (cfg.shard_mb * 2**20 // per_context) // cfg.batch_size * cfg.batch_size
+    )
     total_contexts = -(-cfg.tokens // cfg.context_len)
     ident = identity(cfg, loaded, sites, shard_contexts)
 
@@ -322,9 +328,7 @@ def _finish(root: Path, manifest: dict[str, Any], sites: list[Site]) -> None:
     """Mark the store complete and write the per-site statistics."""
     from openscope.activations.store import ActivationStore
 
-    manifest["stats"] = {
-        s.name: site_stats(manifest["shards"], s.name)._asdict() for s in sites
-    }
+    manifest["stats"] = {s.name: site_stats(manifest["shards"], s.name)._asdict() for s in sites}
     manifest["n_rows"] = sum(s["n_rows"] for s in manifest["shards"])
     manifest["n_contexts"] = sum(s["n_contexts"] for s in manifest["shards"])
     manifest["complete"] = True

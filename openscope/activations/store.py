@@ -147,7 +147,9 @@ class ActivationStore:
 
     def check_site(self, site: str) -> str:
         if site not in self.manifest["sites"]:
-            raise OpenscopeError(f"the store at {self.root} holds no site {site!r}; it has {', '.join(self.sites)}")
+            raise OpenscopeError(
+                f"the store at {self.root} holds no site {site!r}; it has {', '.join(self.sites)}"
+            )
         return site
 
     def stats(self, site: str) -> SiteStats:
@@ -223,7 +225,10 @@ class ActivationStore:
                 carry = {k: v[rest] for k, v in window.items()} if len(rest) else None
             if carry is not None and not drop_last:
                 yield ActivationBatch(
-                    {k: carry[k].float() for k in keys}, carry["token_ids"], carry["context"], carry["position"]
+                    {k: carry[k].float() for k in keys},
+                    carry["token_ids"],
+                    carry["context"],
+                    carry["position"],
                 )
             epoch += 1
 

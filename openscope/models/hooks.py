@@ -8,7 +8,7 @@ them, so that logic lives in one place.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import torch
@@ -87,9 +87,6 @@ def run_to_sites(
     attention_mask: Tensor | None = None,
 ) -> dict[Site, Tensor]:
     """One forward that captures every site and stops after the last one it needs."""
-    with capture(loaded, sites) as acts:
-        try:
-            loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except StopForward:
-            pass
+    with capture(loaded, sites) as acts, suppress(StopForward):
+        loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return acts

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -172,7 +172,8 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype, device: str, **kwar
 
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return _finish(str(source), model.to(device), tokenizer)
+    # transformers' typing makes pyright read `.to` as a generate helper; it is nn.Module.to.
+    return _finish(str(source), cast(nn.Module, model).to(device), tokenizer)
 
 
 def converted_dir(name: str, cache_dir: Path | None = None) -> Path:
@@ -194,16 +195,19 @@ def _convert_gguf_package(known: KnownModel, target: Path) -> None:
         ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("first load of %s: converting the GGUF weights to safetensors (about a minute, once)", known.name)
+    log.info(
+        "first load of %s: converting the GGUF weights to safetensors (about a minute, once)", known.name
+    )
     start = time.perf_counter()
     gguf = assemble()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised already; drop the GGUF marker so the model saves as plain safetensors.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    unquantized: Any = model
+    unquantized.hf_quantizer = None
+    unquantized.is_quantized = False
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -58,7 +58,9 @@ class Site(NamedTuple):
     def from_name(cls, name: str) -> Site:
         layer, _, kind = name.partition(".")
         if not layer.isdigit() or kind not in SITE_KINDS:
-            raise OpenscopeError(f"bad site name {name!r}; expected <layer>.<kind> with kind in {', '.join(SITE_KINDS)}")
+            raise OpenscopeError(
+                f"bad site name {name!r}; expected <layer>.<kind> with kind in {', '.join(SITE_KINDS)}"
+            )
         return cls(int(layer), kind)
 
 
@@ -108,7 +110,9 @@ def site_width(point: SitePoint, d_model: int) -> int:
 
 def check_layer(layer: int, n_layers: int) -> None:
     if not 0 <= layer < n_layers:
-        raise OpenscopeError(f"layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+        raise OpenscopeError(
+            f"layer {layer} is out of range: the model has {n_layers} layers (0-{n_layers - 1})"
+        )
 
 
 _PROSE = re.compile(r"layers?\s+([\d*:\-]+)\s+(\w+|\*)", re.IGNORECASE)
@@ -133,7 +137,9 @@ def parse_sites(spec: str | list[str] | tuple[str, ...], n_layers: int) -> list[
     text = _PROSE.sub(lambda m: f"{m.group(1)}.{m.group(2)}", text)
     tokens = [tok for tok in re.split(r"[,\s]+", text.strip()) if tok]
     if not tokens:
-        raise OpenscopeError(f"no sites given; kinds are {', '.join(SITE_KINDS)} (e.g. 6.resid_post, *.mlp_out)")
+        raise OpenscopeError(
+            f"no sites given; kinds are {', '.join(SITE_KINDS)} (e.g. 6.resid_post, *.mlp_out)"
+        )
     sites: set[Site] = set()
     for tok in tokens:
         layer_part, _, kind_part = tok.rpartition(".")
