@@ -24,6 +24,7 @@ from openscope.activations.harvest import HarvestConfig, harvest
 from openscope.activations.store import ActivationStore
 from openscope.config import field_docs
 from openscope.errors import OpenscopeError
+from openscope.train import TrainConfig, train
 
 app = typer.Typer(
     help="openscope: an open microscope for language models. Harvest activations, train sparse "
@@ -164,6 +165,28 @@ app.command(
     help="Capture activations at many sites in one forward per batch into a sharded, resumable store. "
     "Run the same command again to resume an interrupted harvest.",
 )(config_command(HarvestConfig, _run_harvest))
+
+
+def _run_train(cfg: TrainConfig) -> None:
+    result = train(cfg, progress=True)
+    table = Table(
+        title=f"trained {len(result.folders)} dictionaries in {result.steps} steps ({result.seconds:.0f} s)"
+    )
+    for col in ("site", "folder", "L0", "FVU", "dead"):
+        table.add_column(col)
+    for site, folder in result.folders.items():
+        last = result.final[site]
+        table.add_row(
+            site, str(folder), f"{last['l0']:.1f}", f"{last['fvu']:.3f}", f"{last['dead_fraction']:.1%}"
+        )
+    console.print(table)
+
+
+app.command(
+    "train",
+    help="Train sparse dictionaries (SAE, transcoder, skip-transcoder; JumpReLU, TopK, BatchTopK, ReLU; "
+    "optionally Matryoshka) on every chosen site of an activation store at once. Saved in the Gemma Scope 2 layout.",
+)(config_command(TrainConfig, _run_train))
 
 
 @app.command("show")

@@ -24,7 +24,9 @@ def test_loads_from_package_and_knows_paris(real_model):
 
 
 def test_real_sites_match_hidden_states_and_full_forward(real_model):
-    ids = real_model.tokenizer(["Sparse dictionaries read the residual stream."], return_tensors="pt")["input_ids"]
+    ids = real_model.tokenizer(["Sparse dictionaries read the residual stream."], return_tensors="pt")[
+        "input_ids"
+    ]
     sites = [Site(5, "resid_post"), Site(5, "attn_out"), Site(9, "mlp_in"), Site(9, "mlp_out")]
     truncated = run_to_sites(real_model, ids, sites)
     with capture(real_model, sites, stop=False) as full, torch.no_grad():
@@ -36,7 +38,9 @@ def test_real_sites_match_hidden_states_and_full_forward(real_model):
 
 
 def test_real_harvest_of_wiki_text(real_model, tmp_path):
-    cfg = HarvestConfig(sites="5.resid_post,5.mlp_out", tokens=256, context_len=64, batch_size=2, output=tmp_path / "s")
+    cfg = HarvestConfig(
+        sites="5.resid_post,5.mlp_out", tokens=256, context_len=64, batch_size=2, output=tmp_path / "s"
+    )
     result = harvest(cfg, loaded=real_model, progress=False)
     store = ActivationStore(result.output)
     assert store.n_rows > 200  # 4 contexts x 63 text tokens, fewer where a document starts
@@ -44,4 +48,6 @@ def test_real_harvest_of_wiki_text(real_model, tmp_path):
     assert 10 < stats.norm_scale < 1e5  # Gemma residual norms are large: that is why we normalise
     batch = next(store.batches(["5.resid_post"], batch_size=32))
     assert torch.isfinite(batch.acts["5.resid_post"]).all()
-    assert real_model.tokenizer.decode(store.read_shard(0, ["contexts"])["contexts"][0, 1:10].tolist()).strip()
+    assert real_model.tokenizer.decode(
+        store.read_shard(0, ["contexts"])["contexts"][0, 1:10].tolist()
+    ).strip()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -223,7 +225,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     )
     start, fed = time.perf_counter(), 0
     index = 0
-    with bar:
+    writer = _ShardWriter(root, manifest)
+    with bar, writer:
         while chunk := list(itertools.islice(contexts, shard_contexts)):
             ctx = torch.tensor(chunk, dtype=torch.long)
             if index < done:
@@ -236,20 +239,15 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
                 shard = _harvest_shard(
                     loaded, sites, ctx, index * shard_contexts, cfg.batch_size, store_dtype, device, bar
                 )
-                data = encode_shard(shard.tensors)
-                write_atomic(root / shard_name(index), data)
-                manifest["shards"].append(
-                    {
-                        "file": shard_name(index),
-                        "context_start": index * shard_contexts,
-                        "n_contexts": len(chunk),
-                        "n_rows": shard.n_rows,
-                        "sha256": sha256_bytes(data),
-                        "tokens_sha256": tokens_digest(ctx),
-                        "sum_sq_norm": shard.sum_sq_norm,
-                    }
-                )
-                save_manifest(root, manifest)
+                entry = {
+                    "file": shard_name(index),
+                    "context_start": index * shard_contexts,
+                    "n_contexts": len(chunk),
+                    "n_rows": shard.n_rows,
+                    "tokens_sha256": tokens_digest(ctx),
+                    "sum_sq_norm": shard.sum_sq_norm,
+                }
+                writer.submit(shard.tensors, entry)
                 fed += ctx.numel()
             index += 1
     if index == 0:
@@ -268,6 +266,44 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
         seconds,
         fed / seconds if seconds > 0 else 0.0,
     )
+
+
+class _ShardWriter:
+    """Writes finished shards in a background thread while the model computes the next one.
+
+    One shard at a time, in order: the shard file is written (atomically) and only then is its
+    entry added to the manifest, so the manifest never lists a shard that is not whole on disk.
+    Serialising, hashing and the fsync overlap with the forward passes instead of adding to them.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root, self.manifest = root, manifest
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending: Future | None = None
+
+    def _write(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
+        data = encode_shard(tensors)
+        write_atomic(self.root / entry["file"], data)
+        self.manifest["shards"].append({**entry, "sha256": sha256_bytes(data)})
+        save_manifest(self.root, self.manifest)
+
+    def submit(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
+        self.wait()  # keeps at most one shard in flight: memory stays bounded by the shard size
+        self.pending = self.pool.submit(self._write, tensors, entry)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a failed write here, in the main thread
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()  # on an error too: a shard already computed is still saved
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 class _Shard(NamedTuple):
@@ -289,24 +325,30 @@ def _harvest_shard(
     """Run the model over one shard's contexts and gather the kept rows of every site."""
     keep = keep_mask(contexts, loaded.tokenizer)
     n_rows = int(keep.sum())
-    bufs = {s: torch.empty(n_rows, 0) for s in sites}
+    bufs: dict[Site, torch.Tensor] = {}
+    sums: dict[Site, torch.Tensor] = {}
+    sum_sq: dict[str, float] = {s.name: 0.0 for s in sites}
     filled = 0
     for b in range(0, len(contexts), batch_size):
         batch = to_batch(contexts[b : b + batch_size].tolist(), loaded.tokenizer)
         acts = run_to_sites(loaded, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
-        k = keep[b : b + batch_size]
-        n = int(k.sum())
-        k_dev = k.to(device)
+        rows_idx = keep[b : b + batch_size].reshape(-1).nonzero().squeeze(1).to(device)
+        n = len(rows_idx)
         for s in sites:
-            rows = acts[s][k_dev].to("cpu", store_dtype)
-            if not torch.isfinite(rows).all():
-                raise OpenscopeError(
-                    f"site {s.name} has non-finite values in the shard starting at context {context_start} (as {dtype_name(store_dtype)}); "
-                    "float16 overflows on large residuals: use --dtype bfloat16 or float32"
-                )
-            if bufs[s].shape[1] == 0:
-                bufs[s] = torch.empty(n_rows, rows.shape[1], dtype=store_dtype)
-            bufs[s][filled : filled + n] = rows
+            flat = acts[s].reshape(-1, acts[s].shape[-1])
+            if s not in bufs:
+                bufs[s] = torch.empty(n_rows, flat.shape[1], dtype=store_dtype)
+                sums[s] = torch.zeros(flat.shape[1], dtype=torch.float64)
+            out = bufs[s][filled : filled + n]
+            if flat.device == out.device and flat.dtype == out.dtype:
+                torch.index_select(flat, 0, rows_idx, out=out)  # straight into the shard, no extra copy
+            else:
+                out.copy_(flat.index_select(0, rows_idx))
+            # Statistics of the stored values, per batch while they are in cache: float32 BLAS sums,
+            # accumulated in float64 across batches (a fixed order, so reruns give the same bytes).
+            stored = out.float()
+            sum_sq[s.name] += float(torch.dot(stored.reshape(-1), stored.reshape(-1)))
+            sums[s] += stored.sum(0).double()
         filled += n
         bar.update(batch.input_ids.numel())
     positions = torch.arange(contexts.shape[1]).expand_as(contexts)
@@ -316,11 +358,16 @@ def _harvest_shard(
     tensors["context"] = global_ctx[keep].to(torch.int64)
     tensors["position"] = positions[keep].to(torch.int32)
     tensors["contexts"] = contexts.to(torch.int32)
-    sum_sq: dict[str, float] = {}
     for s in sites:
-        x = bufs[s].double()
-        tensors[f"stats.sum.{s.name}"] = x.sum(0)
-        sum_sq[s.name] = float(x.pow(2).sum())
+        tensors[f"stats.sum.{s.name}"] = sums[s]
+        # A NaN or inf anywhere makes the sums non-finite: that is how a float16 overflow or a
+        # broken model is caught, once per shard rather than per value.
+        if not (math.isfinite(sum_sq[s.name]) and torch.isfinite(sums[s]).all()):
+            raise OpenscopeError(
+                f"site {s.name} has NaN or inf values in the shard starting at context {context_start} "
+                f"(stored as {dtype_name(store_dtype)}); float16 overflows on large residuals: "
+                "use --dtype bfloat16 or float32"
+            )
     return _Shard(tensors, n_rows, sum_sq)
 
 

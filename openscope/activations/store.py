@@ -184,6 +184,11 @@ class ActivationStore:
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise OpenscopeError(f"cannot read shard {self.shard_path(index).name}: {exc}") from None
 
+    def read_shard_keys(self, index: int) -> list[str]:
+        """Names of every tensor in a shard."""
+        with safe_open(str(self.shard_path(index)), framework="pt") as fh:
+            return list(fh.keys())
+
     def batches(
         self,
         sites: Sequence[str],

@@ -1,0 +1,441 @@
+"""The sparse dictionary: one `SparseCoder` class for SAEs, transcoders and skip-transcoders.
+
+The math is one (DESIGN §3); the kinds differ by flags:
+- sae: reconstructs its input (d_out = d_in); b_dec is subtracted before the encoder.
+- transcoder: predicts another activation (e.g. the MLP output) from the input.
+- skip_transcoder: a transcoder plus a linear skip x @ A (A zero-initialised, arXiv 2501.18823).
+
+    x̃ = x / C_in  (− b_dec for SAEs)      z = x̃ W_enc + b_enc      f = σ(z)
+    ŷ = C_out · (f W_dec + b_dec + (x / C_in) A)
+
+C_in, C_out are fixed normalisation scalars (E‖x/C‖² = 1, see `normalisation_scale`); the coder
+always takes and returns RAW activations, and training losses are measured in normalised units.
+`fold` bakes C_in, C_out and the pre-encoder bias into the weights (Gemma Scope's convention:
+the folded latents are C_out·f, so decoder rows stay unit-norm), which is what gets saved.
+
+Two forward paths compute the same numbers: "dense" (plain matmuls; the reference) and "sparse"
+(decode and backward only through the active latents, see `sparse.py`); "auto" picks sparse when
+few enough latents fire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from openscope.coders import activations as act
+from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode
+from openscope.errors import OpenscopeError
+
+Kind = Literal["sae", "transcoder", "skip_transcoder"]
+Activation = Literal["jumprelu", "topk", "batchtopk", "relu"]
+Path = Literal["auto", "sparse", "dense"]
+
+KINDS = ("sae", "transcoder", "skip_transcoder")
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
+
+
+@dataclass(frozen=True)
+class CoderConfig:
+    """Shape and kind of a sparse dictionary."""
+
+    d_in: int
+    """Width of the input activation."""
+    d_out: int
+    """Width of the reconstructed/predicted activation (must equal d_in for an SAE)."""
+    width: int
+    """Number of latents (dictionary size F)."""
+    kind: Kind = "sae"
+    """sae (reconstruct the input), transcoder (predict another activation) or skip_transcoder
+    (transcoder plus a linear skip connection x @ A)."""
+    activation: Activation = "jumprelu"
+    """jumprelu (Gemma Scope), topk, batchtopk or relu (L1 baseline)."""
+    k: int | None = None
+    """Active latents per token for topk/batchtopk (batchtopk keeps k·B per batch)."""
+    init_threshold: float = 0.001
+    """Initial JumpReLU threshold θ (in normalised units)."""
+    bandwidth: float = act.BANDWIDTH
+    """Bandwidth ε of the straight-through rectangle kernel."""
+    pre_encoder_bias: bool = True
+    """SAE only: subtract b_dec from the input before encoding (folded away when saving)."""
+    sparse_max_density: float = 0.03
+    """path="auto" uses the sparse path while at most this fraction of B·F latents is touched;
+    above it the dense matmuls are cheaper."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_out", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise OpenscopeError(f"coder {name} must be a positive integer, got {value!r}")
+        if self.kind not in KINDS:
+            raise OpenscopeError(f"unknown coder kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.activation not in ACTIVATIONS:
+            raise OpenscopeError(
+                f"unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None or self.k < 1:
+                raise OpenscopeError(f"{self.activation} needs k >= 1, got k={self.k!r}")
+            if self.k > self.width:
+                raise OpenscopeError(f"k={self.k} is larger than the dictionary width {self.width}")
+        if self.kind == "sae" and self.d_in != self.d_out:
+            raise OpenscopeError(
+                f"an SAE reconstructs its input: d_in={self.d_in} must equal d_out={self.d_out}"
+            )
+        if not (self.init_threshold > 0 and math.isfinite(self.init_threshold)):
+            raise OpenscopeError(f"init_threshold must be a positive number, got {self.init_threshold!r}")
+        if not self.bandwidth > 0:
+            raise OpenscopeError(f"bandwidth must be positive, got {self.bandwidth!r}")
+
+
+class SparseLatents(NamedTuple):
+    """A batch's latents as a list of entries (may include explicit zeros: near-threshold entries)."""
+
+    values: Tensor
+    """[N] latent activation f at each entry."""
+    rows: Tensor
+    """[N] int64 batch row of each entry."""
+    cols: Tensor
+    """[N] int64 latent index of each entry."""
+
+    def to_dense(self, n_rows: int, width: int) -> Tensor:
+        """The dense [n_rows, width] latent matrix."""
+        out = torch.zeros(n_rows, width, dtype=self.values.dtype, device=self.values.device)
+        return out.index_put_((self.rows, self.cols), self.values, accumulate=True)
+
+
+class CoderOutput(NamedTuple):
+    """Everything one forward pass gives the losses; reconstructions are in raw units."""
+
+    reconstruction: Tensor
+    """[B, d_out] ŷ in raw activation units."""
+    latents: SparseLatents
+    """The active latents f (normalised units, i.e. before folding)."""
+    pre_activations: Tensor
+    """[B, F] encoder pre-activations z, detached (for statistics)."""
+    l0: Tensor
+    """Scalar: mean number of firing latents per row. For JumpReLU it comes from the STE step, so
+    it has a gradient to the thresholds (what the L0 losses need)."""
+    fire_rate: Tensor
+    """[F] fraction of rows on which each latent fires (STE gradient to θ for JumpReLU)."""
+    l1: Tensor
+    """Scalar: mean over rows of Σ_j f_j (decoder rows are unit-norm, so this is the usual
+    norm-weighted L1)."""
+    prefix_reconstructions: tuple[Tensor, ...]
+    """ŷ (raw units) using only the first m latents, for each requested Matryoshka prefix m."""
+    aux_reconstruction: Tensor | None
+    """[B, d_out] AuxK: decoding (no bias, raw units) of the top aux_k dead-latent pre-activations;
+    None when not requested or no latent is dead."""
+
+
+def normalisation_scale(x: Tensor) -> float:
+    """The scalar C with E‖x/C‖² = 1 over the rows of x."""
+    c = float(x.detach().double().pow(2).sum(-1).mean().sqrt())
+    if not (c > 0 and math.isfinite(c)):
+        raise OpenscopeError(f"cannot normalise activations with mean squared norm {c * c!r}")
+    return c
+
+
+def unit_rows(w: Tensor) -> Tensor:
+    """Rows of w scaled to unit norm."""
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class SparseCoder(nn.Module):
+    """A sparse dictionary (SAE, transcoder or skip-transcoder) with a JumpReLU/TopK/BatchTopK/ReLU.
+
+    Parameters: w_enc [d_in, F], b_enc [F], w_dec [F, d_out], b_dec [d_out], log_threshold [F]
+    (jumprelu only; θ = exp(log_threshold)), w_skip [d_in, d_out] (skip_transcoder only).
+    Buffers: scale_in, scale_out (the normalisation scalars C_in, C_out).
+    """
+
+    log_threshold: nn.Parameter | None
+    w_skip: nn.Parameter | None
+    scale_in: Tensor
+    scale_out: Tensor
+
+    def __init__(self, cfg: CoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        w_dec = unit_rows(torch.randn(cfg.width, cfg.d_out, generator=gen))
+        if cfg.kind == "sae":
+            w_enc = w_dec.t().clone()
+        else:
+            # No tied init across different spaces: independent random unit-norm encoder directions.
+            w_enc = unit_rows(torch.randn(cfg.width, cfg.d_in, generator=gen)).t().contiguous()
+        self.w_enc = nn.Parameter(w_enc)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.width))
+        self.w_dec = nn.Parameter(w_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+        self.log_threshold = None
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((cfg.width,), math.log(cfg.init_threshold)))
+        self.w_skip = None
+        if cfg.kind == "skip_transcoder":
+            self.w_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out))
+        self.register_buffer("scale_in", torch.tensor(1.0))
+        self.register_buffer("scale_out", torch.tensor(1.0))
+
+    # ---- normalisation -------------------------------------------------------------------------
+
+    def set_scales(self, scale_in: float, scale_out: float) -> None:
+        """Set the fixed normalisation scalars C_in, C_out (see `normalisation_scale`)."""
+        for name, value in (("scale_in", scale_in), ("scale_out", scale_out)):
+            if not (value > 0 and math.isfinite(value)):
+                raise OpenscopeError(f"{name} must be a positive finite number, got {value!r}")
+        self.scale_in.fill_(scale_in)
+        self.scale_out.fill_(scale_out)
+
+    def threshold(self) -> Tensor:
+        """θ [F] (JumpReLU), in normalised units."""
+        if self.log_threshold is None:
+            raise OpenscopeError(f"a {self.cfg.activation} coder has no threshold")
+        return self.log_threshold.exp()
+
+    def _normalised_input(self, x: Tensor) -> Tensor:
+        return x / self.scale_in
+
+    def _encoder_bias(self) -> Tensor:
+        """b_enc with the pre-encoder bias folded in: (x̃ − b_dec) W + b = x̃ W + (b − b_dec W)."""
+        if self.cfg.kind == "sae" and self.cfg.pre_encoder_bias:
+            return self.b_enc - self.b_dec @ self.w_enc
+        return self.b_enc
+
+    def _skip_and_bias(self, xs: Tensor) -> Tensor:
+        """b_dec (+ x̃ A for skip-transcoders), normalised units, [B, d_out] or [d_out]."""
+        if self.w_skip is not None:
+            return xs @ self.w_skip + self.b_dec
+        return self.b_dec
+
+    # ---- plain dense API -----------------------------------------------------------------------
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """z [B, F] for raw input x."""
+        return torch.addmm(self._encoder_bias(), self._normalised_input(x), self.w_enc)
+
+    def _activate_dense(self, z: Tensor) -> Tensor:
+        a = self.cfg.activation
+        if a == "jumprelu":
+            return act.jumprelu(z, self.threshold(), self.cfg.bandwidth)
+        if a == "relu":
+            return act.relu(z)
+        assert self.cfg.k is not None
+        mask = (
+            act.topk_mask(z.detach(), self.cfg.k)
+            if a == "topk"
+            else act.batchtopk_mask(z.detach(), self.cfg.k)
+        )
+        return torch.relu(z) * mask.to(z.dtype)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents f [B, F] (normalised units) for raw input x [B, d_in]."""
+        return self._activate_dense(self.pre_activations(x))
+
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """Raw-unit ŷ [B, d_out] from dense latents f; a skip-transcoder also needs the raw input x."""
+        if self.w_skip is not None and x is None:
+            raise OpenscopeError("a skip-transcoder needs the input x to decode (for its skip connection)")
+        xs = self._normalised_input(x) if x is not None else None
+        base = self._skip_and_bias(xs) if xs is not None else self.b_dec
+        return (f @ self.w_dec + base) * self.scale_out
+
+    # ---- training forward ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        prefixes: tuple[int, ...] = (),
+        dead: Tensor | None = None,
+        aux_k: int = 0,
+        path: Path = "auto",
+    ) -> CoderOutput:
+        """Forward pass for training and evaluation on raw input x [B, d_in].
+
+        prefixes: Matryoshka prefix sizes to reconstruct from as well; dead: [F] bool mask of dead
+        latents and aux_k how many of them to use per row for the AuxK reconstruction; path: which
+        implementation ("auto" = sparse when few latents fire).
+        """
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            raise OpenscopeError(f"coder input must be [batch, {self.cfg.d_in}], got {list(x.shape)}")
+        for m in prefixes:
+            if not 1 <= m <= self.cfg.width:
+                raise OpenscopeError(f"Matryoshka prefix {m} is outside 1..{self.cfg.width}")
+        xs = self._normalised_input(x)
+        b_eff = self._encoder_bias()
+        if path == "dense":
+            return self._forward_dense(xs, b_eff, prefixes, dead, aux_k)
+        with torch.no_grad():
+            z = torch.addmm(b_eff, xs, self.w_enc)
+            rows, cols = self._select(z)
+        if path == "auto" and rows.numel() > self.cfg.sparse_max_density * z.numel():
+            return self._forward_dense(xs, b_eff, prefixes, dead, aux_k)
+        return self._forward_sparse(xs, b_eff, z, rows, cols, prefixes, dead, aux_k)
+
+    def _select(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The entries (rows, cols, row-major) the sparse path must touch."""
+        a, n, width = self.cfg.activation, z.shape[0], z.shape[1]
+        if a == "topk":
+            assert self.cfg.k is not None
+            _, idx = act.topk_indices(z, self.cfg.k)
+            rows = torch.arange(n, device=z.device).repeat_interleave(idx.shape[1])
+            return rows, idx.reshape(-1)
+        if a == "batchtopk":
+            assert self.cfg.k is not None
+            flat = act.batchtopk_flat_indices(z, self.cfg.k)
+            return flat // width, flat % width
+        if a == "jumprelu":
+            # Firing latents plus those within ε/2 below θ: the kernel window, where θ gets gradient.
+            cut = self.threshold() - self.cfg.bandwidth / 2
+        else:
+            cut = torch.zeros((), device=z.device)
+        rows, cols = (z > cut).nonzero(as_tuple=True)
+        return rows, cols
+
+    def _activate_entries(self, z_e: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+        """(f, fired) at the entries; fired carries the STE gradient for JumpReLU."""
+        if self.cfg.activation == "jumprelu":
+            theta = self.threshold()[cols]
+            return act.jumprelu(z_e, theta, self.cfg.bandwidth), act.step(
+                z_e.detach(), theta, self.cfg.bandwidth
+            )
+        f = torch.relu(z_e)
+        return f, (f.detach() > 0).to(f.dtype)
+
+    def _forward_sparse(
+        self,
+        xs: Tensor,
+        b_eff: Tensor,
+        z: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        prefixes: tuple[int, ...],
+        dead: Tensor | None,
+        aux_k: int,
+    ) -> CoderOutput:
+        n, width = z.shape
+        e = make_entries(rows, cols, n, width)
+        z_e = gathered_linear(xs, self.w_enc, b_eff, z[rows, cols], e)
+        f, fired = self._activate_entries(z_e, cols)
+        base = self._skip_and_bias(xs)
+        scale = self.scale_out
+        recon = (sparse_decode(f, self.w_dec, e) + base) * scale
+        prefix_recons = []
+        for m in prefixes:
+            keep = cols < m
+            sub = make_entries(rows[keep], cols[keep], n, width)
+            prefix_recons.append((sparse_decode(f[keep], self.w_dec, sub) + base) * scale)
+        aux = None
+        if dead is not None and aux_k > 0 and bool(dead.any()):
+            dead_idx = dead.nonzero().squeeze(1)
+            with torch.no_grad():
+                _, j = act.topk_indices(z.index_select(1, dead_idx), aux_k)
+            a_cols = dead_idx[j.reshape(-1)]
+            a_rows = torch.arange(n, device=z.device).repeat_interleave(j.shape[1])
+            ea = make_entries(a_rows, a_cols, n, width)
+            za = gathered_linear(xs, self.w_enc, b_eff, z[a_rows, a_cols], ea)
+            aux = sparse_decode(torch.relu(za), self.w_dec, ea) * scale
+        fire_rate = torch.zeros(width, dtype=f.dtype, device=f.device).index_add(0, cols, fired) / n
+        return CoderOutput(
+            reconstruction=recon,
+            latents=SparseLatents(f, rows, cols),
+            pre_activations=z,
+            l0=fired.sum() / n,
+            fire_rate=fire_rate,
+            l1=f.sum() / n,
+            prefix_reconstructions=tuple(prefix_recons),
+            aux_reconstruction=aux,
+        )
+
+    def _forward_dense(
+        self, xs: Tensor, b_eff: Tensor, prefixes: tuple[int, ...], dead: Tensor | None, aux_k: int
+    ) -> CoderOutput:
+        z = torch.addmm(b_eff, xs, self.w_enc)
+        f = self._activate_dense(z)
+        if self.cfg.activation == "jumprelu":
+            fired = act.step(z.detach(), self.threshold(), self.cfg.bandwidth)
+        else:
+            fired = (f.detach() > 0).to(f.dtype)
+        base = self._skip_and_bias(xs)
+        scale = self.scale_out
+        recon = (f @ self.w_dec + base) * scale
+        prefix_recons = tuple((f[:, :m] @ self.w_dec[:m] + base) * scale for m in prefixes)
+        aux = None
+        if dead is not None and aux_k > 0 and bool(dead.any()):
+            masked = torch.where(dead, z.detach(), torch.full_like(z, -torch.inf))
+            keep = act.topk_mask(masked, min(aux_k, int(dead.sum()))) & dead
+            aux = (torch.relu(z) * keep.to(z.dtype)) @ self.w_dec * scale
+        rows, cols = f.detach().nonzero(as_tuple=True)
+        return CoderOutput(
+            reconstruction=recon,
+            latents=SparseLatents(f[rows, cols], rows, cols),
+            pre_activations=z.detach(),
+            l0=fired.sum(1).mean(),
+            fire_rate=fired.mean(0),
+            l1=f.sum(1).mean(),
+            prefix_reconstructions=prefix_recons,
+            aux_reconstruction=aux,
+        )
+
+    # ---- constraints applied around the optimiser step ----------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (keeps ‖row‖ fixed
+        to first order, so Adam does not fight the unit-norm constraint)."""
+        g = self.w_dec.grad
+        if g is None:
+            return
+        w = unit_rows(self.w_dec)
+        g -= (g * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale each decoder row to unit norm."""
+        self.w_dec.copy_(unit_rows(self.w_dec))
+
+    # ---- folding -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold(self) -> SparseCoder:
+        """A copy that takes raw activations with no normalisation and no pre-encoder bias.
+
+        Reconstructions are unchanged; latents (and θ) are scaled by C_out, so decoder rows stay
+        unit-norm (Gemma Scope's fold: b_enc' = C(b_enc − b_dec W_enc), θ' = Cθ, b_dec' = C b_dec;
+        here with C_in ≠ C_out allowed: W_enc' = W_enc·C_out/C_in, A' = A·C_out/C_in).
+        """
+        c_in, c_out = float(self.scale_in), float(self.scale_out)
+        folded = SparseCoder(dataclasses.replace(self.cfg, pre_encoder_bias=False))
+        folded.to(device=self.w_enc.device, dtype=self.w_enc.dtype)
+        folded.w_enc.copy_(self.w_enc * (c_out / c_in))
+        folded.b_enc.copy_(self._encoder_bias() * c_out)
+        folded.w_dec.copy_(self.w_dec)
+        folded.b_dec.copy_(self.b_dec * c_out)
+        if self.log_threshold is not None and folded.log_threshold is not None:
+            folded.log_threshold.copy_(self.log_threshold + math.log(c_out))
+        if self.w_skip is not None and folded.w_skip is not None:
+            folded.w_skip.copy_(self.w_skip * (c_out / c_in))
+        return folded
+
+
+def topk_to_jumprelu(coder: SparseCoder, threshold: Tensor) -> SparseCoder:
+    """A JumpReLU copy of a TopK/BatchTopK (or ReLU) coder using thresholds θ [F] (normalised units),
+    e.g. from `activations.ThresholdEstimator`."""
+    if threshold.shape != (coder.cfg.width,) or not bool((threshold > 0).all()):
+        raise OpenscopeError(f"thresholds must be {coder.cfg.width} positive numbers")
+    out = SparseCoder(dataclasses.replace(coder.cfg, activation="jumprelu", k=None))
+    out.to(device=coder.w_enc.device, dtype=coder.w_enc.dtype)
+    state = {k: v for k, v in coder.state_dict().items() if k != "log_threshold"}
+    out.load_state_dict(state, strict=False)
+    assert out.log_threshold is not None
+    with torch.no_grad():
+        out.log_threshold.copy_(threshold.to(out.log_threshold).log())
+    return out

@@ -1,0 +1,100 @@
+"""Training losses and schedules for sparse dictionaries, as small pure functions (DESIGN §3).
+
+All losses are measured in normalised units (activations divided by C, E‖x/C‖² = 1), so their
+coefficients carry over between layers and models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from openscope.errors import OpenscopeError
+
+
+def reconstruction_loss(target: Tensor, recon: Tensor) -> Tensor:
+    """‖y − ŷ‖², summed over dimensions, mean over the batch."""
+    return (target - recon).pow(2).sum(-1).mean()
+
+
+def fvu(target: Tensor, recon: Tensor) -> Tensor:
+    """Fraction of variance unexplained: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the batch."""
+    total = (target - target.mean(0)).pow(2).sum()
+    return (target - recon).pow(2).sum() / total.clamp_min(1e-12)
+
+
+def l0_linear_loss(l0: Tensor, coeff: float) -> Tensor:
+    """Gemma Scope 1 sparsity: λ·L0 (L0 from the STE step, so it has a gradient to θ)."""
+    return coeff * l0
+
+
+def l0_quadratic_loss(l0: Tensor, target_l0: float, coeff: float) -> Tensor:
+    """Gemma Scope 2 sparsity: λ·(2/L0*)·(L0 − L0*)², pulling L0 towards the target L0* from both sides."""
+    if not target_l0 > 0:
+        raise OpenscopeError(f"target L0 must be positive, got {target_l0!r}")
+    return coeff * (2.0 / target_l0) * (l0 - target_l0).pow(2)
+
+
+def frequency_penalty(fire_rate: Tensor, max_rate: float, coeff: float) -> Tensor:
+    """Penalty on latents that fire too often: λ_f·Σ_j max(0, p_j − p_max)² / p_max.
+
+    p_j is the fraction of the batch's tokens on which latent j fires (from the STE step, so the
+    gradient raises the thresholds of over-firing latents). Latents at or under p_max cost nothing;
+    the square makes small excursions cheap, and dividing by p_max makes λ_f roughly independent of
+    the chosen cap.
+    """
+    if not 0 < max_rate <= 1:
+        raise OpenscopeError(f"max fire rate must be in (0, 1], got {max_rate!r}")
+    return coeff * torch.relu(fire_rate - max_rate).pow(2).sum() / max_rate
+
+
+def l1_loss(l1: Tensor, coeff: float) -> Tensor:
+    """ReLU-baseline sparsity: λ·mean over rows of Σ_j f_j‖W_dec,j‖ (rows are unit-norm here)."""
+    return coeff * l1
+
+
+def aux_k_loss(residual: Tensor, aux_recon: Tensor, coeff: float) -> Tensor:
+    """AuxK (Gao et al.): dead latents must reconstruct the main model's error e = y − ŷ.
+
+    α·‖e − ê‖² / ‖e‖² (each summed over dims, mean over batch): the normalised form, so the term
+    stays O(α) however small the residual gets. The residual must be detached by the caller.
+    """
+    norm = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+    return coeff * reconstruction_loss(residual, aux_recon) / norm
+
+
+def matryoshka_weights(n: int, weights: Sequence[float] | None) -> tuple[float, ...]:
+    """Weights of the prefix losses: as given, or equal weights summing to 1 (so the total stays on
+    the scale of a single reconstruction loss and sparsity coefficients carry over)."""
+    if weights is None:
+        return tuple(1.0 / n for _ in range(n))
+    if len(weights) != n:
+        raise OpenscopeError(f"got {len(weights)} Matryoshka weights for {n} prefixes")
+    return tuple(float(w) for w in weights)
+
+
+def matryoshka_loss(target: Tensor, prefix_recons: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σ_i w_i·‖y − ŷ_i‖², ŷ_i the reconstruction from the i-th nested prefix of the dictionary."""
+    if len(prefix_recons) != len(weights):
+        raise OpenscopeError(f"got {len(weights)} Matryoshka weights for {len(prefix_recons)} prefixes")
+    terms = [w * reconstruction_loss(target, r) for w, r in zip(weights, prefix_recons, strict=True)]
+    return torch.stack(terms).sum()
+
+
+def linear_warmup(step: int, warmup_steps: int, final: float) -> float:
+    """A value ramping linearly from final/warmup_steps at step 0 to final at step warmup_steps − 1."""
+    if warmup_steps <= 0:
+        return final
+    return final * min(1.0, (step + 1) / warmup_steps)
+
+
+def sparsity_coeff_at(step: int, coeff: float, warmup_steps: int) -> float:
+    """λ at a step: linear warm-up over warmup_steps (DESIGN: 10k–50k), then constant."""
+    return linear_warmup(step, warmup_steps, coeff)
+
+
+def lr_at(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate at a step: linear warm-up over warmup_steps (DESIGN: 1k), then constant."""
+    return linear_warmup(step, warmup_steps, lr)

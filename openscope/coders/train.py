@@ -1,0 +1,201 @@
+"""One training step of a sparse dictionary: forward, losses, backward, constrained Adam step.
+
+Not the trainer (data loop, checkpoints, logging live elsewhere): `train_step` is the pure core a
+trainer calls once per batch, returning a `StepStats` of plain floats.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from openscope.coders import losses as L
+from openscope.coders.coder import Path, SparseCoder
+from openscope.errors import OpenscopeError
+
+Sparsity = Literal["quadratic_l0", "l0", "l1", "none"]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Losses, coefficients and schedules of a training step (normalised units)."""
+
+    lr: float = 7e-5
+    """Adam learning rate after warm-up (Gemma Scope)."""
+    lr_warmup_steps: int = 1000
+    """Steps of linear learning-rate warm-up."""
+    sparsity: Sparsity = "quadratic_l0"
+    """quadratic_l0 (Gemma Scope 2, jumprelu), l0 (Gemma Scope 1, jumprelu), l1 (relu) or none
+    (topk/batchtopk: sparsity is structural)."""
+    sparsity_coeff: float = 1e-3
+    """λ of the sparsity loss after its warm-up."""
+    target_l0: float | None = None
+    """L0* of the quadratic L0 loss (required for quadratic_l0)."""
+    sparsity_warmup_steps: int = 10_000
+    """Steps of linear λ warm-up."""
+    freq_coeff: float = 1.0
+    """λ_f of the frequency penalty on over-firing latents (jumprelu only; 0 disables it)."""
+    max_fire_rate: float = 0.1
+    """p_max: latents firing on more than this fraction of tokens are penalised."""
+    aux_k: int = 512
+    """AuxK: dead latents used per token (topk/batchtopk)."""
+    aux_coeff: float = 1 / 32
+    """α of the AuxK loss (0 disables it)."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """Nested prefix sizes (strictly increasing); the full width is appended if missing. Empty:
+    plain reconstruction loss."""
+    matryoshka_weights: tuple[float, ...] | None = None
+    """One weight per prefix (including the appended full width); None: equal, summing to 1."""
+    path: Path = "auto"
+    """Forward implementation: auto, sparse or dense (see SparseCoder.forward)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise OpenscopeError(f"learning rate must be positive, got {self.lr!r}")
+        if self.sparsity not in ("quadratic_l0", "l0", "l1", "none"):
+            raise OpenscopeError(f"unknown sparsity loss {self.sparsity!r}")
+        if self.sparsity == "quadratic_l0" and (self.target_l0 is None or not self.target_l0 > 0):
+            raise OpenscopeError(f"quadratic_l0 needs a positive target_l0, got {self.target_l0!r}")
+        for name in ("sparsity_coeff", "freq_coeff", "aux_coeff"):
+            if getattr(self, name) < 0:
+                raise OpenscopeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.aux_k < 0:
+            raise OpenscopeError(f"aux_k must be >= 0, got {self.aux_k!r}")
+        p = self.matryoshka_prefixes
+        if any(m < 1 for m in p) or any(b <= a for a, b in itertools.pairwise(p)):
+            raise OpenscopeError(f"Matryoshka prefixes must be positive and strictly increasing, got {p}")
+
+
+class StepStats(NamedTuple):
+    """What one step measured (plain floats/ints, normalised units)."""
+
+    loss: float
+    """Total loss that was minimised."""
+    reconstruction: float
+    """Reconstruction (or Matryoshka) loss."""
+    sparsity: float
+    """Sparsity loss (λ included)."""
+    frequency: float
+    """Frequency penalty (λ_f included)."""
+    aux: float
+    """AuxK loss (α included)."""
+    l0: float
+    """Mean firing latents per token."""
+    fvu: float
+    """Fraction of variance unexplained by the full reconstruction."""
+    dead: int
+    """Latents that have not fired for the tracker's window (0 without a tracker)."""
+    lr: float
+    """Learning rate used."""
+    sparsity_coeff: float
+    """λ used (after warm-up)."""
+
+
+class DeadLatentTracker:
+    """Counts tokens since each latent last fired; a latent is dead after `dead_after_tokens`."""
+
+    def __init__(self, width: int, dead_after_tokens: int = 10_000_000) -> None:
+        self.dead_after_tokens = dead_after_tokens
+        self.tokens_since_fired = torch.zeros(width, dtype=torch.int64)
+
+    def update(self, fired: Tensor, n_tokens: int) -> None:
+        """Record one batch: fired [F] bool, whether each latent fired on any of its n_tokens."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired.cpu()] = 0
+
+    def dead_mask(self) -> Tensor:
+        """[F] bool, True for dead latents."""
+        return self.tokens_since_fired >= self.dead_after_tokens
+
+
+def make_optimizer(coder: SparseCoder, lr: float = 7e-5) -> torch.optim.Adam:
+    """Adam with β = (0, 0.999) (Gemma Scope)."""
+    return torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.0, 0.999))
+
+
+def _check_sparsity(cfg: StepConfig, activation: str) -> None:
+    needs = {"quadratic_l0": "jumprelu", "l0": "jumprelu", "l1": "relu"}.get(cfg.sparsity)
+    if needs is not None and activation != needs:
+        raise OpenscopeError(f"{cfg.sparsity} sparsity needs a {needs} coder, not {activation}")
+
+
+def train_step(
+    coder: SparseCoder,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor | None,
+    cfg: StepConfig,
+    step: int,
+    tracker: DeadLatentTracker | None = None,
+) -> StepStats:
+    """One optimisation step on raw activations x (input) and y (target; None for an SAE)."""
+    ccfg = coder.cfg
+    _check_sparsity(cfg, ccfg.activation)
+    target = x if y is None else y
+    if target.shape != (x.shape[0], ccfg.d_out):
+        raise OpenscopeError(f"target must be [{x.shape[0]}, {ccfg.d_out}], got {list(target.shape)}")
+    prefixes = tuple(m for m in cfg.matryoshka_prefixes if m < ccfg.width)
+    if any(m > ccfg.width for m in cfg.matryoshka_prefixes):
+        raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
+
+    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
+
+    use_aux = tracker is not None and ccfg.activation in ("topk", "batchtopk") and cfg.aux_coeff > 0
+    dead = tracker.dead_mask().to(x.device) if tracker is not None else None
+    optimizer.zero_grad(set_to_none=True)
+    out = coder(x, prefixes=prefixes, dead=dead if use_aux else None, aux_k=cfg.aux_k, path=cfg.path)
+
+    # Losses in normalised units: divide raw targets/reconstructions by C_out.
+    c = coder.scale_out
+    yn, recon = target / c, out.reconstruction / c
+    if cfg.matryoshka_prefixes:
+        recons = [r / c for r in out.prefix_reconstructions] + [recon]
+        rec = L.matryoshka_loss(yn, recons, L.matryoshka_weights(len(recons), cfg.matryoshka_weights))
+    else:
+        rec = L.reconstruction_loss(yn, recon)
+    zero = rec.new_zeros(())
+    if cfg.sparsity == "quadratic_l0":
+        assert cfg.target_l0 is not None
+        sparsity = L.l0_quadratic_loss(out.l0, cfg.target_l0, lam)
+    elif cfg.sparsity == "l0":
+        sparsity = L.l0_linear_loss(out.l0, lam)
+    elif cfg.sparsity == "l1":
+        sparsity = L.l1_loss(out.l1, lam)
+    else:
+        sparsity = zero
+    freq = zero
+    if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
+        freq = L.frequency_penalty(out.fire_rate, cfg.max_fire_rate, cfg.freq_coeff)
+    aux = zero
+    if out.aux_reconstruction is not None:
+        aux = L.aux_k_loss((yn - recon).detach(), out.aux_reconstruction / c, cfg.aux_coeff)
+
+    loss = rec + sparsity + freq + aux
+    loss.backward()
+    coder.remove_parallel_grad_()
+    optimizer.step()
+    coder.normalize_decoder_()
+
+    fired = out.fire_rate.detach() > 0
+    if tracker is not None:
+        tracker.update(fired, x.shape[0])
+    n_dead = int(tracker.dead_mask().sum()) if tracker is not None else 0
+    return StepStats(
+        loss=float(loss.detach()),
+        reconstruction=float(rec.detach()),
+        sparsity=float(sparsity.detach()),
+        frequency=float(freq.detach()),
+        aux=float(aux.detach()),
+        l0=float(out.l0.detach()),
+        fvu=float(L.fvu(yn, recon.detach())),
+        dead=n_dead,
+        lr=lr,
+        sparsity_coeff=lam,
+    )

@@ -1,0 +1,452 @@
+"""The trainer: one pass over shuffled store batches feeds every dictionary of the run.
+
+Each site named in `sites` gets one dictionary (an SAE on that site, or a transcoder from a
+layer's `mlp_in` to its `mlp_out`). All read the same batch, so one harvest (or, later, one
+model forward) serves every layer. Checkpoints hold weights, Adam state, dead-latent counters
+and the step; the batch order is a pure function of the seed, so a resumed run sees exactly
+the batches an uninterrupted one would and ends with the same dictionaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from openscope.activations.live import LiveActivations
+from openscope.activations.store import ActivationBatch, ActivationStore
+from openscope.coders import (
+    CoderConfig,
+    DeadLatentTracker,
+    SparseCoder,
+    StepConfig,
+    make_optimizer,
+    train_step,
+)
+from openscope.coders.io import save_coder
+from openscope.config import save_json, to_jsonable
+from openscope.errors import OpenscopeError
+from openscope.models.load import load_model
+from openscope.models.sites import Site, locate, parse_sites, site_width
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on which activations, and how (defaults follow Gemma Scope)."""
+
+    store: Path = Path("openscope-out/activations")
+    """Activation store made by `openscope harvest` (ignored in live mode)."""
+    model: str = ""
+    """Live mode: run this model (name, directory or hub id) instead of reading --store; one forward per batch feeds every dictionary."""
+    source: str = "wiki"
+    """Live mode: text source (as for harvest)."""
+    context_len: int = 256
+    """Live mode: tokens per packed context."""
+    block_tokens: int = 65_536
+    """Live mode: tokens per shuffling block (memory: block_tokens x total site width x 4 bytes)."""
+    sites: str = "all"
+    """Sites to train on: names or patterns (`all`: every site of the store). Transcoders: the `mlp_in` sites."""
+    kind: str = "sae"
+    """sae, transcoder (mlp_in -> mlp_out of the same layer) or skip_transcoder (adds x @ A)."""
+    activation: str = "jumprelu"
+    """jumprelu (Gemma Scope), topk, batchtopk or relu (L1 baseline)."""
+    width: int = 4096
+    """Latents per dictionary."""
+    k: int | None = None
+    """Active latents per token for topk/batchtopk."""
+    sparsity: str = "auto"
+    """quadratic_l0 (Gemma Scope 2), l0 (Gemma Scope 1), l1, none; auto picks by activation."""
+    target_l0: float = 50.0
+    """Target L0 of the quadratic L0 loss."""
+    sparsity_coeff: float = 1e-3
+    """λ of the sparsity loss after warm-up."""
+    sparsity_warmup_steps: int = 10_000
+    """Steps of linear λ warm-up."""
+    freq_coeff: float = 1.0
+    """Weight of the penalty on latents firing on more than max_fire_rate of tokens (jumprelu)."""
+    max_fire_rate: float = 0.1
+    """Fire rate above which a latent is penalised."""
+    matryoshka: str = ""
+    """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off)."""
+    lr: float = 7e-5
+    """Adam learning rate (β = (0, 0.999))."""
+    lr_warmup_steps: int = 1000
+    """Steps of linear learning-rate warm-up."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    tokens: int = 2_000_000
+    """Training tokens per dictionary (the store is repeated in new shuffles if smaller)."""
+    seed: int = 0
+    """Seed of initialisation and batch order."""
+    output: Path = Path("openscope-out/dictionaries")
+    """Folder for the dictionaries (one sub-folder each), metrics.jsonl and the checkpoint."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    resume: bool = False
+    """Continue from the checkpoint in the output folder."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, ..."""
+    log_every: int = 20
+    """Steps between metric lines in metrics.jsonl."""
+
+
+class TrainResult(NamedTuple):
+    """What a training run produced."""
+
+    folders: dict[str, Path]
+    """Dictionary folder per input site."""
+    steps: int
+    """Optimisation steps taken in total."""
+    final: dict[str, dict[str, float]]
+    """Last measured L0, FVU and dead fraction per dictionary."""
+    seconds: float
+    """Wall time of this run."""
+
+
+class _Data(NamedTuple):
+    """Where training activations come from, and what the trainer needs to know about them."""
+
+    model_name: str
+    widths: dict[str, int]
+    hook_points: dict[str, str]
+    scales: dict[str, float]
+    description: str
+    batches: Callable[[list[str], int], Iterator[ActivationBatch]]
+    """(site names, first batch) -> batches of cfg.batch_size rows, in a seeded order."""
+
+
+def _from_store(cfg: TrainConfig) -> tuple[_Data, list[str]]:
+    store = ActivationStore(cfg.store)
+    names = store.sites if cfg.sites == "all" else [s.strip() for s in cfg.sites.split(",") if s.strip()]
+    for name in names:
+        store.check_site(name)
+
+    def batches(sites: list[str], start: int) -> Iterator[ActivationBatch]:
+        stream = store.batches(sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True)
+        return itertools.islice(stream, start, None)  # replays the seeded order up to the checkpoint
+
+    info = store.manifest["sites"]
+    data = _Data(
+        store.manifest["model"]["name"],
+        {n: int(i["width"]) for n, i in info.items()},
+        {n: i["hook_point"] for n, i in info.items()},
+        {n: store.stats(n).norm_scale for n in info},
+        f"store {store.root} ({store.manifest['identity']['source']})",
+        batches,
+    )
+    return data, names
+
+
+def _live(cfg: TrainConfig, device: str) -> tuple[_Data, list[str]]:
+    loaded = load_model(cfg.model, "float32", device)
+    spec = "*.*" if cfg.sites == "all" else cfg.sites
+    names = [s.name for s in parse_sites(spec.replace("mid.", f"{loaded.n_layers // 2}."), loaded.n_layers)]
+    if cfg.kind != "sae":
+        names += [n.replace(".mlp_in", ".mlp_out") for n in names if n.endswith(".mlp_in")]
+    sites = [Site.from_name(n) for n in sorted(set(names), key=lambda n: Site.from_name(n).order)]
+    points = {s.name: locate(loaded.arch.layers, loaded.arch.layers_path, s) for s in sites}
+    live = LiveActivations(
+        loaded, sites, cfg.source, cfg.context_len, block_tokens=cfg.block_tokens, seed=cfg.seed
+    )
+    # Normalisation scales from a fixed sample (the first contexts), so a resumed run gets the same ones.
+    sample = live.block(list(itertools.islice(live._contexts(), 16)))
+    data = _Data(
+        loaded.name,
+        {s.name: site_width(points[s.name], loaded.d_model) for s in sites},
+        {n: p.hook_point for n, p in points.items()},
+        {s.name: float(sample[s.name].double().pow(2).sum(1).mean().sqrt()) for s in sites},
+        f"live {loaded.name} on {cfg.source!r}",
+        lambda _sites, start: live.batches(cfg.batch_size, start),
+    )
+    return data, [n for n in names if cfg.kind == "sae" or n.endswith(".mlp_in")]
+
+
+def _pairs(cfg: TrainConfig, data: _Data, names: list[str]) -> list[tuple[str, str]]:
+    """(input site, target site) per dictionary."""
+    if cfg.kind != "sae" and cfg.sites == "all":
+        names = [n for n in names if n.endswith(".mlp_in")]
+    if not names:
+        raise OpenscopeError(f"no sites to train on; the data has {', '.join(data.widths)}")
+    pairs = []
+    for name in names:
+        if cfg.kind == "sae":
+            pairs.append((name, name))
+            continue
+        if not name.endswith(".mlp_in"):
+            raise OpenscopeError(f"a {cfg.kind} reads an mlp_in site, not {name!r}")
+        target = name.replace(".mlp_in", ".mlp_out")
+        if target not in data.widths:
+            raise OpenscopeError(f"a {cfg.kind} on {name} needs {target}, which the data does not hold")
+        pairs.append((name, target))
+    return pairs
+
+
+def _step_config(cfg: TrainConfig) -> StepConfig:
+    sparsity = cfg.sparsity
+    if sparsity == "auto":
+        sparsity = {"jumprelu": "quadratic_l0", "relu": "l1"}.get(cfg.activation, "none")
+    prefixes = tuple(int(p) for p in cfg.matryoshka.split(",") if p.strip())
+    return StepConfig(
+        lr=cfg.lr,
+        lr_warmup_steps=cfg.lr_warmup_steps,
+        sparsity=sparsity,  # type: ignore[arg-type]
+        sparsity_coeff=cfg.sparsity_coeff,
+        target_l0=cfg.target_l0 if sparsity == "quadratic_l0" else None,
+        sparsity_warmup_steps=cfg.sparsity_warmup_steps,
+        freq_coeff=cfg.freq_coeff,
+        max_fire_rate=cfg.max_fire_rate,
+        matryoshka_prefixes=prefixes,
+    )
+
+
+def _identity(cfg: TrainConfig) -> dict[str, Any]:
+    skip = {"resume", "device", "checkpoint_every", "log_every", "output"}
+    return {k: v for k, v in to_jsonable(cfg).items() if k not in skip}
+
+
+class _Dictionary:
+    """One dictionary's training state."""
+
+    def __init__(self, site_in: str, site_out: str, coder: SparseCoder, lr: float, dead_after: int):
+        self.site_in, self.site_out = site_in, site_out
+        self.coder = coder
+        self.optimizer = make_optimizer(coder, lr)
+        self.tracker = DeadLatentTracker(coder.cfg.width, dead_after)
+        self.last: dict[str, float] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "coder": self.coder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tracker.tokens_since_fired,
+            "last": self.last,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.coder.load_state_dict(state["coder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tracker.tokens_since_fired = state["tokens_since_fired"]
+        self.last = dict(state["last"])
+
+
+def _save_checkpoint(path: Path, step: int, dicts: list[_Dictionary], identity: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": step, "identity": identity, "dicts": [d.state() for d in dicts]}, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    if not path.is_file():
+        raise OpenscopeError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as exc:
+        raise OpenscopeError(f"checkpoint {path} is unreadable ({str(exc).splitlines()[0]})") from None
+    differ = [k for k, v in identity.items() if state["identity"].get(k) != v]
+    if differ:
+        k = differ[0]
+        raise OpenscopeError(
+            f"checkpoint {path} is from another run ({k}: {state['identity'].get(k)!r} there, {identity[k]!r} now)"
+        )
+    return state
+
+
+def _folder_name(site_in: str, cfg: TrainConfig) -> str:
+    return f"{site_in.replace('.', '_')}_{cfg.kind}_{cfg.activation}_w{cfg.width}"
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _rank_file(name: str, rank: int, world: int) -> str:
+    if world == 1:
+        return name
+    stem, _, ext = name.partition(".")
+    return f"{stem}.rank{rank}.{ext}"
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train every dictionary of the run; `stop_after` ends early (as a crash would) after that many steps.
+
+    Under `torchrun`, the dictionaries are shared out across ranks (dictionary i goes to rank
+    i mod world size); each rank reads the same seeded batches, so the result equals a
+    single-process run. Each rank checkpoints its own dictionaries.
+    """
+    if cfg.batch_size < 1 or cfg.tokens < 1:
+        raise OpenscopeError("batch_size and tokens must be positive")
+    if cfg.target_l0 <= 0:
+        raise OpenscopeError(f"target_l0 must be positive, got {cfg.target_l0}")
+    rank, world = _dist()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    data, names = _live(cfg, device) if cfg.model else _from_store(cfg)
+    pairs = _pairs(cfg, data, names)
+    step_cfg = _step_config(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {**_identity(cfg), "world_size": world}
+    checkpoint = out / _rank_file(CHECKPOINT, rank, world)
+
+    dicts: list[_Dictionary] = []
+    for i, (site_in, site_out) in enumerate(pairs):
+        if i % world != rank:
+            continue
+        ccfg = CoderConfig(
+            d_in=data.widths[site_in],
+            d_out=data.widths[site_out],
+            width=cfg.width,
+            kind=cfg.kind,  # type: ignore[arg-type]
+            activation=cfg.activation,  # type: ignore[arg-type]
+            k=cfg.k,
+            seed=cfg.seed + i,
+        )
+        coder = SparseCoder(ccfg)
+        coder.set_scales(data.scales[site_in], data.scales[site_out])
+        # A latent counts as dead after 1M tokens without firing (or the whole run, if shorter).
+        dicts.append(_Dictionary(site_in, site_out, coder.to(device), cfg.lr, min(1_000_000, cfg.tokens)))
+
+    total_steps = math.ceil(cfg.tokens / cfg.batch_size)
+    start_step = 0
+    if cfg.resume:
+        state = _load_checkpoint(checkpoint, identity)
+        start_step = int(state["step"])
+        for d, st in zip(dicts, state["dicts"], strict=True):
+            d.load(st)
+        log.info("resuming at step %d of %d", start_step, total_steps)
+    elif checkpoint.exists():
+        raise OpenscopeError(
+            f"{out} already holds a run's checkpoint: pass --resume to continue it, or choose another --output"
+        )
+
+    sites = sorted({s for d in dicts for s in (d.site_in, d.site_out)})
+    batches = data.batches(sites, start_step) if dicts else iter(())
+    metrics = (out / _rank_file("metrics.jsonl", rank, world)).open("a")
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        unit="step",
+        desc=f"train{f' rank {rank}' if world > 1 else ''}",
+        disable=not progress or not dicts,
+        dynamic_ncols=True,
+    )
+    step = start_step
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
+    try:
+        for step_index, batch in enumerate(batches, start=start_step):
+            if step_index >= end:
+                break
+            for d in dicts:
+                _train_one(d, batch, cfg, step_cfg, step_index, total_steps, device, metrics)
+            step = step_index + 1
+            bar.update(1)
+            bar.set_postfix_str(_postfix(dicts), refresh=False)
+            if step % cfg.checkpoint_every == 0:
+                metrics.flush()
+                _save_checkpoint(checkpoint, step, dicts, identity)
+    finally:
+        bar.close()
+        metrics.close()
+    if dicts:
+        _save_checkpoint(checkpoint, step, dicts, identity)
+    finals = {d.site_in: d.last for d in dicts}
+    if stop_after is not None and step < total_steps:
+        return TrainResult({}, step, finals, time.perf_counter() - t0)
+
+    folders = {d.site_in: _save(d, cfg, data, out, step) for d in dicts}
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (folders, finals))
+        folders = {k: v for f, _ in gathered for k, v in f.items()}
+        finals = {k: v for _, f in gathered for k, v in f.items()}
+    if rank == 0:
+        save_json(out / "run.json", {"config": cfg, "steps": step, "world_size": world, "final": finals})
+    return TrainResult(folders, step, finals, time.perf_counter() - t0)
+
+
+def _train_one(
+    d: _Dictionary,
+    batch: ActivationBatch,
+    cfg: TrainConfig,
+    step_cfg: StepConfig,
+    step: int,
+    total_steps: int,
+    device: str,
+    metrics: Any,
+) -> None:
+    x = batch.acts[d.site_in].to(device)
+    y = None if cfg.kind == "sae" else batch.acts[d.site_out].to(device)
+    if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
+        raise OpenscopeError(
+            f"non-finite activations at step {step}, site {d.site_in}: the data holds NaN/inf; "
+            "nothing was lost (the last checkpoint and saved dictionaries are intact)"
+        )
+    stats = train_step(d.coder, d.optimizer, x, y, step_cfg, step, d.tracker)
+    if not math.isfinite(stats.loss):
+        raise OpenscopeError(f"loss became {stats.loss} at step {step}, site {d.site_in}; lower --lr")
+    d.last = {"l0": stats.l0, "fvu": stats.fvu, "dead_fraction": stats.dead / d.coder.cfg.width}
+    if step % cfg.log_every == 0 or step == total_steps - 1:
+        row = {"step": step, "site": d.site_in, "tokens": (step + 1) * cfg.batch_size, **stats._asdict()}
+        metrics.write(json.dumps(row) + "\n")
+
+
+def _postfix(dicts: list[_Dictionary]) -> str:
+    shown = [
+        f"{d.site_in}: L0 {d.last['l0']:.0f} FVU {d.last['fvu']:.3f} dead {d.last['dead_fraction']:.0%}"
+        for d in dicts[:3]
+        if d.last
+    ]
+    return " | ".join(shown) + (" ..." if len(dicts) > 3 else "")
+
+
+def _save(d: _Dictionary, cfg: TrainConfig, data: _Data, out: Path, step: int) -> Path:
+    folder = out / _folder_name(d.site_in, cfg)
+    save_coder(
+        d.coder.cpu(),
+        folder,
+        hook_point_in=data.hook_points[d.site_in],
+        hook_point_out=data.hook_points[d.site_out],
+        model_name=data.model_name,
+        l0=d.last.get("l0"),
+        provenance={
+            "openscope": {
+                "site_in": d.site_in,
+                "site_out": d.site_out,
+                "data": data.description,
+                "tokens_seen": step * cfg.batch_size,
+                "final_l0": d.last.get("l0"),
+                "final_fvu": d.last.get("fvu"),
+                "dead_fraction": d.last.get("dead_fraction"),
+                "train_config": to_jsonable(cfg),
+                "command_line": shlex.join(sys.argv),
+            }
+        },
+    )
+    return folder

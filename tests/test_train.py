@@ -1,0 +1,260 @@
+"""The trainer: dictionaries from a store, saved in the Gemma Scope 2 layout; resume equals uninterrupted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from openscope.activations import ActivationStore, HarvestConfig, harvest
+from openscope.activations.store import encode_shard, sha256_bytes, write_atomic
+from openscope.coders import load_coder
+from openscope.config import save_json
+from openscope.errors import OpenscopeError
+from openscope.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src") / "docs.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"text": f"Document {i}: the capital of France is Paris."}) + "\n" for i in range(150)
+        )
+    )
+    out = tmp_path_factory.mktemp("store") / "s"
+    cfg = HarvestConfig(
+        model=str(tiny_model_dir),
+        sites="1.resid_post,1.mlp_in,1.mlp_out",
+        source=str(src),
+        tokens=3000,
+        context_len=32,
+        batch_size=8,
+        output=out,
+        device="cpu",
+    )
+    harvest(cfg, loaded=tiny, progress=False)
+    return out
+
+
+def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        store=store,
+        sites="1.resid_post",
+        width=32,
+        batch_size=64,
+        tokens=64 * 20,
+        lr=3e-3,
+        lr_warmup_steps=2,
+        sparsity_warmup_steps=5,
+        target_l0=8,
+        output=out,
+        checkpoint_every=5,
+        device="cpu",
+        log_every=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_train_saves_gemma_scope_2_folders_that_reload(store_dir, tmp_path):
+    result = train(_cfg(store_dir, tmp_path / "d"), progress=False)
+    folder = result.folders["1.resid_post"]
+    config = json.loads((folder / "config.json").read_text())
+    for key in (
+        "hf_hook_point_in",
+        "hf_hook_point_out",
+        "width",
+        "model_name",
+        "architecture",
+        "l0",
+        "affine_connection",
+        "type",
+    ):
+        assert key in config
+    assert (
+        config["hf_hook_point_in"] == "model.layers.1" and config["type"] == "sae" and config["width"] == 32
+    )
+    assert config["openscope"]["tokens_seen"] == 64 * 20 and config["openscope"]["site_in"] == "1.resid_post"
+    params = load_file(str(folder / "params.safetensors"))
+    assert (
+        params["w_enc"].shape == (64, 32)
+        and params["w_dec"].shape == (32, 64)
+        and params["threshold"].shape == (32,)
+    )
+    # The reloaded folder takes raw activations: encode/decode them like the formula says.
+    x = next(ActivationStore(store_dir).batches(["1.resid_post"], batch_size=100)).acts["1.resid_post"]
+    coder = load_coder(folder)
+    pre = x @ params["w_enc"] + params["b_enc"]
+    f = torch.where(pre > params["threshold"], pre, torch.zeros_like(pre))
+    torch.testing.assert_close(
+        coder.decode(coder.encode(x)), (f @ params["w_dec"] + params["b_dec"]), rtol=1e-4, atol=1e-3
+    )
+    lines = (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and {"l0", "fvu", "dead", "loss"} <= set(json.loads(lines[-1]))
+    assert result.final["1.resid_post"]["fvu"] < 1.0
+
+
+def test_resume_equals_uninterrupted(store_dir, tmp_path):
+    full = train(_cfg(store_dir, tmp_path / "full"), progress=False)
+    part = tmp_path / "part"
+    stopped = train(_cfg(store_dir, part), progress=False, stop_after=7)  # as if killed after step 7
+    assert stopped.steps == 7 and not stopped.folders
+    with pytest.raises(OpenscopeError, match="already holds a run's checkpoint: pass --resume"):
+        train(_cfg(store_dir, part), progress=False)
+    resumed = train(_cfg(store_dir, part, resume=True), progress=False)
+    a = load_file(str(full.folders["1.resid_post"] / "params.safetensors"))
+    b = load_file(str(resumed.folders["1.resid_post"] / "params.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        OpenscopeError, match=r"checkpoint .* is from another run \(width: 32 there, 16 now\)"
+    ):
+        train(_cfg(store_dir, part, resume=True, width=16), progress=False)
+
+
+def test_transcoders_and_many_dictionaries_at_once(store_dir, tmp_path):
+    result = train(
+        _cfg(store_dir, tmp_path / "t", kind="skip_transcoder", sites="all", activation="topk", k=4),
+        progress=False,
+    )
+    (folder,) = result.folders.values()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["type"] == "transcoder" and config["affine_connection"] is True
+    assert config["hf_hook_point_in"].endswith("pre_feedforward_layernorm")
+    assert config["hf_hook_point_out"].endswith("post_feedforward_layernorm")
+    assert "affine_skip_connection" in load_file(str(folder / "params.safetensors"))
+    both = train(
+        _cfg(store_dir, tmp_path / "two", sites="1.resid_post,1.mlp_out", tokens=64 * 3), progress=False
+    )
+    assert set(both.folders) == {"1.resid_post", "1.mlp_out"}
+
+
+def test_bad_training_input(store_dir, tmp_path):
+    with pytest.raises(OpenscopeError, match="target_l0 must be positive"):
+        train(_cfg(store_dir, tmp_path / "a", target_l0=0), progress=False)
+    with pytest.raises(OpenscopeError, match="width must be a positive integer"):
+        train(_cfg(store_dir, tmp_path / "b", width=0), progress=False)
+    with pytest.raises(OpenscopeError, match="holds no site '5.resid_post'"):
+        train(_cfg(store_dir, tmp_path / "c", sites="5.resid_post"), progress=False)
+
+
+def test_nan_activations_stop_with_step_and_site(store_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store_dir, bad)
+    store = ActivationStore(bad)
+    shard = store.read_shard(0, list(store.read_shard_keys(0)))
+    shard["1.resid_post"][3, 5] = float("nan")
+    data = encode_shard(shard)
+    write_atomic(bad / store.shards[0]["file"], data)
+    store.manifest["shards"][0]["sha256"] = sha256_bytes(data)
+    save_json(bad / "manifest.json", store.manifest)
+    out = tmp_path / "d"
+    with pytest.raises(OpenscopeError, match=r"non-finite activations at step \d+, site 1.resid_post"):
+        train(_cfg(bad, out, checkpoint_every=1), progress=False)
+    assert (out / "checkpoint.pt").is_file() or not any(out.glob("*/params.safetensors"))
+
+
+def test_live_mode_resume_equals_uninterrupted(tiny, tiny_model_dir, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": f"Live document {i} about Rome and Paris."}) + "\n" for i in range(200))
+    )
+    live = dict(
+        model=str(tiny_model_dir),
+        source=str(src),
+        context_len=32,
+        block_tokens=1024,
+        sites="1.resid_post",
+        tokens=64 * 12,
+    )
+    full = train(_cfg(tmp_path, tmp_path / "full", **live), progress=False)
+    part = tmp_path / "part"
+    train(_cfg(tmp_path, part, **live), progress=False, stop_after=5)  # stops inside a block
+    resumed = train(_cfg(tmp_path, part, resume=True, **live), progress=False)
+    a = load_file(str(full.folders["1.resid_post"] / "params.safetensors"))
+    b = load_file(str(resumed.folders["1.resid_post"] / "params.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert (
+        "live" in json.loads((full.folders["1.resid_post"] / "config.json").read_text())["openscope"]["data"]
+    )
+
+
+def test_live_mode_costs_one_forward_per_batch_for_all_layers(tiny, text_file):
+    from openscope.activations.live import LiveActivations
+    from openscope.models import parse_sites
+
+    def forwards(spec: str) -> int:
+        calls = []
+        handle = tiny.arch.layers[0].register_forward_hook(lambda *_a: calls.append(1))
+        try:
+            live = LiveActivations(
+                tiny, parse_sites(spec, tiny.n_layers), str(text_file), 32, forward_batch=4, block_tokens=512
+            )
+            for _ in zip(range(6), live.batches(64), strict=False):
+                pass
+        finally:
+            handle.remove()
+        return len(calls)
+
+    one, every = forwards("2.resid_post"), forwards("*.resid_post")
+    assert one == every > 0  # three layers' SAEs, the same forwards as one
+
+
+def test_torchrun_two_ranks_equal_one(store_dir, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = _cfg(store_dir, tmp_path / "one", sites="1.resid_post,1.mlp_out", tokens=64 * 6)
+    one = train(cfg, progress=False)
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "openscope.cli",
+        "train",
+        "--store",
+        str(store_dir),
+        "--sites",
+        "1.resid_post,1.mlp_out",
+        "--width",
+        "32",
+        "--batch-size",
+        "64",
+        "--tokens",
+        str(64 * 6),
+        "--lr",
+        "3e-3",
+        "--lr-warmup-steps",
+        "2",
+        "--sparsity-warmup-steps",
+        "5",
+        "--target-l0",
+        "8",
+        "--output",
+        str(two),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (two / "checkpoint.rank0.pt").is_file() and (two / "checkpoint.rank1.pt").is_file()
+    for site, folder in one.folders.items():
+        a = load_file(str(folder / "params.safetensors"))
+        b = load_file(str(two / folder.name / "params.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{site} {key}")
+    assert set(json.loads((two / "run.json").read_text())["final"]) == {"1.resid_post", "1.mlp_out"}
