@@ -16,6 +16,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,21 +28,19 @@ from openscope.activations.store import (
     MANIFEST,
     STATS,
     VERSION,
-    encode_shard,
     read_manifest,
     save_manifest,
-    sha256_bytes,
     sha256_file,
     shard_name,
     site_stats,
     tokens_digest,
-    write_atomic,
+    write_tensors,
 )
 from openscope.config import to_jsonable
 from openscope.data.packing import iter_contexts, keep_mask, to_batch
 from openscope.data.sources import open_source
 from openscope.errors import OpenscopeError
-from openscope.models.hooks import run_to_sites
+from openscope.models.hooks import run_with_readers
 from openscope.models.load import DEFAULT_MODEL, LoadedModel, dtype_name, load_model, parse_dtype
 from openscope.models.sites import Site, locate, parse_sites, site_width
 
@@ -282,9 +281,8 @@ class _ShardWriter:
         self.pending: Future | None = None
 
     def _write(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
-        data = encode_shard(tensors)
-        write_atomic(self.root / entry["file"], data)
-        self.manifest["shards"].append({**entry, "sha256": sha256_bytes(data)})
+        digest = write_tensors(self.root / entry["file"], tensors)
+        self.manifest["shards"].append({**entry, "sha256": digest})
         save_manifest(self.root, self.manifest)
 
     def submit(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
@@ -328,27 +326,37 @@ def _harvest_shard(
     bufs: dict[Site, torch.Tensor] = {}
     sums: dict[Site, torch.Tensor] = {}
     sum_sq: dict[str, float] = {s.name: 0.0 for s in sites}
+    widths = {
+        s: site_width(locate(loaded.arch.layers, loaded.arch.layers_path, s), loaded.d_model) for s in sites
+    }
+    for s in sites:
+        bufs[s] = torch.empty(n_rows, widths[s], dtype=store_dtype)
+        sums[s] = torch.zeros(widths[s], dtype=torch.float64)
     filled = 0
     for b in range(0, len(contexts), batch_size):
         batch = to_batch(contexts[b : b + batch_size].tolist(), loaded.tokenizer)
-        acts = run_to_sites(loaded, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
         rows_idx = keep[b : b + batch_size].reshape(-1).nonzero().squeeze(1).to(device)
         n = len(rows_idx)
-        for s in sites:
-            flat = acts[s].reshape(-1, acts[s].shape[-1])
-            if s not in bufs:
-                bufs[s] = torch.empty(n_rows, flat.shape[1], dtype=store_dtype)
-                sums[s] = torch.zeros(flat.shape[1], dtype=torch.float64)
-            out = bufs[s][filled : filled + n]
+
+        def reader(
+            x: torch.Tensor, s: Site, start: int = filled, n: int = n, rows_idx: torch.Tensor = rows_idx
+        ) -> None:
+            # Copy the kept rows straight into the shard inside the hook, so the layer's output is
+            # freed as usual and the allocator reuses its memory.
+            flat = x.reshape(-1, x.shape[-1])
+            out = bufs[s][start : start + n]
             if flat.device == out.device and flat.dtype == out.dtype:
-                torch.index_select(flat, 0, rows_idx, out=out)  # straight into the shard, no extra copy
+                torch.index_select(flat, 0, rows_idx, out=out)
             else:
                 out.copy_(flat.index_select(0, rows_idx))
-            # Statistics of the stored values, per batch while they are in cache: float32 BLAS sums,
+            # Statistics of the stored values while they are in cache: float32 BLAS sums,
             # accumulated in float64 across batches (a fixed order, so reruns give the same bytes).
             stored = out.float()
             sum_sq[s.name] += float(torch.dot(stored.reshape(-1), stored.reshape(-1)))
             sums[s] += stored.sum(0).double()
+
+        readers = {s: partial(reader, s=s) for s in sites}
+        run_with_readers(loaded, batch.input_ids.to(device), readers, batch.attention_mask.to(device))
         filled += n
         bar.update(batch.input_ids.numel())
     positions = torch.arange(contexts.shape[1]).expand_as(contexts)
@@ -381,4 +389,4 @@ def _finish(root: Path, manifest: dict[str, Any], sites: list[Site]) -> None:
     manifest["complete"] = True
     save_manifest(root, manifest)
     store = ActivationStore(root, verify=False)
-    write_atomic(root / STATS, encode_shard({f"mean.{s.name}": store.mean(s.name) for s in sites}))
+    write_tensors(root / STATS, {f"mean.{s.name}": store.mean(s.name) for s in sites})

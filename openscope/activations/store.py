@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from openscope.config import save_json
@@ -58,19 +57,55 @@ def tokens_digest(contexts: Tensor) -> str:
     return sha256_bytes(contexts.to(torch.int32).contiguous().numpy().tobytes())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file, flush to disk, then rename over `path`."""
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.uint8: "U8",
+}
+
+
+def write_tensors(path: Path, tensors: dict[str, Tensor]) -> str:
+    """Write a safetensors file atomically and return its sha256.
+
+    Streams each tensor's bytes straight to disk (no serialised copy of the whole file in
+    memory) and hashes them on the way: a temporary file, flushed to disk, then renamed, so a
+    crash leaves either the old state or the whole new file. Same tensors, same bytes.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8-byte alignment
+    digest = hashlib.sha256()
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
-        fh.write(data)
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            fh.write(chunk)
+            digest.update(chunk)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous()
+            # A byte view of the tensor's memory: written and hashed without a copy.
+            view = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
+            fh.write(view)
+            digest.update(view)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
-
-
-def encode_shard(tensors: dict[str, Tensor]) -> bytes:
-    """Serialise a shard (deterministic bytes for the same tensors)."""
-    return st_save({k: v.contiguous() for k, v in tensors.items()})
+    return digest.hexdigest()
 
 
 class SiteStats(NamedTuple):

@@ -7,8 +7,9 @@ them, so that logic lives in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
+from functools import partial
 from typing import Any
 
 import torch
@@ -56,30 +57,54 @@ def hook_site(loaded: LoadedModel, site: Site, fn: SiteFn) -> Iterator[None]:
 
 
 @contextmanager
-def capture(loaded: LoadedModel, sites: Sequence[Site], stop: bool = True) -> Iterator[dict[Site, Tensor]]:
-    """Collect the activations at `sites` during a forward into the yielded dict.
+def reading(
+    loaded: LoadedModel, readers: Mapping[Site, Callable[[Tensor], None]], stop: bool = True
+) -> Iterator[None]:
+    """Call each reader with its site's activation during forwards inside the block.
 
-    With `stop`, the hook of the last site (in forward order) raises StopForward, so no later
-    layer and no LM head runs; call the model through `run_to_sites` to swallow it.
+    With `stop`, the hook of the last site (in forward order) raises StopForward after its
+    reader ran, so no later layer and no LM head runs (`run_with_readers` swallows it).
     """
-    acts: dict[Site, Tensor] = {}
-    last = max(sites, key=lambda s: s.order) if sites else None
+    last = max(readers, key=lambda s: s.order) if readers else None
 
-    def reader(site: Site) -> SiteFn:
-        def fn(x: Tensor) -> None:
-            acts[site] = x.detach()
+    def hook_for(site: Site, fn: Callable[[Tensor], None]) -> SiteFn:
+        def hook(x: Tensor) -> None:
+            fn(x.detach())
             if stop and site == last:
                 raise StopForward
 
-        return fn
+        return hook
 
     with ExitStack() as stack:
-        for site in sites:
-            stack.enter_context(hook_site(loaded, site, reader(site)))
+        for site, fn in readers.items():
+            stack.enter_context(hook_site(loaded, site, hook_for(site, fn)))
+        yield
+
+
+@contextmanager
+def capture(loaded: LoadedModel, sites: Sequence[Site], stop: bool = True) -> Iterator[dict[Site, Tensor]]:
+    """Collect the activations at `sites` during a forward into the yielded dict (see `reading`)."""
+    acts: dict[Site, Tensor] = {}
+    with reading(loaded, {s: partial(acts.__setitem__, s) for s in sites}, stop):
         yield acts
 
 
 @torch.inference_mode()
+def run_with_readers(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    readers: Mapping[Site, Callable[[Tensor], None]],
+    attention_mask: Tensor | None = None,
+) -> None:
+    """One forward that hands every site to its reader and stops after the last one it needs.
+
+    Readers that copy what they need out of the activation (instead of keeping it) let the
+    allocator reuse the layer's memory, which keeps a many-site harvest as fast as a bare forward.
+    """
+    with reading(loaded, readers), suppress(StopForward):
+        loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
 def run_to_sites(
     loaded: LoadedModel,
     input_ids: Tensor,
@@ -87,6 +112,6 @@ def run_to_sites(
     attention_mask: Tensor | None = None,
 ) -> dict[Site, Tensor]:
     """One forward that captures every site and stops after the last one it needs."""
-    with capture(loaded, sites) as acts, suppress(StopForward):
-        loaded.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    acts: dict[Site, Tensor] = {}
+    run_with_readers(loaded, input_ids, {s: partial(acts.__setitem__, s) for s in sites}, attention_mask)
     return acts
