@@ -122,7 +122,7 @@ def sites_command(
     table = Table(title=f"sites of {loaded.name} ({loaded.n_layers} layers)")
     for col in ("site", "hook point", "width"):
         table.add_column(col)
-    for site in parse_sites(sites.replace("mid.", f"{loaded.n_layers // 2}."), loaded.n_layers):
+    for site in parse_sites(sites, loaded.n_layers):
         point = locate(loaded.arch.layers, loaded.arch.layers_path, site)
         table.add_row(site.name, point.hook_point, str(site_width(point, loaded.d_model)))
     console.print(table)

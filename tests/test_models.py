@@ -90,6 +90,11 @@ def test_parse_sites_patterns():
         Site(2, "attn_out"),
     ]
     assert parse_sites("3.*", 4) == [Site(3, k) for k in SITE_KINDS]
+    assert (
+        parse_sites("mid.resid_post", 18)
+        == parse_sites("layer mid resid_post", 18)
+        == [Site(9, "resid_post")]
+    )
     assert Site.from_name("6.resid_post") == Site(6, "resid_post")
 
 

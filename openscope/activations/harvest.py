@@ -28,6 +28,7 @@ from openscope.activations.store import (
     MANIFEST,
     STATS,
     VERSION,
+    ActivationStore,
     read_manifest,
     save_manifest,
     sha256_file,
@@ -108,11 +109,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def _resolve_sites(spec: str, loaded: LoadedModel) -> list[Site]:
-    mid = str(loaded.n_layers // 2)
-    return parse_sites(spec.replace("mid.", f"{mid}."), loaded.n_layers)
-
-
 def identity(
     cfg: HarvestConfig, loaded: LoadedModel, sites: list[Site], shard_contexts: int
 ) -> dict[str, Any]:
@@ -175,7 +171,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     device = resolve_device(cfg.device)
     if loaded is None:
         loaded = load_model(cfg.model, cfg.model_dtype, device, cfg.cache_dir)
-    sites = _resolve_sites(cfg.sites, loaded)
+    sites = parse_sites(cfg.sites, loaded.n_layers)
     points = {s: locate(loaded.arch.layers, loaded.arch.layers_path, s) for s in sites}
     widths = {s: site_width(points[s], loaded.d_model) for s in sites}
 
@@ -236,7 +232,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
                     )
             else:
                 shard = _harvest_shard(
-                    loaded, sites, ctx, index * shard_contexts, cfg.batch_size, store_dtype, device, bar
+                    loaded, widths, ctx, index * shard_contexts, cfg.batch_size, store_dtype, device, bar
                 )
                 entry = {
                     "file": shard_name(index),
@@ -312,7 +308,7 @@ class _Shard(NamedTuple):
 
 def _harvest_shard(
     loaded: LoadedModel,
-    sites: list[Site],
+    widths: dict[Site, int],
     contexts: torch.Tensor,
     context_start: int,
     batch_size: int,
@@ -325,10 +321,8 @@ def _harvest_shard(
     n_rows = int(keep.sum())
     bufs: dict[Site, torch.Tensor] = {}
     sums: dict[Site, torch.Tensor] = {}
+    sites = list(widths)
     sum_sq: dict[str, float] = {s.name: 0.0 for s in sites}
-    widths = {
-        s: site_width(locate(loaded.arch.layers, loaded.arch.layers_path, s), loaded.d_model) for s in sites
-    }
     for s in sites:
         bufs[s] = torch.empty(n_rows, widths[s], dtype=store_dtype)
         sums[s] = torch.zeros(widths[s], dtype=torch.float64)
@@ -381,8 +375,6 @@ def _harvest_shard(
 
 def _finish(root: Path, manifest: dict[str, Any], sites: list[Site]) -> None:
     """Mark the store complete and write the per-site statistics."""
-    from openscope.activations.store import ActivationStore
-
     manifest["stats"] = {s.name: site_stats(manifest["shards"], s.name)._asdict() for s in sites}
     manifest["n_rows"] = sum(s["n_rows"] for s in manifest["shards"])
     manifest["n_contexts"] = sum(s["n_contexts"] for s in manifest["shards"])

@@ -44,7 +44,8 @@ class LiveActivations:
         self.block_contexts = max(forward_batch, block_tokens // context_len // forward_batch * forward_batch)
         self.seed = seed
 
-    def _contexts(self) -> Iterator[list[int]]:
+    def contexts(self) -> Iterator[list[int]]:
+        """The packed contexts of the text source, from the start."""
         docs = open_source(self.source, self.text_field).documents()
         return iter_contexts(docs, self.loaded.tokenizer, self.context_len)
 
@@ -72,13 +73,13 @@ class LiveActivations:
         """Batches forever (the text source repeats if it runs out), skipping the first `start_batch`."""
         served = 0
         block_index = 0
-        contexts = self._contexts()
+        contexts = self.contexts()
         while True:
             chunk = list(itertools.islice(contexts, self.block_contexts))
             if not chunk:
                 if block_index == 0:
                     raise OpenscopeError(f"text source {self.source!r} gave no contexts")
-                contexts = self._contexts()  # start the text again: more passes than the data has
+                contexts = self.contexts()  # start the text again: more passes than the data has
                 continue
             n_rows = self._rows_in(chunk)
             per_block = n_rows // batch_size

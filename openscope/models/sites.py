@@ -11,8 +11,8 @@ A site is (layer, kind). Kinds, in the order the forward pass reaches them insid
 | resid_post  | output of block L (the residual stream after it)                |
 
 Names are `<layer>.<kind>` (e.g. `6.resid_post`). Patterns select many: `*.mlp_out` or
-`mlp_out` (every layer), `0-5.resid_post` (a range), `6.*` (every kind at layer 6), and the
-prose form `layer 6 resid_post`; separate several with commas or spaces.
+`mlp_out` (every layer), `0-5.resid_post` (a range), `6.*` (every kind at layer 6), `mid.resid_post` (the middle
+layer), and the prose form `layer 6 resid_post`; separate several with commas or spaces.
 """
 
 from __future__ import annotations
@@ -115,15 +115,17 @@ def check_layer(layer: int, n_layers: int) -> None:
         )
 
 
-_PROSE = re.compile(r"layers?\s+([\d*:\-]+)\s+(\w+|\*)", re.IGNORECASE)
+_PROSE = re.compile(r"layers?\s+([\d*:\-]+|mid)\s+(\w+|\*)", re.IGNORECASE)
 
 
 def _parse_layers(text: str, n_layers: int) -> list[int]:
     if text in ("*", "all", ""):
         return list(range(n_layers))
+    if text == "mid":
+        return [n_layers // 2]
     match = re.fullmatch(r"(\d+)(?:[-:](\d+))?", text)
     if not match:
-        raise OpenscopeError(f"bad layer selector {text!r}; use N, N-M or *")
+        raise OpenscopeError(f"bad layer selector {text!r}; use N, N-M, mid or *")
     lo = int(match.group(1))
     hi = int(match.group(2)) if match.group(2) is not None else lo
     for layer in (lo, hi):

@@ -155,7 +155,7 @@ def _from_store(cfg: TrainConfig) -> tuple[_Data, list[str]]:
 def _live(cfg: TrainConfig, device: str) -> tuple[_Data, list[str]]:
     loaded = load_model(cfg.model, "float32", device)
     spec = "*.*" if cfg.sites == "all" else cfg.sites
-    names = [s.name for s in parse_sites(spec.replace("mid.", f"{loaded.n_layers // 2}."), loaded.n_layers)]
+    names = [s.name for s in parse_sites(spec, loaded.n_layers)]
     if cfg.kind != "sae":
         names += [n.replace(".mlp_in", ".mlp_out") for n in names if n.endswith(".mlp_in")]
     sites = [Site.from_name(n) for n in sorted(set(names), key=lambda n: Site.from_name(n).order)]
@@ -164,7 +164,7 @@ def _live(cfg: TrainConfig, device: str) -> tuple[_Data, list[str]]:
         loaded, sites, cfg.source, cfg.context_len, block_tokens=cfg.block_tokens, seed=cfg.seed
     )
     # Normalisation scales from a fixed sample (the first contexts), so a resumed run gets the same ones.
-    sample = live.block(list(itertools.islice(live._contexts(), 16)))
+    sample = live.block(list(itertools.islice(live.contexts(), 16)))
     data = _Data(
         loaded.name,
         {s.name: site_width(points[s.name], loaded.d_model) for s in sites},
