@@ -108,3 +108,14 @@ def test_source_errors(tmp_path: Path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(OpenscopeError, match="unsupported file type"):
         list(open_source(str(tmp_path / "x.csv")).documents())
+
+
+def test_source_slices_select_documents_by_index(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(10)))
+    whole = list(open_source(str(path)).documents())
+    assert list(open_source(f"{path}[:7]").documents()) == whole[:7]
+    assert list(open_source(f"{path}[7:]").documents()) == whole[7:]
+    assert list(open_source(f"{path}[2:4]").documents()) == whole[2:4]
+    with pytest.raises(OpenscopeError, match="selects no documents"):
+        list(open_source(f"{path}[5:5]").documents())

@@ -57,7 +57,7 @@ class HarvestConfig:
     sites: str = "mid.resid_post"
     """Sites to capture: names or patterns such as `6.resid_post`, `*.mlp_out`, `0-5.attn_out`, `mid.resid_post` (the middle layer)."""
     source: str = "wiki"
-    """Text: wiki, shakespeare, python (stdlib code), or a path to .txt/.jsonl/.parquet files or a saved HF dataset."""
+    """Text: wiki, shakespeare, python (stdlib code), or a path to .txt/.jsonl/.parquet files or a saved HF dataset; slice documents with `wiki[:9000]`."""
     text_field: str = "text"
     """Field (jsonl) or column (parquet, saved dataset) holding the text."""
     tokens: int = 200_000

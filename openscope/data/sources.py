@@ -9,12 +9,17 @@ an object with a text field, or a string), a `.parquet` file (a text column), a 
 dataset saved with `save_to_disk` (read with pyarrow, no `datasets` needed), or a directory of
 such files (read in sorted order). Every source yields its documents in a fixed order, so a
 harvest can be re-run and resumed exactly.
+
+Any source takes a document slice, Python style: `wiki[:9000]` (the first 9000 documents, e.g.
+for training) and `wiki[9000:]` (the rest, held out for evaluation).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -142,7 +147,7 @@ class TextSource:
     """A named or file-based source of documents, in a fixed order."""
 
     spec: str
-    """A source name (wiki, shakespeare, python) or a path."""
+    """A source name (wiki, shakespeare, python) or a path, optionally sliced: `wiki[:9000]`."""
     text_field: str = "text"
     """Field of a .jsonl object, or column of a .parquet/dataset, that holds the text."""
     split: str = "train"
@@ -159,13 +164,17 @@ class TextSource:
             raise OpenscopeError(f"text source {self.spec!r} is empty: it yielded no text")
 
     def _raw(self) -> Iterator[str]:
-        if self.spec in SOURCES:
-            yield from SOURCES[self.spec][1]()
+        base, start, stop = split_slice(self.spec)
+        yield from itertools.islice(self._unsliced(base), start, stop)
+
+    def _unsliced(self, spec: str) -> Iterator[str]:
+        if spec in SOURCES:
+            yield from SOURCES[spec][1]()
             return
-        path = Path(self.spec).expanduser()
+        path = Path(spec).expanduser()
         if not path.exists():
             raise OpenscopeError(
-                f"unknown text source {self.spec!r}: not one of {', '.join(SOURCES)} and no such file or directory"
+                f"unknown text source {spec!r}: not one of {', '.join(SOURCES)} and no such file or directory"
             )
         if path.is_file():
             yield from _file(path, self.text_field)
@@ -175,6 +184,21 @@ class TextSource:
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
             for file in files:
                 yield from _file(file, self.text_field)
+
+
+_SLICE = re.compile(r"^(?P<base>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def split_slice(spec: str) -> tuple[str, int, int | None]:
+    """Split `name[start:stop]` into (name, start, stop); a spec without a slice is whole."""
+    match = _SLICE.match(spec)
+    if match is None:
+        return spec, 0, None
+    start = int(match["start"] or 0)
+    stop = int(match["stop"]) if match["stop"] else None
+    if stop is not None and stop <= start:
+        raise OpenscopeError(f"text source {spec!r}: the slice selects no documents")
+    return match["base"], start, stop
 
 
 def open_source(spec: str, text_field: str = "text", split: str = "train") -> TextSource:
