@@ -27,6 +27,7 @@ from openscope.coders import (
     read_coder_config,
     save_coder,
     step,
+    threshold_for_l0,
     topk,
     topk_to_jumprelu,
     train_step,
@@ -99,6 +100,17 @@ def test_batchtopk_keeps_the_batchs_k_times_b_largest() -> None:
     z = torch.tensor([[5.0, 4.0, 3.0, -1.0], [0.1, 2.0, -2.0, 0.0]])
     out = batchtopk(z, 2)  # keep the 4 largest of the batch: 5, 4, 3, 2
     assert torch.equal(out, torch.tensor([[5.0, 4.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0]]))
+
+
+def test_calibrated_threshold_gives_the_target_l0_on_its_batch() -> None:
+    coder = SparseCoder(CoderConfig(d_in=16, d_out=16, width=64, seed=3))
+    x = torch.randn(200, 16) * 30.0
+    theta = coder.calibrate_threshold_(x, target_l0=5)
+    assert torch.allclose(coder.threshold(), torch.full((64,), theta))
+    l0 = (coder.encode(x) > 0).sum(1).float().mean()
+    # The 1000th largest of 200·64 pre-activations: everything above it fires (ties aside).
+    assert l0 == pytest.approx(5, abs=0.01)
+    assert threshold_for_l0(torch.tensor([[3.0, -1.0], [2.0, 1.0]]), 1.0) == 1.5
 
 
 def test_threshold_estimator_and_conversion() -> None:

@@ -8,6 +8,7 @@ from openscope.coders.activations import (
     jumprelu,
     relu,
     step,
+    threshold_for_l0,
     topk,
 )
 from openscope.coders.coder import (
@@ -62,6 +63,7 @@ __all__ = [
     "save_coder",
     "sparsity_coeff_at",
     "step",
+    "threshold_for_l0",
     "topk",
     "topk_to_jumprelu",
     "train_step",

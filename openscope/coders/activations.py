@@ -130,6 +130,18 @@ def batchtopk(z: Tensor, k: int) -> Tensor:
     return torch.relu(z) * batchtopk_mask(z, k).to(z.dtype)
 
 
+def threshold_for_l0(z: Tensor, l0: float) -> float:
+    """The single threshold θ at which the batch of pre-activations z [B, F] has mean L0 = l0.
+
+    Halfway between the (l0·B)-th and the next largest entry of z, so exactly l0·B entries lie
+    above it (never below a tiny positive value, since θ > 0): the BatchTopK threshold, used to
+    start a JumpReLU run at its target sparsity.
+    """
+    n = max(1, min(round(l0 * z.shape[0]), z.numel() - 1))
+    top = z.detach().reshape(-1).float().topk(n + 1).values
+    return max(float(top[-2:].mean()), 1e-6)
+
+
 class ThresholdEstimator:
     """Accumulates the statistics that turn a TopK/BatchTopK dictionary into a JumpReLU one.
 

@@ -200,6 +200,30 @@ class SparseCoder(nn.Module):
             raise OpenscopeError(f"a {self.cfg.activation} coder has no threshold")
         return self.log_threshold.exp()
 
+    @torch.no_grad()
+    def init_decoder_bias_(self, target: Tensor) -> None:
+        """Set b_dec to the mean of a batch of raw targets (the input, for an SAE).
+
+        Residual streams carry a large constant component (at Gemma 3 270M's layer 9 it is ~85% of
+        E‖x‖²). With b_dec = 0 the first steps spend themselves learning it, and latents aligned
+        with it fire on every token; starting from the mean removes both problems.
+        """
+        self.b_dec.copy_(target.float().mean(0) / self.scale_out)
+
+    @torch.no_grad()
+    def calibrate_threshold_(self, x: Tensor, target_l0: float) -> float:
+        """Set every θ to the one value at which the batch x (raw) has mean L0 = target_l0.
+
+        Adam moves log θ by about lr per step, so from Gemma Scope's θ = 0.001 a short run never
+        reaches a sparse threshold (lr 7e-5 · 1000 steps changes θ by 7%); starting at the target
+        sparsity lets the run spend its steps on the dictionary instead. Returns θ.
+        """
+        if self.log_threshold is None:
+            raise OpenscopeError(f"a {self.cfg.activation} coder has no threshold to calibrate")
+        theta = act.threshold_for_l0(self.pre_activations(x), target_l0)
+        self.log_threshold.fill_(math.log(theta))
+        return theta
+
     def _normalised_input(self, x: Tensor) -> Tensor:
         return x / self.scale_in
 

@@ -112,9 +112,20 @@ class DeadLatentTracker:
         return self.tokens_since_fired >= self.dead_after_tokens
 
 
-def make_optimizer(coder: SparseCoder, lr: float = 7e-5) -> torch.optim.Adam:
-    """Adam with β = (0, 0.999) (Gemma Scope)."""
-    return torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.0, 0.999))
+def make_optimizer(coder: SparseCoder, lr: float = 7e-5, threshold_lr_scale: float = 1.0) -> torch.optim.Adam:
+    """Adam with β = (0, 0.999) (Gemma Scope); JumpReLU's log θ may learn `threshold_lr_scale`× faster.
+
+    Adam moves a parameter by about lr per step, so log θ changes by ~lr per step: over a run of a
+    few hundred steps the thresholds (and with them L0) barely move unless they get a larger rate.
+    """
+    if not threshold_lr_scale > 0:
+        raise OpenscopeError(f"threshold_lr_scale must be positive, got {threshold_lr_scale!r}")
+    thresholds = [p for n, p in coder.named_parameters() if n == "log_threshold"]
+    others = [p for n, p in coder.named_parameters() if n != "log_threshold"]
+    groups: list[dict] = [{"params": others, "lr_scale": 1.0}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr_scale": threshold_lr_scale})
+    return torch.optim.Adam(groups, lr=lr, betas=(0.0, 0.999))
 
 
 def _check_sparsity(cfg: StepConfig, activation: str) -> None:
@@ -144,7 +155,7 @@ def train_step(
 
     lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
 
     use_aux = tracker is not None and ccfg.activation in ("topk", "batchtopk") and cfg.aux_coeff > 0

@@ -73,11 +73,18 @@ class TrainConfig:
     """quadratic_l0 (Gemma Scope 2), l0 (Gemma Scope 1), l1, none; auto picks by activation."""
     target_l0: float = 50.0
     """Target L0 of the quadratic L0 loss."""
-    sparsity_coeff: float = 1e-3
-    """λ of the sparsity loss after warm-up."""
+    sparsity_coeff: float = 1.0
+    """λ of the sparsity loss after warm-up (quadratic L0: 1 holds L0 near its target; weaker values
+    let reconstruction pull L0 above it)."""
+    init_decoder_bias: str = "mean"
+    """b_dec at the start: mean (of the first batch's targets: skips learning the residual stream's
+    large constant part) or zeros (Gemma Scope)."""
+    init_threshold: float | None = None
+    """JumpReLU initial θ (normalised units). Unset: calibrated on the first batch so that L0 starts
+    at target_l0 (Gemma Scope's 0.001 suits billions of tokens: Adam moves log θ by ~lr per step)."""
     sparsity_warmup_steps: int = 10_000
-    """Steps of linear λ warm-up."""
-    freq_coeff: float = 1.0
+    """Steps of linear λ warm-up (Gemma Scope), capped at a fifth of the run's steps."""
+    freq_coeff: float = 0.1
     """Weight of the penalty on latents firing on more than max_fire_rate of tokens (jumprelu)."""
     max_fire_rate: float = 0.1
     """Fire rate above which a latent is penalised."""
@@ -85,8 +92,11 @@ class TrainConfig:
     """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off)."""
     lr: float = 7e-5
     """Adam learning rate (β = (0, 0.999))."""
+    threshold_lr_scale: float = 10.0
+    """JumpReLU: learning rate of log θ relative to --lr. Short runs need ~10: Adam moves log θ by
+    ~lr per step, so at 1× a run of a few hundred steps cannot steer L0 to its target."""
     lr_warmup_steps: int = 1000
-    """Steps of linear learning-rate warm-up."""
+    """Steps of linear learning-rate warm-up (Gemma Scope), capped at a tenth of the run's steps."""
     batch_size: int = 4096
     """Tokens per step."""
     tokens: int = 2_000_000
@@ -196,18 +206,20 @@ def _pairs(cfg: TrainConfig, data: _Data, names: list[str]) -> list[tuple[str, s
     return pairs
 
 
-def _step_config(cfg: TrainConfig) -> StepConfig:
+def _step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
+    """The step's losses and schedules. Gemma Scope's warm-ups were set for runs of 100k+ steps; a
+    shorter run would end before its λ is up, so each is capped at a fraction of the run."""
     sparsity = cfg.sparsity
     if sparsity == "auto":
         sparsity = {"jumprelu": "quadratic_l0", "relu": "l1"}.get(cfg.activation, "none")
     prefixes = tuple(int(p) for p in cfg.matryoshka.split(",") if p.strip())
     return StepConfig(
         lr=cfg.lr,
-        lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_warmup_steps=min(cfg.lr_warmup_steps, total_steps // 10),
         sparsity=sparsity,  # type: ignore[arg-type]
         sparsity_coeff=cfg.sparsity_coeff,
         target_l0=cfg.target_l0 if sparsity == "quadratic_l0" else None,
-        sparsity_warmup_steps=cfg.sparsity_warmup_steps,
+        sparsity_warmup_steps=min(cfg.sparsity_warmup_steps, total_steps // 5),
         freq_coeff=cfg.freq_coeff,
         max_fire_rate=cfg.max_fire_rate,
         matryoshka_prefixes=prefixes,
@@ -222,10 +234,18 @@ def _identity(cfg: TrainConfig) -> dict[str, Any]:
 class _Dictionary:
     """One dictionary's training state."""
 
-    def __init__(self, site_in: str, site_out: str, coder: SparseCoder, lr: float, dead_after: int):
+    def __init__(
+        self,
+        site_in: str,
+        site_out: str,
+        coder: SparseCoder,
+        lr: float,
+        threshold_lr_scale: float,
+        dead_after: int,
+    ):
         self.site_in, self.site_out = site_in, site_out
         self.coder = coder
-        self.optimizer = make_optimizer(coder, lr)
+        self.optimizer = make_optimizer(coder, lr, threshold_lr_scale)
         self.tracker = DeadLatentTracker(coder.cfg.width, dead_after)
         self.last: dict[str, float] = {}
 
@@ -300,13 +320,16 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         raise OpenscopeError("batch_size and tokens must be positive")
     if cfg.target_l0 <= 0:
         raise OpenscopeError(f"target_l0 must be positive, got {cfg.target_l0}")
+    if cfg.init_decoder_bias not in ("mean", "zeros"):
+        raise OpenscopeError(f"init_decoder_bias must be mean or zeros, got {cfg.init_decoder_bias!r}")
     rank, world = _dist()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     data, names = _live(cfg, device) if cfg.model else _from_store(cfg)
     pairs = _pairs(cfg, data, names)
-    step_cfg = _step_config(cfg)
+    total_steps = math.ceil(cfg.tokens / cfg.batch_size)
+    step_cfg = _step_config(cfg, total_steps)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     identity = {**_identity(cfg), "world_size": world}
@@ -323,14 +346,23 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             kind=cfg.kind,  # type: ignore[arg-type]
             activation=cfg.activation,  # type: ignore[arg-type]
             k=cfg.k,
+            init_threshold=cfg.init_threshold or 0.001,
             seed=cfg.seed + i,
         )
         coder = SparseCoder(ccfg)
         coder.set_scales(data.scales[site_in], data.scales[site_out])
         # A latent counts as dead after 1M tokens without firing (or the whole run, if shorter).
-        dicts.append(_Dictionary(site_in, site_out, coder.to(device), cfg.lr, min(1_000_000, cfg.tokens)))
+        dicts.append(
+            _Dictionary(
+                site_in,
+                site_out,
+                coder.to(device),
+                cfg.lr,
+                cfg.threshold_lr_scale,
+                min(1_000_000, cfg.tokens),
+            )
+        )
 
-    total_steps = math.ceil(cfg.tokens / cfg.batch_size)
     start_step = 0
     if cfg.resume:
         state = _load_checkpoint(checkpoint, identity)
@@ -361,6 +393,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         for step_index, batch in enumerate(batches, start=start_step):
             if step_index >= end:
                 break
+            if step_index == 0:
+                _calibrate(dicts, batch, cfg, device)
             for d in dicts:
                 _train_one(d, batch, cfg, step_cfg, step_index, total_steps, device, metrics)
             step = step_index + 1
@@ -389,6 +423,20 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if rank == 0:
         save_json(out / "run.json", {"config": cfg, "steps": step, "world_size": world, "final": finals})
     return TrainResult(folders, step, finals, time.perf_counter() - t0)
+
+
+def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfig, device: str) -> None:
+    """Data-dependent initialisation from the first batch: b_dec (unless zeros were asked for),
+    then the JumpReLU thresholds at the target sparsity (unless --init-threshold was given)."""
+    for d in dicts:
+        if cfg.init_decoder_bias == "mean":
+            d.coder.init_decoder_bias_(batch.acts[d.site_out].to(device))
+        if cfg.activation != "jumprelu" or cfg.init_threshold is not None:
+            continue
+        theta = d.coder.calibrate_threshold_(batch.acts[d.site_in].to(device), cfg.target_l0)
+        log.info(
+            "%s: initial threshold %.4g gives L0 = %g on the first batch", d.site_in, theta, cfg.target_l0
+        )
 
 
 def _train_one(
