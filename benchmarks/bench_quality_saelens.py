@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--store", type=Path, required=True, help="training activation store")
     p.add_argument("--heldout", type=Path, required=True, help="held-out activation store (evaluation)")
     p.add_argument("--site", default="9.resid_post")
@@ -56,10 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-l0", type=float, default=50.0)
     p.add_argument("--tokens", type=int, default=2_000_000)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=5e-4, help="both trainers (a 2M-token run needs more than 7e-5)")
-    p.add_argument("--lr-warmup-steps", type=int, default=50)
+    p.add_argument(
+        "--lr", type=float, default=5e-4, help="both trainers (a 2M-token run needs more than 7e-5)"
+    )
+    p.add_argument("--lr-decay", type=float, default=0.2, help="final fraction with linear lr decay (both)")
     p.add_argument("--sparsity-coeff", type=float, default=1.0, help="λ of the quadratic L0 loss (both)")
-    p.add_argument("--sparsity-warmup-steps", type=int, default=50)
     p.add_argument("--threshold-lr-scale", type=float, default=50.0, help="openscope: log θ learning rate ×")
     p.add_argument("--freq-coeff", type=float, default=0.1, help="openscope's frequency penalty")
     p.add_argument("--bandwidth", type=float, default=0.001, help="STE bandwidth ε (both)")
@@ -127,11 +128,10 @@ def run_openscope(args: argparse.Namespace) -> tuple[Path, float]:
         width=args.width,
         target_l0=args.target_l0,
         sparsity_coeff=args.sparsity_coeff,
-        sparsity_warmup_steps=args.sparsity_warmup_steps,
         freq_coeff=args.freq_coeff,
         threshold_lr_scale=args.threshold_lr_scale,
         lr=args.lr,
-        lr_warmup_steps=args.lr_warmup_steps,
+        lr_decay=args.lr_decay,
         batch_size=args.batch,
         tokens=args.tokens,
         seed=args.seed,
@@ -160,6 +160,7 @@ def saelens_worker(args: argparse.Namespace) -> None:
     store = ActivationStore(args.store)
     scale = store.stats(args.site).norm_scale
     d = int(store.manifest["sites"][args.site]["width"])
+    steps = args.tokens // args.batch
     cfg = sl.JumpReLUTrainingSAEConfig(
         d_in=d,
         d_sae=args.width,
@@ -170,16 +171,16 @@ def saelens_worker(args: argparse.Namespace) -> None:
         jumprelu_sparsity_loss_mode="quadratic",
         target_l0=float(args.target_l0),
         l0_coefficient=args.sparsity_coeff,
-        l0_warm_up_steps=args.sparsity_warmup_steps,
+        l0_warm_up_steps=steps // 5,  # openscope's schedule: Gemma Scope's warm-ups capped to the run
     )
     sae = sl.JumpReLUTrainingSAE(cfg)
-    steps = args.tokens // args.batch
     tcfg = importlib.import_module("sae_lens.config").SAETrainerConfig(
         total_training_samples=steps * args.batch,
         train_batch_size_samples=args.batch,
         lr=args.lr,
-        lr_end=args.lr,
-        lr_warm_up_steps=args.lr_warmup_steps,
+        lr_end=args.lr * 1e-3,
+        lr_warm_up_steps=steps // 10,
+        lr_decay_steps=round(args.lr_decay * steps),
         adam_beta1=0.0,
         adam_beta2=0.999,
         device="cpu",
@@ -264,7 +265,11 @@ def main() -> None:
     if args.only in (None, "saelens"):
         log("[saelens] training in its venv")
         folder, seconds, version = run_saelens(args)
-        report["saelens"] = {"seconds": seconds, "version": version, **evaluate(folder, args.heldout, args.site)}
+        report["saelens"] = {
+            "seconds": seconds,
+            "version": version,
+            **evaluate(folder, args.heldout, args.site),
+        }
     report_path.write_text(json.dumps(report, indent=2))
     print(f"{'':10} {'L0':>7} {'FVU':>7} {'dead':>6} {'dense':>6} {'seconds':>8}")
     for name in ("openscope", "saelens"):

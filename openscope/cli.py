@@ -24,6 +24,7 @@ from openscope.activations.harvest import HarvestConfig, harvest
 from openscope.activations.store import ActivationStore
 from openscope.config import field_docs
 from openscope.errors import OpenscopeError
+from openscope.eval import EvalConfig, evaluate
 from openscope.train import TrainConfig, train
 
 app = typer.Typer(
@@ -58,6 +59,8 @@ def config_command(cls: type[C], run: Callable[[C], None]) -> Callable[..., None
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
+        if default is True:
+            flag += "/--no-" + f.name.replace("_", "-")  # a flag that is on by default must be switchable off
         option = typer.Option(default, flag, help=docs.get(f.name, ""), show_default=True)
         params.append(
             inspect.Parameter(
@@ -187,6 +190,54 @@ app.command(
     help="Train sparse dictionaries (SAE, transcoder, skip-transcoder; JumpReLU, TopK, BatchTopK, ReLU; "
     "optionally Matryoshka) on every chosen site of an activation store at once. Saved in the Gemma Scope 2 layout.",
 )(config_command(TrainConfig, _run_train))
+
+
+def _run_eval(cfg: EvalConfig) -> None:
+    from openscope.eval.report import COLUMNS, summary_rows
+
+    report = evaluate(cfg, progress=True)
+    table = Table(
+        title=f"{len(report.dictionaries)} dictionaries on {report.model}: {report.n_tokens} tokens "
+        f"({report.seconds:.0f} s, {report.tokens_per_s:.0f} tokens/s)"
+    )
+    # The short summary: report.md has every column.
+    shown = [COLUMNS.index(c) for c in ("name", "site", "L0", "FVU", "dead", "dense", "delta loss", "KL")]
+    for i in shown:
+        table.add_column(COLUMNS[i], justify="left" if i < 2 else "right")
+    for row in summary_rows(report):
+        table.add_row(*(row[i] for i in shown))
+    console.print(table)
+    if report.joint is not None:
+        j = report.joint
+        console.print(f"all at once: delta loss {j.delta_loss:.4f}, KL {j.kl:.4f}")
+    console.print(f"report: {cfg.output / 'report.md'} (and report.json, plots)")
+
+
+app.command(
+    "eval",
+    help="Evaluate dictionaries on held-out text: L0, FVU, dead/dense latents, delta LM loss and KL with "
+    "each dictionary spliced into the model, loss recovered vs zero-ablation. Writes report.json, report.md "
+    "and PNG plots.",
+)(config_command(EvalConfig, _run_eval))
+
+
+@app.command("export")
+def export_command(
+    sources: list[Path] = typer.Argument(..., help="Dictionary folders, or folders to search for them."),
+    to: str = typer.Option(..., "--to", help="Format: saelens or circuit-tracer."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder to write; several dictionaries for SAELens get a subfolder each."
+    ),
+    model_name: Optional[str] = typer.Option(None, help="Model name to record (default: config.json's)."),  # noqa: UP045
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+) -> None:
+    """Export dictionaries (ours, Gemma Scope 1 or 2) for SAELens or circuit-tracer."""
+    from openscope.export import export_folders
+
+    target, written = export_folders(sources, to, out, model_name=model_name, overwrite=overwrite)
+    for d in written:
+        console.print(f"{d.name}: {d.site_in.name} -> {d.site_out.name}")
+    console.print(f"exported {len(written)} dictionaries for {to} to {target}")
 
 
 @app.command("show")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,15 @@ def make_tiny_gemma(vocab_size: int, n_layers: int = 3, seed: int = 0):
             if "norm" in name:
                 p.normal_(0, 0.5)
     return model.eval()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine: one thread avoids costly thread hand-offs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

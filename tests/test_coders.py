@@ -113,6 +113,24 @@ def test_calibrated_threshold_gives_the_target_l0_on_its_batch() -> None:
     assert threshold_for_l0(torch.tensor([[3.0, -1.0], [2.0, 1.0]]), 1.0) == 1.5
 
 
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_encoder_scale_fit_keeps_the_active_set_and_lowers_the_error(activation: str) -> None:
+    coder = SparseCoder(CoderConfig(d_in=16, d_out=16, width=64, activation=activation, k=4, seed=1))  # type: ignore[arg-type]
+    x = torch.randn(300, 16) * 5.0 + 2.0
+    coder.init_decoder_bias_(x)
+    if activation == "jumprelu":
+        coder.calibrate_threshold_(x, target_l0=4)
+    before = coder.encode(x)
+    err_before = (coder.decode(before) - x).pow(2).sum()
+    s = coder.fit_encoder_scale_(x, x)
+    after = coder.encode(x)
+    assert s != 1.0
+    assert torch.equal(before > 0, after > 0)
+    torch.testing.assert_close(after, before * s, rtol=1e-4, atol=1e-6)
+    # s is the least-squares optimum along the latents' direction: the error can only drop.
+    assert (coder.decode(after) - x).pow(2).sum() <= err_before
+
+
 def test_threshold_estimator_and_conversion() -> None:
     est = ThresholdEstimator(4)
     est.update(torch.tensor([[5.0, 4.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0]]), per_row=False)

@@ -224,6 +224,29 @@ class SparseCoder(nn.Module):
         self.log_threshold.fill_(math.log(theta))
         return theta
 
+    @torch.no_grad()
+    def fit_encoder_scale_(self, x: Tensor, target: Tensor) -> float:
+        """Scale the encoder (W_enc, b_enc, θ) so the reconstruction of a batch has its best size.
+
+        With unit-norm decoder rows and W_enc = W_decᵀ, the first reconstructions are several
+        times too large (FVU ≈ 6 at Gemma 3 270M's layer 9), and the first steps go to shrinking
+        them. Scaling z and θ together by s keeps the active set and scales the latents by s; s is
+        the least-squares optimum ⟨y − b, r⟩ / ‖r‖² for r the latents' part of the reconstruction.
+        Returns s (1 when the fit is degenerate).
+        """
+        xs = self._normalised_input(x)
+        r = self.encode(x) @ self.w_dec
+        resid = target / self.scale_out - self._skip_and_bias(xs)
+        denom = float(r.pow(2).sum())
+        s = float((resid * r).sum()) / denom if denom > 0 else 0.0
+        if not (s > 0 and math.isfinite(s)):
+            return 1.0
+        self.w_enc.mul_(s)
+        self.b_enc.mul_(s)
+        if self.log_threshold is not None:
+            self.log_threshold.add_(math.log(s))
+        return s
+
     def _normalised_input(self, x: Tensor) -> Tensor:
         return x / self.scale_in
 

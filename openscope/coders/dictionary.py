@@ -1,27 +1,72 @@
 """A dictionary bound to its place in a model: a coder plus the sites it reads and writes.
 
 Everything downstream of training (evaluation, splicing, export, features, steering) takes
-`Dictionary` values, whatever file format the coder came from.
+`Dictionary` values, whatever file format the coder came from. `load_dictionary` reads every format
+openscope knows and `find_dictionaries` finds them under a folder:
+
+- our own folders and Gemma Scope 2 single-layer folders: `params.safetensors` + `config.json`
+  (SAE, transcoder, skip-transcoder) → `Dictionary.coder` is a `SparseCoder`;
+- Gemma Scope 2 multi-layer folders: `params_layer_{i}.safetensors` per input layer → a cross-layer
+  transcoder, `Dictionary.coder` is a `CrossLayerCoder` (see below);
+- Gemma Scope 1 folders: `params.npz` (W_enc, W_dec, b_enc, b_dec, threshold; read with
+  allow_pickle=False) and no config.json: the site comes from the release name in the path
+  (`gemma-scope-2b-pt-res/layer_9/...` → 9.resid_post; `-mlp` → mlp_out; `-att` → attn_out, the
+  o_proj input; `-transcoders` → mlp_in → mlp_out) or from explicit `site_in`/`site_out`.
+
+Sites come, in this order, from explicit arguments, config.json's `hf_hook_point_in/out` (any spelling
+`openscope.models.hookpoints` reads; with a model, checked against it), our provenance
+`config["openscope"]["site_in"/"site_out"]`, and finally the folder's path (Gemma Scope 1 release
+names, Gemma Scope 2 folder names such as `resid_post/layer_12_width_16k_l0_small`).
+
+**Cross-layer transcoders.** For a CLT covering L consecutive layers, `coder` is a `CrossLayerCoder`
+and `site_in`/`site_out` are the sites of its *first* layer; `sites_in`/`sites_out` list all L of
+them (layer i of the coder = `site_in.layer + i`). Its encode/decode take and return stacked
+activations [L, B, d]: capture every site of `sites_in`, stack them in order, and splice
+`decode(encode(x), x)[i]` into `sites_out[i]` — all layers at once (DESIGN §5). `is_multilayer` tells
+the two kinds apart. For a single-layer dictionary `sites_in == (site_in,)`.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
-from openscope.models.sites import Site
+from openscope.coders.io import (
+    CONFIG_FILE,
+    PARAMS_FILE,
+    _read_params,
+    coder_from_tensors,
+    is_multilayer_folder,
+    load_clt,
+    read_coder_config,
+    read_npz,
+)
+from openscope.errors import OpenscopeError
+from openscope.models.hookpoints import gemma_scope_hook_point, site_for_hook_point
+from openscope.models.load import LoadedModel
+from openscope.models.sites import Site, check_layer, locate, site_width
+
+log = logging.getLogger(__name__)
+
+NPZ_FILE = "params.npz"
+"""The weights file of a Gemma Scope 1 folder."""
 
 
 class Dictionary(NamedTuple):
     """A coder and where it sits in the model."""
 
-    coder: SparseCoder
-    """The (folded, raw-activation) coder."""
+    coder: SparseCoder | CrossLayerCoder
+    """The (folded, raw-activation) coder: a SparseCoder, or a CrossLayerCoder for a CLT."""
     site_in: Site
-    """Site whose activation the coder encodes."""
+    """Site whose activation the coder encodes (a CLT: the site of its first layer)."""
     site_out: Site
-    """Site the coder reconstructs (== site_in for an SAE; mlp_out for a transcoder)."""
+    """Site the coder reconstructs (== site_in for an SAE; mlp_out for a transcoder; a CLT: its first
+    layer's output site)."""
     name: str
     """Short label for reports (the folder name, or the site for in-memory dictionaries)."""
     folder: Path | None = None
@@ -29,8 +74,268 @@ class Dictionary(NamedTuple):
     config: dict[str, Any] | None = None
     """The folder's parsed config.json (or what was inferred for formats without one)."""
 
+    @property
+    def is_multilayer(self) -> bool:
+        """Whether the coder is a cross-layer transcoder (stacked [L, B, d] activations)."""
+        return isinstance(self.coder, CrossLayerCoder)
+
+    @property
+    def n_layers(self) -> int:
+        """How many layers the coder reads (1 for a single-layer coder)."""
+        return self.coder.cfg.n_layers if isinstance(self.coder, CrossLayerCoder) else 1
+
+    @property
+    def sites_in(self) -> tuple[Site, ...]:
+        """Every site the coder reads, in layer order (one for a single-layer coder)."""
+        return tuple(Site(self.site_in.layer + i, self.site_in.kind) for i in range(self.n_layers))
+
+    @property
+    def sites_out(self) -> tuple[Site, ...]:
+        """Every site the coder writes, in layer order (one for a single-layer coder)."""
+        return tuple(Site(self.site_out.layer + i, self.site_out.kind) for i in range(self.n_layers))
+
 
 def in_memory(coder: SparseCoder, site_in: Site, site_out: Site | None = None, name: str = "") -> Dictionary:
     """A Dictionary for a coder that has no folder (tests, freshly trained coders)."""
     site_out = site_out or site_in
     return Dictionary(coder, site_in, site_out, name or f"{site_in.name}->{site_out.name}")
+
+
+# ---- finding and loading ------------------------------------------------------------------------
+
+
+def is_dictionary_folder(folder: Path) -> bool:
+    """Whether a folder holds a dictionary in a format openscope reads."""
+    return (folder / PARAMS_FILE).is_file() or (folder / NPZ_FILE).is_file() or is_multilayer_folder(folder)
+
+
+def find_dictionaries(root: str | Path) -> list[Path]:
+    """Every dictionary folder at or below root, sorted (a dictionary's own folder is not searched further)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise OpenscopeError(f"no folder at {root} to search for dictionaries")
+    found: list[Path] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if is_dictionary_folder(here):
+            found.append(here)
+            dirnames.clear()
+        else:
+            dirnames.sort()
+    return sorted(found)
+
+
+def load_dictionary(
+    folder: str | Path,
+    loaded: LoadedModel | None = None,
+    *,
+    site_in: Site | str | None = None,
+    site_out: Site | str | None = None,
+    device: str = "cpu",
+) -> Dictionary:
+    """Load a dictionary folder of any supported format (module docstring) and bind it to its sites.
+
+    With `loaded`, hook points are resolved against that model and the result is validated: every
+    layer exists and the coder's widths match the widths of its sites. `site_in`/`site_out` (a Site
+    or a name such as `9.resid_post`) override what the folder says.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OpenscopeError(f"no dictionary folder at {folder}")
+    override_in, override_out = _as_site(site_in), _as_site(site_out)
+    has_config = (folder / CONFIG_FILE).is_file()
+    config: dict[str, Any] = read_coder_config(folder) if has_config else {}
+    name = folder.name
+    coder: SparseCoder | CrossLayerCoder
+    if is_multilayer_folder(folder):
+        coder = load_clt(folder, config)
+        # Gemma Scope 2 CLTs read the MLP input and predict the MLP output of every layer from 0.
+        gemma = (Site(0, "mlp_in"), Site(0, "mlp_out"))
+        s_in, s_out = resolve_sites(
+            folder, config, loaded, override_in, override_out, transcoder=True, default=gemma
+        )
+    elif (folder / PARAMS_FILE).is_file():
+        if not has_config:
+            config = _config_from_path(folder)
+        coder = coder_from_tensors(_read_params(folder), config, folder / PARAMS_FILE)
+        is_transcoder = coder.cfg.kind != "sae"
+        s_in, s_out = resolve_sites(
+            folder, config, loaded, override_in, override_out, transcoder=is_transcoder
+        )
+    elif (folder / NPZ_FILE).is_file():
+        s_in, s_out = resolve_sites(folder, config, loaded, override_in, override_out, transcoder=None)
+        params = {key.lower(): value for key, value in read_npz(folder / NPZ_FILE).items()}
+        config = {**_gemma_scope_1_config(folder, s_in, s_out, loaded), **config}
+        coder = coder_from_tensors(params, config, folder / NPZ_FILE)
+        config["width"] = coder.cfg.width
+        name = "/".join(folder.parts[-3:])  # layer_9/width_16k/average_l0_71 says more than its last part
+    else:
+        raise OpenscopeError(
+            f"{folder} holds no dictionary: expected {PARAMS_FILE}, params_layer_0.safetensors or {NPZ_FILE}"
+        )
+    dictionary = Dictionary(coder.to(device), s_in, s_out, name, folder, config)
+    if loaded is not None:
+        validate_dictionary(dictionary, loaded)
+    log.debug("loaded %s: %s -> %s", folder, s_in.name, s_out.name)
+    return dictionary
+
+
+def _as_site(site: Site | str | None) -> Site | None:
+    return Site.from_name(site) if isinstance(site, str) else site
+
+
+def validate_dictionary(dictionary: Dictionary, loaded: LoadedModel) -> None:
+    """Check that every site of a dictionary exists in the model and has the coder's width."""
+    arch = loaded.arch
+    cfg = dictionary.coder.cfg
+    for sites, width, side in (
+        (dictionary.sites_in, cfg.d_in, "d_in"),
+        (dictionary.sites_out, cfg.d_out, "d_out"),
+    ):
+        for site in sites:
+            try:
+                check_layer(site.layer, loaded.n_layers)
+            except OpenscopeError as exc:
+                raise OpenscopeError(f"dictionary {dictionary.name} uses site {site.name}: {exc}") from None
+            have = site_width(locate(arch.layers, arch.layers_path, site), loaded.d_model)
+            if have != width:
+                raise OpenscopeError(
+                    f"dictionary {dictionary.name} does not fit {loaded.name}: site {site.name} has width "
+                    f"{have} but the coder's {side} is {width}"
+                )
+
+
+# ---- where a dictionary sits --------------------------------------------------------------------
+
+
+def resolve_sites(
+    folder: Path,
+    config: dict[str, Any],
+    loaded: LoadedModel | None,
+    site_in: Site | None,
+    site_out: Site | None,
+    *,
+    transcoder: bool | None,
+    default: tuple[Site, Site] | None = None,
+) -> tuple[Site, Site]:
+    """(site_in, site_out) of a dictionary folder: explicit sites, config.json hook points, our
+    provenance, the folder's path, then `default`. transcoder: whether the coder predicts another
+    site (None: not known yet, an SAE unless something says otherwise)."""
+    provenance = config.get("openscope")
+    provenance = provenance if isinstance(provenance, dict) else {}
+    from_path = sites_from_path(folder) or default
+    s_in = site_in or _site_from(
+        config.get("hf_hook_point_in"), provenance.get("site_in"), from_path and from_path[0], loaded
+    )
+    if s_in is None:
+        raise OpenscopeError(
+            f"cannot tell which site {folder} reads (no config.json hook point, no provenance, no "
+            "Gemma Scope release name in its path); pass site_in, e.g. 9.resid_post"
+        )
+    path_out = from_path[1] if from_path is not None and from_path[0] == s_in else None
+    s_out = site_out or _site_from(
+        config.get("hf_hook_point_out"), provenance.get("site_out"), path_out, loaded
+    )
+    if s_out is None:
+        if transcoder:
+            raise OpenscopeError(f"cannot tell which site the transcoder in {folder} writes; pass site_out")
+        s_out = s_in
+    return s_in, s_out
+
+
+def _site_from(hook: Any, provenance: Any, from_path: Site | None, loaded: LoadedModel | None) -> Site | None:
+    """The site a config.json hook point names; else our provenance site; else the path's site.
+
+    A hook point that names no site (of this model) is an error unless something later answers.
+    """
+    error: OpenscopeError | None = None
+    if isinstance(hook, str) and hook:
+        # A CLT's config may spell a per-layer template; its first layer is then layer 0.
+        hook = hook.replace("{layer}", "0").replace("{i}", "0")
+        try:
+            return site_for_hook_point(hook, loaded)
+        except OpenscopeError as exc:
+            error = exc
+    if isinstance(provenance, str):
+        return Site.from_name(provenance)
+    if from_path is not None:
+        return from_path
+    if error is not None:
+        raise error
+    return None
+
+
+_GS1_RELEASE = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)(?:-canonical)?$")
+_GS2_FAMILY = re.compile(r"(resid_post|attn_out|mlp_out|transcoder|clt)(?:_all)?$")
+_LAYER = re.compile(r"layer_(\d+)")
+_KINDS_OF = {
+    "res": ("resid_post", "resid_post"),
+    "resid_post": ("resid_post", "resid_post"),
+    "mlp": ("mlp_out", "mlp_out"),
+    "mlp_out": ("mlp_out", "mlp_out"),
+    "att": ("attn_out", "attn_out"),
+    "attn_out": ("attn_out", "attn_out"),
+    "transcoders": ("mlp_in", "mlp_out"),
+    "transcoder": ("mlp_in", "mlp_out"),
+    "clt": ("mlp_in", "mlp_out"),
+}
+
+
+def _release_of(folder: Path) -> tuple[str, re.Match[str] | None]:
+    """The family named by the folder's path (Gemma Scope 1 release or Gemma Scope 2 folder) and, for
+    Gemma Scope 1, the release match; ("", None) when the path names none."""
+    for part in reversed(folder.parts):
+        # Hugging Face cache folders spell repositories as models--google--<name>.
+        name = part.rsplit("--", 1)[-1]
+        if m := _GS1_RELEASE.search(name):
+            return m.group(3), m
+        if m := _GS2_FAMILY.fullmatch(name):
+            return m.group(1), None
+    return "", None
+
+
+def sites_from_path(folder: Path) -> tuple[Site, Site] | None:
+    """(site_in, site_out) named by a Gemma Scope folder path, or None.
+
+    Gemma Scope 1: `gemma-scope-2b-pt-res/layer_9/width_16k/average_l0_71` → 9.resid_post (`-mlp` →
+    mlp_out, `-att` → attn_out, `-transcoders` → mlp_in → mlp_out). Gemma Scope 2:
+    `resid_post_all/layer_12_width_16k_l0_small` and likewise attn_out, mlp_out, transcoder, clt
+    (a CLT without a layer in its name starts at layer 0).
+    """
+    family, _ = _release_of(folder)
+    if not family:
+        return None
+    layers = [int(m.group(1)) for part in folder.parts if (m := _LAYER.search(part))]
+    if not layers and family != "clt":
+        return None
+    layer = layers[-1] if layers else 0
+    kind_in, kind_out = _KINDS_OF[family]
+    return Site(layer, kind_in), Site(layer, kind_out)
+
+
+def _config_from_path(folder: Path) -> dict[str, Any]:
+    """What a params.safetensors folder without config.json says through its path (Gemma Scope 2)."""
+    family, _ = _release_of(folder)
+    config: dict[str, Any] = {"architecture": "jump_relu"}
+    if family in ("transcoder", "transcoders"):
+        config["type"] = "transcoder"  # whether it has a skip, its tensors say
+    return config
+
+
+def _gemma_scope_1_config(
+    folder: Path, s_in: Site, s_out: Site, loaded: LoadedModel | None
+) -> dict[str, Any]:
+    """The config.json a Gemma Scope 1 folder would have had."""
+    _, release = _release_of(folder)
+    config: dict[str, Any] = {
+        "format": "gemma-scope-1",
+        "architecture": "jump_relu",
+        "type": "sae" if s_in == s_out else "transcoder",
+        "affine_connection": False,
+        "hf_hook_point_in": gemma_scope_hook_point(s_in, loaded),
+        "hf_hook_point_out": gemma_scope_hook_point(s_out, loaded),
+    }
+    if release is not None:
+        size, variant = release.group(1), release.group(2)
+        config["model_name"] = f"google/gemma-2-{size}" + ("-it" if variant == "it" else "")
+    return config

@@ -1,4 +1,4 @@
-"""Save and load single-layer dictionaries in the Gemma Scope 2 folder layout (DESIGN §4).
+"""Save and load dictionaries in the Gemma Scope 2 folder layouts (DESIGN §4), and read Gemma Scope 1.
 
 A folder holds `params.safetensors` (w_enc [d_in, d_sae], w_dec [d_sae, d_out], b_enc, b_dec,
 threshold, optional affine_skip_connection [d_in, d_out]) and `config.json` (hf_hook_point_in,
@@ -8,6 +8,12 @@ Saved weights are folded: they take raw activations. Nothing is ever unpickled: 
 architecture is "jump_relu" (JumpReLU, and ReLU saved exactly as JumpReLU with θ = 0); TopK and
 BatchTopK coders are saved as "topk"/"batch_topk" with their `k` (convert them with
 `topk_to_jumprelu` first for a file every Gemma Scope reader understands).
+
+Multi-layer folders (cross-layer transcoders, `save_clt`/`load_clt`) hold `params_layer_{i}.safetensors`
+per input layer i (w_enc [d_in, F], b_enc, threshold, w_dec [F, L, d_out], b_dec, optional
+affine_skip_connection) and a config.json whose hook points name the CLT's first layer. Gemma Scope 1
+`params.npz` arrays are read by `read_npz` with allow_pickle=False. `coder_from_tensors` turns any of
+these tensor sets into a checked SparseCoder; binding coders to sites is `coders.dictionary`'s job.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from torch import Tensor
 
+from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
@@ -109,16 +117,48 @@ def read_coder_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def _read_params(folder: Path) -> dict[str, Tensor]:
-    path = folder / PARAMS_FILE
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file (one-line errors if missing, truncated or corrupt)."""
     if not path.is_file():
-        raise OpenscopeError(f"missing {PARAMS_FILE} in coder folder {folder}")
+        raise OpenscopeError(f"missing {path.name} in coder folder {path.parent}")
     try:
         # safetensors parses a header and raw bytes only: no code runs, nothing is unpickled.
         return safetensors.torch.load(path.read_bytes())
     except Exception as exc:  # the parser raises its own error types for every kind of damage
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise OpenscopeError(f"{path} is truncated or corrupt ({reason})") from None
+
+
+def read_npz(path: Path) -> dict[str, Tensor]:
+    """All arrays of a numpy `.npz` file (Gemma Scope 1 `params.npz`) as float32 tensors.
+
+    Loaded with allow_pickle=False: an object array (the only kind that needs unpickling, and the
+    way a malicious file would run code) is refused, never unpickled.
+    """
+    if not path.is_file():
+        raise OpenscopeError(f"missing {path.name} in coder folder {path.parent}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise OpenscopeError(
+                f"{path} holds an object array, which would need unpickling; refusing to load it"
+            ) from None
+        raise OpenscopeError(f"{path} is truncated or corrupt ({' '.join(str(exc).split())})") from None
+    except Exception as exc:  # zipfile, EOF and format errors for every kind of damage
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise OpenscopeError(f"{path} is truncated or corrupt ({reason})") from None
+    out: dict[str, Tensor] = {}
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiu":
+            raise OpenscopeError(f"{name} in {path} has dtype {array.dtype}, expected numbers")
+        out[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return out
+
+
+def _read_params(folder: Path) -> dict[str, Tensor]:
+    return read_safetensors(folder / PARAMS_FILE)
 
 
 def _expect_shape(name: str, t: Tensor, shape: tuple[int, ...], path: Path) -> None:
@@ -130,18 +170,35 @@ def load_coder(folder: str | Path, device: str | torch.device = "cpu") -> Sparse
     """Load a coder folder into a (folded, raw-activation) SparseCoder in float32."""
     folder = Path(folder)
     config = read_coder_config(folder)
+    return coder_from_tensors(_read_params(folder), config, folder / PARAMS_FILE).to(device)
+
+
+def coder_type(config: dict[str, Any], affine: bool = False) -> str:
+    """sae or transcoder: config.json's `type`, else a transcoder when it reads and writes different
+    hook points or has a skip connection (Gemma Scope 2 configs may leave `type` out)."""
+    ctype = config.get("type")
+    if ctype is not None:
+        return ctype
+    hook_in, hook_out = config.get("hf_hook_point_in"), config.get("hf_hook_point_out")
+    differs = hook_out is not None and hook_out != hook_in
+    return "transcoder" if differs or affine else "sae"
+
+
+def coder_from_tensors(params: dict[str, Tensor], config: dict[str, Any], path: Path) -> SparseCoder:
+    """A SparseCoder (CPU, float32) from Gemma Scope tensors (w_enc [d_in, F], w_dec [F, d_out], b_enc,
+    b_dec, threshold, optional affine_skip_connection [d_in, d_out]) and a config.json-style dict.
+
+    `path` names the file the tensors came from in error messages. Shapes, finiteness and thresholds
+    are checked; each problem is a one-line OpenscopeError.
+    """
     arch = config.get("architecture", "jump_relu")
     if arch not in ARCHITECTURES:
-        raise OpenscopeError(f"unsupported architecture {arch!r} in {folder / CONFIG_FILE}")
-    ctype = config.get("type", "sae")
+        raise OpenscopeError(f"unsupported architecture {arch!r} for {path}")
+    # A config without affine_connection (one inferred from a path) lets the tensors say.
+    affine = bool(config.get("affine_connection", "affine_skip_connection" in params))
+    ctype = coder_type(config, affine)
     if ctype not in ("sae", "transcoder"):
-        raise OpenscopeError(
-            f"unsupported coder type {ctype!r} in {folder / CONFIG_FILE} (sae or transcoder)"
-        )
-    affine = bool(config.get("affine_connection", False))
-
-    params = _read_params(folder)
-    path = folder / PARAMS_FILE
+        raise OpenscopeError(f"unsupported coder type {ctype!r} for {path} (sae or transcoder)")
     required = ["w_enc", "w_dec", "b_enc", "b_dec"]
     if arch == "jump_relu":
         required.append("threshold")
@@ -166,18 +223,16 @@ def load_coder(folder: str | Path, device: str | torch.device = "cpu") -> Sparse
     if affine:
         _expect_shape("affine_skip_connection", params["affine_skip_connection"], (d_in, d_out), path)
     if "width" in config and config["width"] != width:
-        raise OpenscopeError(f"config.json in {folder} says width {config['width']}, weights have {width}")
+        raise OpenscopeError(f"the config of {path} says width {config['width']}, weights have {width}")
     for name in required:
-        t = params[name]
-        if not t.is_floating_point() or not bool(torch.isfinite(t.float()).all()):
-            raise OpenscopeError(f"{name} in {path} contains NaN/inf or is not floating point")
+        _check_finite(name, params[name], path)
     if "threshold" in required and bool((params["threshold"] < 0).any()):
         raise OpenscopeError(f"threshold in {path} has negative values")
 
     kind = "sae" if ctype == "sae" else ("skip_transcoder" if affine else "transcoder")
     k = config.get("k")
     if arch != "jump_relu" and not (isinstance(k, int) and k >= 1):
-        raise OpenscopeError(f"{arch} coder in {folder} needs a positive integer k in config.json")
+        raise OpenscopeError(f"{arch} coder {path} needs a positive integer k in its config")
     cfg = CoderConfig(
         d_in=int(d_in),
         d_out=int(d_out),
@@ -198,4 +253,151 @@ def load_coder(folder: str | Path, device: str | torch.device = "cpu") -> Sparse
             coder.log_threshold.copy_(params["threshold"].float().log())
         if coder.w_skip is not None:
             coder.w_skip.copy_(params["affine_skip_connection"])
-    return coder.to(device)
+    return coder
+
+
+# ---- multi-layer folders (cross-layer transcoders) ----------------------------------------------
+
+CLT_FILE = "params_layer_{}.safetensors"
+
+
+def is_multilayer_folder(folder: Path) -> bool:
+    """Whether a folder holds a Gemma Scope 2 multi-layer coder (`params_layer_0.safetensors`, ...)."""
+    return (folder / CLT_FILE.format(0)).is_file()
+
+
+def _check_finite(name: str, t: Tensor, path: Path) -> None:
+    if not t.is_floating_point() or not bool(torch.isfinite(t.float()).all()):
+        raise OpenscopeError(f"{name} in {path} contains NaN/inf or is not floating point")
+
+
+def save_clt(
+    clt: CrossLayerCoder,
+    folder: str | Path,
+    *,
+    hook_point_in: str,
+    hook_point_out: str,
+    model_name: str,
+    l0: float | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a CLT in the Gemma Scope 2 multi-layer layout; returns the folder.
+
+    One `params_layer_{i}.safetensors` per input layer i: w_enc [d_in, F], b_enc [F], threshold [F],
+    w_dec [F, L, d_out] (all L target layers, zeros where m < i, as Gemma Scope 2 stores them), b_dec
+    [d_out] (the bias of output layer i), affine_skip_connection [d_in, d_out] when the CLT has a skip.
+    config.json's hook points name the sites of the CLT's first layer.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = clt.cfg
+    n = cfg.n_layers
+    config: dict[str, Any] = {
+        "hf_hook_point_in": hook_point_in,
+        "hf_hook_point_out": hook_point_out,
+        "width": cfg.width,
+        "n_layers": n,
+        "model_name": model_name,
+        "architecture": "jump_relu",
+        "l0": l0,
+        "affine_connection": cfg.skip,
+        "type": "clt",
+    }
+    for key, value in (provenance or {}).items():
+        if key in config:
+            raise OpenscopeError(f"provenance key {key!r} would overwrite a standard config.json field")
+        config[key] = value
+    with torch.no_grad():
+        threshold = clt.threshold() if clt.log_threshold is not None else torch.zeros(n, cfg.width)
+        for src in range(n):
+            w_dec = torch.zeros(cfg.width, n, cfg.d_out)
+            w_dec[:, src:] = clt.w_dec[src].detach().cpu()
+            tensors = {
+                "w_enc": clt.w_enc[src],
+                "b_enc": clt.b_enc[src],
+                "threshold": threshold[src],
+                "w_dec": w_dec,
+                "b_dec": clt.b_dec[src],
+            }
+            if clt.w_skip is not None:
+                tensors["affine_skip_connection"] = clt.w_skip[src]
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+            path = folder / CLT_FILE.format(src)
+            tmp = path.with_name(path.name + ".tmp")
+            safetensors.torch.save_file(tensors, str(tmp))
+            tmp.replace(path)
+    save_json(folder / CONFIG_FILE, config)
+    log.info("saved CLT (%d layers x %d latents) to %s", n, cfg.width, folder)
+    return folder
+
+
+def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossLayerCoder:
+    """Load a Gemma Scope 2 multi-layer folder into a CrossLayerCoder (CPU, float32).
+
+    Layers are the files params_layer_0 .. params_layer_{L−1} (no gaps). w_dec may hold all L target
+    layers (Gemma Scope 2; entries for targets m < i are ignored: a latent never writes backwards) or
+    only the L − i layers from i on.
+    """
+    folder = Path(folder)
+    if config is None:
+        config = read_coder_config(folder) if (folder / CONFIG_FILE).is_file() else {}
+    arch = config.get("architecture", "jump_relu")
+    if arch != "jump_relu":
+        raise OpenscopeError(f"unsupported architecture {arch!r} for the multi-layer coder in {folder}")
+    n = 0
+    while (folder / CLT_FILE.format(n)).is_file():
+        n += 1
+    extra = sorted(p.name for p in folder.glob("params_layer_*.safetensors"))
+    if n == 0 or len(extra) != n:
+        raise OpenscopeError(
+            f"{folder} must hold params_layer_0 .. params_layer_{{L-1}}.safetensors without gaps; found {', '.join(extra) or 'none'}"
+        )
+    affine = bool(config.get("affine_connection", False))
+    layers = [read_safetensors(folder / CLT_FILE.format(i)) for i in range(n)]
+    first = folder / CLT_FILE.format(0)
+    if "w_enc" not in layers[0] or layers[0]["w_enc"].ndim != 2:
+        raise OpenscopeError(f"{first} needs a 2-D w_enc [d_in, width]")
+    d_in, width = layers[0]["w_enc"].shape
+    if "b_dec" not in layers[0] or layers[0]["b_dec"].ndim != 1:
+        raise OpenscopeError(f"{first} needs a 1-D b_dec [d_out]")
+    d_out = layers[0]["b_dec"].shape[0]
+    affine = affine or "affine_skip_connection" in layers[0]
+    if "width" in config and config["width"] != width:
+        raise OpenscopeError(f"config.json in {folder} says width {config['width']}, weights have {width}")
+    clt = CrossLayerCoder(
+        CLTConfig(n_layers=n, d_in=int(d_in), d_out=int(d_out), width=int(width), skip=affine)
+    )
+    required = ["w_enc", "b_enc", "threshold", "w_dec", "b_dec"] + (
+        ["affine_skip_connection"] if affine else []
+    )
+    with torch.no_grad():
+        for i, params in enumerate(layers):
+            path = folder / CLT_FILE.format(i)
+            missing = [k for k in required if k not in params]
+            if missing:
+                raise OpenscopeError(f"{path} is missing {', '.join(missing)}")
+            w_dec = params["w_dec"]
+            if w_dec.ndim != 3 or w_dec.shape[1] not in (n, n - i):
+                raise OpenscopeError(
+                    f"w_dec in {path} has shape {list(w_dec.shape)}, expected [{width}, {n} (or {n - i}), {d_out}]"
+                )
+            _expect_shape("w_dec", w_dec, (width, w_dec.shape[1], d_out), path)
+            _expect_shape("w_enc", params["w_enc"], (d_in, width), path)
+            _expect_shape("b_enc", params["b_enc"], (width,), path)
+            _expect_shape("threshold", params["threshold"], (width,), path)
+            _expect_shape("b_dec", params["b_dec"], (d_out,), path)
+            if affine:
+                _expect_shape("affine_skip_connection", params["affine_skip_connection"], (d_in, d_out), path)
+            for name in required:
+                _check_finite(name, params[name], path)
+            if bool((params["threshold"] < 0).any()):
+                raise OpenscopeError(f"threshold in {path} has negative values")
+            clt.w_enc[i].copy_(params["w_enc"])
+            clt.b_enc[i].copy_(params["b_enc"])
+            clt.b_dec[i].copy_(params["b_dec"])
+            assert clt.log_threshold is not None
+            clt.log_threshold[i].copy_(params["threshold"].float().log())
+            clt.w_dec[i].copy_(w_dec[:, w_dec.shape[1] - (n - i) :])
+            if clt.w_skip is not None:
+                clt.w_skip[i].copy_(params["affine_skip_connection"])
+    return clt

@@ -95,6 +95,10 @@ def sparsity_coeff_at(step: int, coeff: float, warmup_steps: int) -> float:
     return linear_warmup(step, warmup_steps, coeff)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Learning rate at a step: linear warm-up over warmup_steps (DESIGN: 1k), then constant."""
-    return linear_warmup(step, warmup_steps, lr)
+def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int = 0, decay_steps: int = 0) -> float:
+    """Learning rate at a step: linear warm-up over warmup_steps (DESIGN: 1k), constant, then (when
+    decay_steps > 0) a linear decay to zero over the last decay_steps of total_steps."""
+    value = linear_warmup(step, warmup_steps, lr)
+    if decay_steps > 0 and step >= total_steps - decay_steps:
+        value *= max(0.0, (total_steps - step) / decay_steps)
+    return value

@@ -28,6 +28,10 @@ class StepConfig:
     """Adam learning rate after warm-up (Gemma Scope)."""
     lr_warmup_steps: int = 1000
     """Steps of linear learning-rate warm-up."""
+    total_steps: int = 0
+    """Steps of the whole run (needed by the decay)."""
+    lr_decay_steps: int = 0
+    """Final steps over which the learning rate decays linearly to zero (0: no decay)."""
     sparsity: Sparsity = "quadratic_l0"
     """quadratic_l0 (Gemma Scope 2, jumprelu), l0 (Gemma Scope 1, jumprelu), l1 (relu) or none
     (topk/batchtopk: sparsity is structural)."""
@@ -153,7 +157,7 @@ def train_step(
     if any(m > ccfg.width for m in cfg.matryoshka_prefixes):
         raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
 
-    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps)
+    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps, cfg.total_steps, cfg.lr_decay_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)

@@ -133,6 +133,8 @@ _LAYER_PATHS = (
     "transformer.h",  # GPT-2 style
     "gpt_neox.layers",
 )
+LAYER_PATHS: tuple[str, ...] = _LAYER_PATHS
+"""Where decoder blocks live in the HF models openscope knows (hook-point names start with one)."""
 
 
 def _get(module: nn.Module, path: str) -> Any:

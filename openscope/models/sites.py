@@ -80,6 +80,22 @@ class SitePoint(NamedTuple):
         return self.path if self.io == "output" else f"{self.path}.input"
 
 
+def kind_at(rel: str, io: str) -> str | None:
+    """The site kind read at module path `rel` (relative to a block; "" = the block) on side `io`,
+    by the table alone (no model needed); None when no kind reads there."""
+    for kind, points in _SITE_POINTS.items():
+        if (rel, io) in points:
+            return kind
+    return None
+
+
+def default_point(kind: str) -> tuple[str, str]:
+    """Where a kind is read in the Gemma layout (the table's first candidate): (path in the block, io)."""
+    if kind not in _SITE_POINTS:
+        raise OpenscopeError(f"unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
+    return _SITE_POINTS[kind][0]
+
+
 def _submodule(block: nn.Module, rel: str) -> nn.Module | None:
     mod: nn.Module | None = block
     for part in filter(None, rel.split(".")):

@@ -76,12 +76,13 @@ class TrainConfig:
     sparsity_coeff: float = 1.0
     """λ of the sparsity loss after warm-up (quadratic L0: 1 holds L0 near its target; weaker values
     let reconstruction pull L0 above it)."""
-    init_decoder_bias: str = "mean"
-    """b_dec at the start: mean (of the first batch's targets: skips learning the residual stream's
-    large constant part) or zeros (Gemma Scope)."""
+    init_data_dependent: bool = True
+    """Start from the first batch: b_dec = its mean target (the residual stream's large constant
+    part), JumpReLU θ where L0 = target_l0, encoder scaled to the best reconstruction size. Off:
+    Gemma Scope's init (zero biases, θ = init_threshold or 0.001, W_enc = W_decᵀ)."""
     init_threshold: float | None = None
-    """JumpReLU initial θ (normalised units). Unset: calibrated on the first batch so that L0 starts
-    at target_l0 (Gemma Scope's 0.001 suits billions of tokens: Adam moves log θ by ~lr per step)."""
+    """JumpReLU initial θ (normalised units); unset: 0.001, or calibrated with the data-dependent
+    init (Gemma Scope's 0.001 suits billions of tokens: Adam moves log θ by ~lr per step)."""
     sparsity_warmup_steps: int = 10_000
     """Steps of linear λ warm-up (Gemma Scope), capped at a fifth of the run's steps."""
     freq_coeff: float = 0.1
@@ -92,11 +93,14 @@ class TrainConfig:
     """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off)."""
     lr: float = 7e-5
     """Adam learning rate (β = (0, 0.999))."""
-    threshold_lr_scale: float = 10.0
-    """JumpReLU: learning rate of log θ relative to --lr. Short runs need ~10: Adam moves log θ by
-    ~lr per step, so at 1× a run of a few hundred steps cannot steer L0 to its target."""
+    threshold_lr_scale: float = 50.0
+    """JumpReLU: learning rate of log θ relative to --lr. Adam moves log θ by ~lr per step, so at 1×
+    θ cannot keep up with the encoder (whose weights are ~0.01) and L0 drifts off its target."""
     lr_warmup_steps: int = 1000
     """Steps of linear learning-rate warm-up (Gemma Scope), capped at a tenth of the run's steps."""
+    lr_decay: float = 0.2
+    """Fraction of the run at its end over which the learning rate decays linearly to zero (lets
+    the thresholds, and so L0, settle; 0: constant to the end)."""
     batch_size: int = 4096
     """Tokens per step."""
     tokens: int = 2_000_000
@@ -216,6 +220,8 @@ def _step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
     return StepConfig(
         lr=cfg.lr,
         lr_warmup_steps=min(cfg.lr_warmup_steps, total_steps // 10),
+        total_steps=total_steps,
+        lr_decay_steps=round(cfg.lr_decay * total_steps),
         sparsity=sparsity,  # type: ignore[arg-type]
         sparsity_coeff=cfg.sparsity_coeff,
         target_l0=cfg.target_l0 if sparsity == "quadratic_l0" else None,
@@ -320,8 +326,6 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         raise OpenscopeError("batch_size and tokens must be positive")
     if cfg.target_l0 <= 0:
         raise OpenscopeError(f"target_l0 must be positive, got {cfg.target_l0}")
-    if cfg.init_decoder_bias not in ("mean", "zeros"):
-        raise OpenscopeError(f"init_decoder_bias must be mean or zeros, got {cfg.init_decoder_bias!r}")
     rank, world = _dist()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and world > 1:
@@ -426,17 +430,19 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
 
 
 def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfig, device: str) -> None:
-    """Data-dependent initialisation from the first batch: b_dec (unless zeros were asked for),
-    then the JumpReLU thresholds at the target sparsity (unless --init-threshold was given)."""
+    """Data-dependent initialisation from the first batch (unless --init-data-dependent is off):
+    b_dec = the mean target, JumpReLU θ at the target sparsity (unless --init-threshold is given),
+    and the encoder scaled so the first reconstructions have the right size."""
+    if not cfg.init_data_dependent:
+        return
     for d in dicts:
-        if cfg.init_decoder_bias == "mean":
-            d.coder.init_decoder_bias_(batch.acts[d.site_out].to(device))
-        if cfg.activation != "jumprelu" or cfg.init_threshold is not None:
-            continue
-        theta = d.coder.calibrate_threshold_(batch.acts[d.site_in].to(device), cfg.target_l0)
-        log.info(
-            "%s: initial threshold %.4g gives L0 = %g on the first batch", d.site_in, theta, cfg.target_l0
-        )
+        x = batch.acts[d.site_in].to(device)
+        y = batch.acts[d.site_out].to(device)
+        d.coder.init_decoder_bias_(y)
+        if cfg.activation == "jumprelu" and cfg.init_threshold is None:
+            d.coder.calibrate_threshold_(x, cfg.target_l0)
+        s = d.coder.fit_encoder_scale_(x, y)
+        log.info("%s: data-dependent init (encoder scale %.3g)", d.site_in, s)
 
 
 def _train_one(

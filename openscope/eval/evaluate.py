@@ -1,0 +1,422 @@
+"""`evaluate`: measure dictionaries on held-out text and write report.json, report.md and plots.
+
+Per batch: one clean forward captures every site the dictionaries read or write, and its logits;
+those are reused for every dictionary. Reconstruction metrics (L0, FVU, MSE, dead/dense, firing
+frequencies) come from the clean activations. Then one spliced forward per dictionary (that
+dictionary alone) gives its CE and KL to the clean logits, one zero-ablation forward per distinct
+output site gives CE_zero for loss recovered, and with `all_at_once` one forward with every
+dictionary spliced gives the joint numbers. BOS/EOS/pad positions are never spliced or counted.
+All sums are float64 and streamed: no per-token values are kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from openscope.activations.harvest import resolve_device
+from openscope.coders.clt import CrossLayerCoder
+from openscope.coders.coder import SparseCoder
+from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dictionary, validate_dictionary
+from openscope.data.packing import iter_contexts, keep_mask, to_batch
+from openscope.data.sources import open_source
+from openscope.errors import OpenscopeError
+from openscope.eval import metrics as m
+from openscope.eval.splice import ablated, check_dictionaries, spliced
+from openscope.models.hooks import reading
+from openscope.models.load import KNOWN_MODELS, LoadedModel, load_model
+from openscope.models.sites import Site
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Which dictionaries to evaluate, on which model and text, and where to write the report."""
+
+    dictionaries: list[Path] = field(default_factory=lambda: [Path("openscope-out/dictionaries")])
+    """Dictionary folders (openscope, Gemma Scope 1 or 2), or folders to search for them; repeat the flag for several."""
+    model: str | None = None
+    """Model (name, local directory or hub id). Default: the `model_name` in the dictionaries' config.json."""
+    source: str = "wiki"
+    """Text: wiki, shakespeare, python, or a path (as for harvest); slice documents, e.g. `wiki[9000:]`, to evaluate on text the dictionaries were not trained on."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet, saved dataset) holding the text."""
+    tokens: int = 32_768
+    """Token budget: contexts are evaluated until this many context positions are covered."""
+    context_len: int = 256
+    """Tokens per packed context (the first is always BOS)."""
+    batch_size: int = 4
+    """Contexts per forward. Memory grows with batch_size x context_len x vocabulary (Gemma: 262k) x 4 bytes per logits tensor; two are alive at once."""
+    all_at_once: bool = False
+    """Also splice every dictionary at once (the whole replacement) and report the joint delta loss, KL and loss recovered."""
+    loss_recovered: bool = True
+    """Measure loss recovered: one extra forward per distinct output site per batch, with that site zero-ablated (--no-loss-recovered skips it)."""
+    histogram_bins: int = 50
+    """Bins of the latent firing-frequency histograms (log10 frequency)."""
+    output: Path = Path("openscope-out/eval")
+    """Folder for report.json, report.md, frequencies.safetensors and the PNG plots."""
+    device: str = "auto"
+    """Device: auto (cuda if available), cpu, cuda, ..."""
+    cache_dir: Path | None = None
+    """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+
+
+class LMMetrics(NamedTuple):
+    """Next-token metrics of one splice (a dictionary alone, or all at once) against the clean model."""
+
+    ce_clean: float
+    """Clean cross-entropy (nats per token) over the counted positions."""
+    ce_spliced: float
+    """Cross-entropy with the reconstruction(s) spliced in."""
+    delta_loss: float
+    """ce_spliced − ce_clean: the main quality metric (lower is better)."""
+    kl: float
+    """Mean KL(clean ‖ spliced) of the next-token distributions (nats)."""
+    ce_zero: float | None
+    """Cross-entropy with the output site(s) zero-ablated (None when not measured)."""
+    loss_recovered: float | None
+    """(ce_zero − ce_spliced) / (ce_zero − ce_clean); None when not measured."""
+
+
+class DictionaryReport(NamedTuple):
+    """Everything measured for one dictionary."""
+
+    name: str
+    """The dictionary's label."""
+    site_in: str
+    """Site it reads, e.g. `6.mlp_in`."""
+    site_out: str
+    """Site it reconstructs / replaces, e.g. `6.mlp_out`."""
+    kind: str
+    """sae, transcoder, skip_transcoder or clt."""
+    n_layers: int
+    """Layers the dictionary spans (a CLT: site_in/site_out are its first layer's; else 1)."""
+    width: int
+    """Number of latents (a CLT: over all its layers)."""
+    folder: str | None
+    """Folder it was loaded from, if any."""
+    recon: m.ReconstructionMetrics
+    """Reconstruction metrics on clean activations (L0, FVU, MSE, dead, dense, frequencies)."""
+    histogram: m.Histogram
+    """Histogram of log10 latent firing frequencies."""
+    lm: LMMetrics
+    """Next-token metrics with this dictionary alone spliced in."""
+
+
+class EvalReport(NamedTuple):
+    """The result of `evaluate`."""
+
+    model: str
+    """The model the dictionaries were spliced into."""
+    source: str
+    """The text source."""
+    n_contexts: int
+    """Contexts evaluated."""
+    n_tokens: int
+    """Kept tokens (BOS/EOS/pad excluded) the reconstruction metrics are measured on."""
+    n_ce_positions: int
+    """Positions the next-token metrics are averaged over (input and target both kept)."""
+    dictionaries: list[DictionaryReport]
+    """Per-dictionary results, in the order given."""
+    joint: LMMetrics | None
+    """Every dictionary spliced at once (all_at_once), else None."""
+    seconds: float
+    """Wall time of the evaluation loop."""
+    tokens_per_s: float
+    """Context tokens per second through the loop (all forwards included)."""
+    files: list[Path]
+    """Files written (report.json, report.md, frequencies.safetensors, PNGs)."""
+
+
+# ---- finding and loading dictionaries -----------------------------------------------------------
+
+
+def _find_folders(paths: Sequence[Path]) -> list[Path]:
+    """Dictionary folders named by paths: each is a dictionary folder or a tree to search."""
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise OpenscopeError(f"no dictionary folder at {path}")
+        inside = find_dictionaries(path)
+        if not inside:
+            raise OpenscopeError(f"{path} holds no dictionary")
+        found.extend(inside)
+    return list(dict.fromkeys(found))
+
+
+def _default_model(dicts: Sequence[Dictionary]) -> str:
+    """The model named by the dictionaries' configs (`model_name`); a known short name wins over a hub id
+    (Gemma Scope writes `google/gemma-3-270m`, which openscope loads from its PyPI package)."""
+    names = {str((d.config or {}).get("model_name") or "") for d in dicts}
+    names.discard("")
+    if not names:
+        raise OpenscopeError("the dictionaries' config.json names no model_name; pass --model")
+    if len(names) > 1:
+        raise OpenscopeError(
+            f"the dictionaries were made for different models ({', '.join(sorted(names))}); pass --model"
+        )
+    name = names.pop()
+    if Path(name).exists():
+        return name
+    short = name.rsplit("/", 1)[-1]
+    for candidate in (short, short.removesuffix("-pt")):
+        if candidate in KNOWN_MODELS:
+            return candidate
+    return name
+
+
+def _unique_names(dicts: list[Dictionary]) -> list[Dictionary]:
+    """Dictionaries with distinct names (reports and frequency files key on them)."""
+    seen: dict[str, int] = {}
+    out = []
+    for d in dicts:
+        n = seen[d.name] = seen.get(d.name, 0) + 1
+        out.append(d if n == 1 else d._replace(name=f"{d.name}#{n}"))
+    return out
+
+
+# ---- the evaluation loop ------------------------------------------------------------------------
+
+
+def _batches(cfg: EvalConfig, loaded: LoadedModel) -> Iterator[list[list[int]]]:
+    docs = open_source(cfg.source, cfg.text_field).documents()
+    total = -(-cfg.tokens // cfg.context_len)
+    contexts = itertools.islice(iter_contexts(docs, loaded.tokenizer, cfg.context_len), total)
+    while chunk := list(itertools.islice(contexts, cfg.batch_size)):
+        yield chunk
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise OpenscopeError(f"{what} contain NaN or inf")
+
+
+class _LMSums:
+    """Streaming sums of one splice's CE, KL and (optionally) zero-ablation CE."""
+
+    def __init__(self) -> None:
+        self.ce = m.MeanSum()
+        self.kl = m.MeanSum()
+        self.ce_zero = m.MeanSum()
+
+    def result(self, ce_clean: float) -> LMMetrics:
+        zero = self.ce_zero.mean if self.ce_zero.count else None
+        recovered = m.loss_recovered(ce_clean, self.ce.mean, zero) if zero is not None else None
+        return LMMetrics(ce_clean, self.ce.mean, self.ce.mean - ce_clean, self.kl.mean, zero, recovered)
+
+
+def evaluate(
+    cfg: EvalConfig,
+    loaded: LoadedModel | None = None,
+    dictionaries: Sequence[Dictionary] | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate dictionaries and write the report. Pass `loaded` and/or `dictionaries` to use ones
+    already in memory (then cfg.dictionaries is not read)."""
+    from openscope.eval.report import write_report
+
+    if cfg.tokens < 1 or cfg.context_len < 2 or cfg.batch_size < 1 or cfg.histogram_bins < 1:
+        raise OpenscopeError(
+            "tokens, batch_size and histogram_bins must be positive and context_len at least 2"
+        )
+    device = resolve_device(cfg.device)
+    if dictionaries is None:
+        folders = _find_folders(cfg.dictionaries)
+        if loaded is None and cfg.model:
+            loaded = load_model(cfg.model, device=device, cache_dir=cfg.cache_dir)
+        # Without a model yet, folders are read first: their config.json names the model to load.
+        dictionaries = [load_dictionary(f, loaded) for f in folders]
+    if loaded is None:
+        loaded = load_model(cfg.model or _default_model(dictionaries), device=device, cache_dir=cfg.cache_dir)
+    dicts = _unique_names(list(dictionaries))
+    if not dicts:
+        raise OpenscopeError("no dictionaries to evaluate")
+    for d in dicts:
+        validate_dictionary(d, loaded)
+    if cfg.all_at_once:
+        check_dictionaries(loaded, dicts, "--all-at-once needs at most one dictionary per site")
+    for d in dicts:
+        d.coder.to(loaded.device).eval()
+    log.info("evaluating %d dictionaries on %s with %s", len(dicts), loaded.name, cfg.source)
+
+    sums = _run(cfg, loaded, dicts, progress)
+    ce_clean = sums.clean.mean
+    reports = []
+    for d in dicts:
+        recon = sums.recon[d.name].result()
+        reports.append(
+            DictionaryReport(
+                name=d.name,
+                site_in=d.site_in.name,
+                site_out=d.site_out.name,
+                kind=_kind(d),
+                n_layers=d.n_layers,
+                width=d.coder.cfg.width * d.n_layers,
+                folder=str(d.folder) if d.folder is not None else None,
+                recon=recon,
+                histogram=m.frequency_histogram(recon.frequencies, cfg.histogram_bins, recon.n_tokens),
+                lm=sums.lm[d.name].result(ce_clean),
+            )
+        )
+    report = EvalReport(
+        model=loaded.name,
+        source=cfg.source,
+        n_contexts=sums.n_contexts,
+        n_tokens=sums.n_tokens,
+        n_ce_positions=sums.clean.count,
+        dictionaries=reports,
+        joint=sums.joint.result(ce_clean) if sums.joint is not None else None,
+        seconds=sums.seconds,
+        tokens_per_s=sums.n_contexts * cfg.context_len / sums.seconds if sums.seconds > 0 else 0.0,
+        files=[],
+    )
+    files = write_report(report, cfg.output, cfg)
+    return report._replace(files=files)
+
+
+class _RunSums(NamedTuple):
+    clean: m.MeanSum
+    recon: dict[str, m.ReconstructionSums]
+    lm: dict[str, _LMSums]
+    joint: _LMSums | None
+    n_contexts: int
+    n_tokens: int
+    seconds: float
+
+
+@torch.inference_mode()
+def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress: bool) -> _RunSums:
+    tok = loaded.tokenizer
+    device = loaded.device
+    sites = sorted({s for d in dicts for s in (*d.sites_in, *d.sites_out)}, key=lambda s: s.order)
+    clean = m.MeanSum()
+    recon = {
+        d.name: m.ReconstructionSums(d.coder.cfg.width * d.n_layers, d.coder.cfg.d_out * d.n_layers)
+        for d in dicts
+    }
+    lm = {d.name: _LMSums() for d in dicts}
+    joint = _LMSums() if cfg.all_at_once else None
+    n_contexts = n_tokens = 0
+    total = -(-cfg.tokens // cfg.context_len) * cfg.context_len
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc="eval", disable=not progress, dynamic_ncols=True
+    )
+    start = time.perf_counter()
+    with bar:
+        for chunk in _batches(cfg, loaded):
+            batch = to_batch(chunk, tok)
+            ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
+            keep = keep_mask(ids, tok)
+            rows = keep.reshape(-1).nonzero().squeeze(1)
+            mask = m.ce_positions(keep)
+
+            def forward(ids: Tensor = ids, attn: Tensor = attn) -> Tensor:
+                return loaded.model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+
+            # The clean forward, once: its kept activations and logits serve every dictionary.
+            acts: dict[Site, Tensor] = {}
+            readers = {s: _kept_reader(acts, s, rows) for s in sites}
+            with reading(loaded, readers, stop=False):
+                logits = forward()
+            for s in sites:
+                _check_finite(acts[s], f"the model's activations at site {s.name}")
+            _check_finite(logits, "the clean model's logits")
+            clean.add(m.next_token_ce(logits, ids), mask)
+
+            for d in dicts:
+                target, recon_y, latents = clean_reconstruction(d, acts)
+                _check_finite(recon_y, f"reconstructions of dictionary {d.name}")
+                recon[d.name].add(target, recon_y, latents)
+
+            # Dictionaries that write the same sites share one zero-ablation forward per batch.
+            zero_ce: dict[tuple[Site, ...], Tensor] = {}
+            for d in dicts:
+                _splice_into(lm[d.name], loaded, [d], keep, mask, ids, logits, forward, d.name)
+                if cfg.loss_recovered:
+                    if d.sites_out not in zero_ce:
+                        zero_ce[d.sites_out] = _zero_ablated_ce(loaded, d.sites_out, keep, ids, forward)
+                    lm[d.name].ce_zero.add(zero_ce[d.sites_out], mask)
+            if joint is not None:
+                _splice_into(joint, loaded, dicts, keep, mask, ids, logits, forward, "all dictionaries")
+                if cfg.loss_recovered:
+                    outs = tuple(sorted({s for d in dicts for s in d.sites_out}, key=lambda s: s.order))
+                    joint.ce_zero.add(_zero_ablated_ce(loaded, outs, keep, ids, forward), mask)
+
+            n_contexts += len(chunk)
+            n_tokens += len(rows)
+            bar.update(ids.numel())
+    if n_contexts == 0:
+        raise OpenscopeError(f"text source {cfg.source!r} gave no contexts")
+    if n_contexts * cfg.context_len < total:
+        log.warning("the text source ran out after %d contexts", n_contexts)
+    if clean.count == 0:
+        raise OpenscopeError("no position to measure: every token was BOS, EOS or padding")
+    seconds = time.perf_counter() - start
+    return _RunSums(clean, recon, lm, joint, n_contexts, n_tokens, seconds)
+
+
+def _kind(d: Dictionary) -> str:
+    return "clt" if isinstance(d.coder, CrossLayerCoder) else d.coder.cfg.kind
+
+
+def clean_reconstruction(d: Dictionary, acts: dict[Site, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(target [N, L·d_out], reconstruction [N, L·d_out], latents [N, L·F]) of a dictionary on clean
+    activations [N, width] per site; a CLT's L layers sit side by side, so FVU pools its layers (each
+    dimension keeps its own mean) and L0 counts its latents over all layers."""
+    if isinstance(d.coder, SparseCoder):
+        x = acts[d.site_in]
+        latents = d.coder.encode(x)
+        return acts[d.site_out], d.coder.decode(latents, x), latents
+    x = torch.stack([acts[s] for s in d.sites_in])
+    y = torch.stack([acts[s] for s in d.sites_out])
+    latents = d.coder.encode(x)
+    recon = d.coder.decode(latents, x)
+
+    def side_by_side(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+    return side_by_side(y), side_by_side(recon), side_by_side(latents)
+
+
+def _kept_reader(acts: dict[Site, Tensor], site: Site, rows: Tensor) -> Callable[[Tensor], None]:
+    def read(x: Tensor) -> None:
+        acts[site] = x.reshape(-1, x.shape[-1]).index_select(0, rows).float()
+
+    return read
+
+
+def _splice_into(
+    sums: _LMSums,
+    loaded: LoadedModel,
+    dicts: list[Dictionary],
+    keep: Tensor,
+    mask: Tensor,
+    ids: Tensor,
+    clean_logits: Tensor,
+    forward: Callable[[], Tensor],
+    what: str,
+) -> None:
+    with spliced(loaded, dicts, keep=keep):
+        logits = forward()
+    _check_finite(logits, f"logits with {what} spliced in")
+    sums.ce.add(m.next_token_ce(logits, ids), mask)
+    sums.kl.add(m.next_token_kl(clean_logits, logits)[:, :-1], mask)
+
+
+def _zero_ablated_ce(
+    loaded: LoadedModel, sites: Sequence[Site], keep: Tensor, ids: Tensor, forward: Callable[[], Tensor]
+) -> Tensor:
+    with ablated(loaded, sites, keep=keep):
+        logits = forward()
+    return m.next_token_ce(logits, ids)

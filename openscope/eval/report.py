@@ -1,0 +1,307 @@
+"""Write an evaluation report: report.json, report.md, frequencies.safetensors and PNG plots.
+
+Plots (matplotlib, Agg backend, no display needed):
+- l0_vs_fvu.png, l0_vs_delta_loss.png: the sparsity / quality trade-off across dictionaries, with
+  the Pareto frontier (no other dictionary is both sparser and better) marked.
+- depth.png: L0, FVU and delta loss against layer, when the dictionaries span several layers.
+- frequencies.png: histograms of log10 latent firing frequency, one panel per dictionary.
+Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openscope.activations.store import write_tensors
+from openscope.config import save_json, to_jsonable
+from openscope.eval.metrics import pareto_front
+
+if TYPE_CHECKING:
+    from openscope.eval.evaluate import DictionaryReport, EvalConfig, EvalReport, LMMetrics
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+FREQUENCIES = "frequencies.safetensors"
+COLUMNS = (
+    "name",
+    "site",
+    "width",
+    "L0",
+    "FVU",
+    "1-FVU",
+    "MSE",
+    "dead",
+    "dense",
+    "CE clean",
+    "delta loss",
+    "KL",
+    "loss recovered",
+)
+_MAX_PANELS = 36
+"""Frequency histograms drawn at most (one panel each); the rest are in report.json."""
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; it replaces `path` only once the block succeeds."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def site_label(d: DictionaryReport) -> str:
+    """`6.resid_post` for an SAE, `6.mlp_in->6.mlp_out` for a transcoder, `0-17.mlp_in->mlp_out` for a CLT."""
+    if d.n_layers > 1:
+        first, kind_in = d.site_in.split(".")
+        kind_out = d.site_out.split(".")[1]
+        return f"{first}-{int(first) + d.n_layers - 1}.{kind_in}->{kind_out}"
+    return d.site_in if d.site_in == d.site_out else f"{d.site_in}->{d.site_out}"
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def summary_rows(report: EvalReport) -> list[list[str]]:
+    """One row of formatted cells per dictionary, in COLUMNS order (report.md and the CLI table)."""
+    rows = []
+    for d in report.dictionaries:
+        r, lm = d.recon, d.lm
+        rows.append(
+            [
+                d.name,
+                site_label(d),
+                str(d.width),
+                _fmt(r.l0, ".1f"),
+                _fmt(r.fvu, ".4f"),
+                _fmt(1 - r.fvu, ".4f"),
+                _fmt(r.mse, ".4g"),
+                str(r.dead),
+                str(r.dense),
+                _fmt(lm.ce_clean, ".4f"),
+                _fmt(lm.delta_loss, ".4f"),
+                _fmt(lm.kl, ".4f"),
+                _fmt(lm.loss_recovered, ".4f"),
+            ]
+        )
+    return rows
+
+
+def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """The report as plain JSON types (per-latent frequencies go to frequencies.safetensors)."""
+    dicts = []
+    for d in report.dictionaries:
+        r = d.recon
+        dicts.append(
+            {
+                "name": d.name,
+                "site_in": d.site_in,
+                "site_out": d.site_out,
+                "kind": d.kind,
+                "n_layers": d.n_layers,
+                "width": d.width,
+                "folder": d.folder,
+                "n_tokens": r.n_tokens,
+                "l0": r.l0,
+                "fvu": r.fvu,
+                "explained_variance": 1 - r.fvu,
+                "mse": r.mse,
+                "dead": r.dead,
+                "dense": r.dense,
+                **d.lm._asdict(),
+                "frequency_histogram": d.histogram._asdict(),
+            }
+        )
+    data = {
+        "model": report.model,
+        "source": report.source,
+        "n_contexts": report.n_contexts,
+        "n_tokens": report.n_tokens,
+        "n_ce_positions": report.n_ce_positions,
+        "seconds": report.seconds,
+        "tokens_per_s": report.tokens_per_s,
+        "dictionaries": dicts,
+        "joint": report.joint._asdict() if report.joint is not None else None,
+        "config": to_jsonable(cfg) if cfg is not None else None,
+    }
+    return _finite_or_none(data)
+
+
+def _joint_line(joint: LMMetrics) -> str:
+    return (
+        f"All dictionaries spliced at once: CE clean {_fmt(joint.ce_clean, '.4f')}, "
+        f"CE spliced {_fmt(joint.ce_spliced, '.4f')}, delta loss {_fmt(joint.delta_loss, '.4f')}, "
+        f"KL {_fmt(joint.kl, '.4f')}, loss recovered {_fmt(joint.loss_recovered, '.4f')}."
+    )
+
+
+def report_markdown(report: EvalReport) -> str:
+    """report.md: what was measured, then one table row per dictionary."""
+    lines = [
+        "# openscope evaluation",
+        "",
+        f"Model `{report.model}`, text `{report.source}`: {report.n_contexts} contexts, "
+        f"{report.n_tokens} tokens measured (BOS/EOS/pad excluded), "
+        f"{report.n_ce_positions} next-token positions.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in summary_rows(report)
+    ]
+    if report.joint is not None:
+        lines += ["", _joint_line(report.joint)]
+    lines += [
+        "",
+        "L0: mean active latents per token. FVU: E|y - y_hat|^2 / E|y - mean y|^2. MSE: per element. "
+        "Dead: latents firing on no token; dense: on more than 10% of tokens. Delta loss: CE with the "
+        "reconstruction spliced in minus clean CE (nats). KL(clean || spliced) of next-token "
+        "distributions. Loss recovered: (CE_zero - CE_spliced) / (CE_zero - CE_clean), site zero-ablated.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with _atomic(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _tradeoff_plot(
+    dicts: Sequence[DictionaryReport], y_of: Callable[[DictionaryReport], float], ylabel: str, path: Path
+) -> None:
+    import matplotlib.pyplot as plt
+
+    xs = [d.recon.l0 for d in dicts]
+    ys = [y_of(d) for d in dicts]
+    front = pareto_front(xs, ys)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.scatter(xs, ys, color="tab:blue", label="dictionaries")
+    if front:
+        ax.plot(
+            [xs[i] for i in front], [ys[i] for i in front], "o-", color="tab:red", label="Pareto frontier"
+        )
+    if len(dicts) <= 20:
+        for d, x, y in zip(dicts, xs, ys, strict=True):
+            ax.annotate(d.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if xs and all(x > 0 for x in xs if math.isfinite(x)) and len({x for x in xs if math.isfinite(x)}) > 1:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (mean active latents per token)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"L0 vs {ylabel} (lower is better on both)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _depth_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from openscope.models.sites import Site
+
+    groups: dict[str, list[tuple[int, DictionaryReport]]] = {}
+    for d in dicts:
+        if d.n_layers > 1:
+            continue  # a CLT spans the depth axis itself
+        out = Site.from_name(d.site_out)
+        sites = out.kind if d.site_in == d.site_out else f"{Site.from_name(d.site_in).kind}->{out.kind}"
+        # One line per family of a sweep: same kind, sites and width across layers.
+        label = f"{d.kind} {sites} w{d.width}"
+        groups.setdefault(label, []).append((out.layer, d))
+    panels: list[tuple[str, Callable[[DictionaryReport], float]]] = [
+        ("L0", lambda d: d.recon.l0),
+        ("FVU", lambda d: d.recon.fvu),
+        ("delta LM loss", lambda d: d.lm.delta_loss),
+        ("KL", lambda d: d.lm.kl),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for ax, (title, value) in zip(axes, panels, strict=True):
+        for label, members in groups.items():
+            members = sorted(members, key=lambda p: p[0])
+            ax.plot([p[0] for p in members], [value(p[1]) for p in members], "o-", label=label)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("metrics across depth")
+    _save_figure(fig, path)
+
+
+def _frequency_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    shown = list(dicts)[:_MAX_PANELS]
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(shown) :]:
+        ax.set_visible(False)
+    for ax, d in zip(axes.flat, shown, strict=False):
+        h = d.histogram
+        ax.stairs(h.counts, h.edges, fill=True, alpha=0.7)
+        ax.set_title(f"{d.name}\n{h.dead} dead of {d.width}", fontsize=8)
+        ax.set_xlabel("log10 firing frequency", fontsize=8)
+        ax.axvline(math.log10(0.1), color="tab:red", lw=0.8, ls="--")  # the dense-latent line
+        ax.tick_params(labelsize=7)
+    fig.suptitle("latent firing frequencies (dashed: dense above 10%)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def write_plots(report: EvalReport, output: Path) -> list[Path]:
+    """The PNG plots of a report; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    dicts = report.dictionaries
+    files = [output / "l0_vs_fvu.png", output / "l0_vs_delta_loss.png", output / "frequencies.png"]
+    _tradeoff_plot(dicts, lambda d: d.recon.fvu, "FVU", files[0])
+    _tradeoff_plot(dicts, lambda d: d.lm.delta_loss, "delta LM loss (nats)", files[1])
+    _frequency_plot(dicts, files[2])
+    if len({d.site_out.partition(".")[0] for d in dicts if d.n_layers == 1}) > 1:
+        files.append(output / "depth.png")
+        _depth_plot(dicts, files[-1])
+    return files
+
+
+def write_report(report: EvalReport, output: Path, cfg: EvalConfig | None = None) -> list[Path]:
+    """Write report.json, report.md, frequencies.safetensors and the plots to output; returns the files."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_json(output / REPORT_JSON, report_json(report, cfg))
+    with _atomic(output / REPORT_MD) as tmp:
+        tmp.write_text(report_markdown(report))
+    write_tensors(
+        output / FREQUENCIES, {d.name: d.recon.frequencies.float().cpu() for d in report.dictionaries}
+    )
+    files = [output / REPORT_JSON, output / REPORT_MD, output / FREQUENCIES]
+    return files + write_plots(report, output)
