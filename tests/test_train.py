@@ -256,3 +256,28 @@ def test_torchrun_two_ranks_equal_one(store_dir, tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{site} {key}")
     assert set(json.loads((two / "run.json").read_text())["final"]) == {"1.resid_post", "1.mlp_out"}
+
+
+def test_batchtopk_is_saved_as_jumprelu_with_its_cutoff(store_dir, tmp_path):
+    cfg = _cfg(store_dir, tmp_path / "b", activation="batchtopk", k=4, tokens=64 * 20)
+    folder = train(cfg, progress=False).folders["1.resid_post"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "jump_relu" and "k" not in config
+    assert config["openscope"]["trained_as"] == "batchtopk"
+    coder = load_coder(folder)
+    x = next(ActivationStore(store_dir).batches(["1.resid_post"], 512, seed=1)).acts["1.resid_post"]
+    l0 = float((coder.encode(x) > 0).sum(1).float().mean())
+    # One global threshold at the batches' mean cut-off keeps about k latents per token.
+    assert 2 <= l0 <= 8
+
+
+def test_batchtopk_resume_equals_uninterrupted(store_dir, tmp_path):
+    kw = dict(activation="batchtopk", k=4, tokens=64 * 20, checkpoint_every=19)
+    whole = train(_cfg(store_dir, tmp_path / "w", **kw), progress=False).folders["1.resid_post"]
+    train(_cfg(store_dir, tmp_path / "r", **kw), progress=False, stop_after=19)
+    resumed = train(_cfg(store_dir, tmp_path / "r", resume=True, **kw), progress=False).folders[
+        "1.resid_post"
+    ]
+    a, b = load_file(whole / "params.safetensors"), load_file(resumed / "params.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])

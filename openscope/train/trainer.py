@@ -32,7 +32,9 @@ from openscope.coders import (
     DeadLatentTracker,
     SparseCoder,
     StepConfig,
+    ThresholdEstimator,
     make_optimizer,
+    topk_to_jumprelu,
     train_step,
 )
 from openscope.coders.io import save_coder
@@ -253,14 +255,18 @@ class _Dictionary:
         self.coder = coder
         self.optimizer = make_optimizer(coder, lr, threshold_lr_scale)
         self.tracker = DeadLatentTracker(coder.cfg.width, dead_after)
+        self.thresholds = ThresholdEstimator(coder.cfg.width)
+        """BatchTopK: the batches' cut-offs over the run's last tenth, for the JumpReLU file."""
         self.last: dict[str, float] = {}
 
     def state(self) -> dict[str, Any]:
+        t = self.thresholds
         return {
             "coder": self.coder.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tracker.tokens_since_fired,
             "last": self.last,
+            "thresholds": [t.batches, t.global_sum, t.latent_sum, t.latent_batches],
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -268,6 +274,15 @@ class _Dictionary:
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.tokens_since_fired = state["tokens_since_fired"]
         self.last = dict(state["last"])
+        t = self.thresholds
+        t.batches, t.global_sum, t.latent_sum, t.latent_batches = state["thresholds"]
+
+    def saved_coder(self) -> SparseCoder:
+        """What goes to disk: a BatchTopK coder becomes JumpReLU with the batches' mean cut-off as
+        its one threshold (Bussmann et al.), so every Gemma Scope reader can use it."""
+        if self.coder.cfg.activation != "batchtopk" or self.thresholds.batches == 0:
+            return self.coder
+        return topk_to_jumprelu(self.coder, self.thresholds.threshold().to(self.coder.w_enc.device))
 
 
 def _save_checkpoint(path: Path, step: int, dicts: list[_Dictionary], identity: dict[str, Any]) -> None:
@@ -466,6 +481,9 @@ def _train_one(
     if not math.isfinite(stats.loss):
         raise OpenscopeError(f"loss became {stats.loss} at step {step}, site {d.site_in}; lower --lr")
     d.last = {"l0": stats.l0, "fvu": stats.fvu, "dead_fraction": stats.dead / d.coder.cfg.width}
+    if d.coder.cfg.activation == "batchtopk" and step >= total_steps - max(1, total_steps // 10):
+        with torch.no_grad():
+            d.thresholds.update(d.coder.encode(x), per_row=False)
     if step % cfg.log_every == 0 or step == total_steps - 1:
         row = {"step": step, "site": d.site_in, "tokens": (step + 1) * cfg.batch_size, **stats._asdict()}
         metrics.write(json.dumps(row) + "\n")
@@ -482,8 +500,9 @@ def _postfix(dicts: list[_Dictionary]) -> str:
 
 def _save(d: _Dictionary, cfg: TrainConfig, data: _Data, out: Path, step: int) -> Path:
     folder = out / _folder_name(d.site_in, cfg)
+    coder = d.saved_coder()
     save_coder(
-        d.coder.cpu(),
+        coder.cpu(),
         folder,
         hook_point_in=data.hook_points[d.site_in],
         hook_point_out=data.hook_points[d.site_out],
@@ -495,6 +514,7 @@ def _save(d: _Dictionary, cfg: TrainConfig, data: _Data, out: Path, step: int) -
                 "site_out": d.site_out,
                 "data": data.description,
                 "tokens_seen": step * cfg.batch_size,
+                "trained_as": cfg.activation if coder is not d.coder else None,
                 "final_l0": d.last.get("l0"),
                 "final_fvu": d.last.get("fvu"),
                 "dead_fraction": d.last.get("dead_fraction"),
