@@ -2,7 +2,7 @@
 # torch is pinned for CI and this machine (its CPU wheel is on disk); users may install any torch >= 2.4 first.
 PYTHON ?= python3
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint browser
 
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[dev]"
@@ -17,5 +17,13 @@ lint:
 	ruff format --check .
 	pyright
 
-test: install lint
+# The explorer's end-to-end tests drive Debian's chromium; where it cannot be installed (not root,
+# no apt) they skip with a reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium unavailable: the browser tests will skip"
+
+test: install lint browser
 	$(PYTHON) -m pytest -q

@@ -17,7 +17,8 @@ How it runs
     feeds `SAETrainer.step` batches divided by the store's scale C (E‖x/C‖² = 1, as openscope
     normalises), and starts from the same data-dependent initialisation openscope uses (b_dec =
     mean of the first batch, one threshold giving L0 = target on it) so the comparison is of
-    training, not of init. SAELens's own recipe is kept: its quadratic L0 loss (per token),
+    training, not of init (`--saelens-defaults` runs SAELens with its own init and bandwidth
+    instead, saved as `saelens-defaults`). SAELens's own recipe is kept: its quadratic L0 loss (per token),
     threshold parameterised directly, grad-norm clipping at 1. Its trained weights are converted to
     an openscope/Gemma Scope 2 folder (checked against SAELens's own encode/decode in the worker),
     so both are evaluated by the same code — and `openscope eval` can splice both into the model.
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=0.001, help="STE bandwidth ε (both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["openscope", "saelens"], help="run one side (the other is reused)")
+    p.add_argument(
+        "--saelens-defaults",
+        action="store_true",
+        help="SAELens with its own init (θ 0.01, b_dec 0) and bandwidth (0.05) instead of openscope's",
+    )
     p.add_argument("--worker", choices=["saelens"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -161,13 +167,14 @@ def saelens_worker(args: argparse.Namespace) -> None:
     scale = store.stats(args.site).norm_scale
     d = int(store.manifest["sites"][args.site]["width"])
     steps = args.tokens // args.batch
+    bandwidth = 0.05 if args.saelens_defaults else args.bandwidth
     cfg = sl.JumpReLUTrainingSAEConfig(
         d_in=d,
         d_sae=args.width,
         dtype="float32",
         device="cpu",
         apply_b_dec_to_input=True,
-        jumprelu_bandwidth=args.bandwidth,
+        jumprelu_bandwidth=bandwidth,
         jumprelu_sparsity_loss_mode="quadratic",
         target_l0=float(args.target_l0),
         l0_coefficient=args.sparsity_coeff,
@@ -191,7 +198,7 @@ def saelens_worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     for step in range(steps):
         x = next(batches).acts[args.site].float() / scale
-        if step == 0:
+        if step == 0 and not args.saelens_defaults:
             # The same data-dependent start openscope uses (see the module docstring).
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))
@@ -207,7 +214,7 @@ def saelens_worker(args: argparse.Namespace) -> None:
 
     # Convert to an openscope coder: same math (z = (x − b_dec) W_enc + b_enc, f = z·[z > θ],
     # x̂ = f W_dec + b_dec, all on x/C); save_coder folds C and the pre-encoder bias away.
-    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, width=args.width, bandwidth=args.bandwidth))
+    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, width=args.width, bandwidth=bandwidth))
     coder.set_scales(scale, scale)
     with torch.no_grad():
         coder.w_enc.copy_(sae.W_enc)
@@ -223,7 +230,7 @@ def saelens_worker(args: argparse.Namespace) -> None:
     if err > 1e-4:
         raise SystemExit(f"converted SAELens SAE disagrees with SAELens (relative error {err:.2e})")
     version = importlib.import_module("importlib.metadata").version("sae-lens")
-    out = OUT / "saelens"
+    out = OUT / ("saelens-defaults" if args.saelens_defaults else "saelens")
     save_coder(
         coder,
         out,
@@ -265,14 +272,14 @@ def main() -> None:
     if args.only in (None, "saelens"):
         log("[saelens] training in its venv")
         folder, seconds, version = run_saelens(args)
-        report["saelens"] = {
+        report["saelens-defaults" if args.saelens_defaults else "saelens"] = {
             "seconds": seconds,
             "version": version,
             **evaluate(folder, args.heldout, args.site),
         }
     report_path.write_text(json.dumps(report, indent=2))
     print(f"{'':10} {'L0':>7} {'FVU':>7} {'dead':>6} {'dense':>6} {'seconds':>8}")
-    for name in ("openscope", "saelens"):
+    for name in ("openscope", "saelens", "saelens-defaults"):
         if name in report:
             r = report[name]
             print(

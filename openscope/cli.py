@@ -25,6 +25,8 @@ from openscope.activations.store import ActivationStore
 from openscope.config import field_docs
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
+from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.serve import ServeConfig
 from openscope.train import TrainConfig, train
 
 app = typer.Typer(
@@ -219,6 +221,43 @@ app.command(
     "each dictionary spliced into the model, loss recovered vs zero-ablation. Writes report.json, report.md "
     "and PNG plots.",
 )(config_command(EvalConfig, _run_eval))
+
+
+def _run_serve(cfg: ServeConfig) -> None:
+    from openscope.serve.run import serve  # FastAPI and uvicorn load only for this command
+
+    console.print(f"openscope explorer: http://{cfg.host}:{cfg.port}/  (API docs: /docs; Ctrl-C stops)")
+    serve(cfg)
+
+
+app.command(
+    "serve",
+    help="Explore features in the browser: dashboards from `openscope features`, search, a prompt "
+    "inspector and a steering playground, on a local web server (API documented at /docs).",
+)(config_command(ServeConfig, _run_serve))
+
+
+def _run_features(cfg: FeaturesConfig) -> None:
+    result = compute_features(cfg, progress=True)
+    for name in result.skipped:
+        console.print(f"{name}: up to date (skipped)")
+    for name in result.computed:
+        console.print(f"{name}: dashboards written")
+    if result.computed:
+        console.print(
+            f"encoded {result.n_tokens} tokens in {result.seconds:.1f} s ({result.tokens_per_s:.0f} tokens/s)"
+        )
+    if result.exported:
+        console.print(f"exported {len(result.exported)} feature JSON files under {cfg.export}")
+    console.print(f"feature database: {result.output}")
+
+
+app.command(
+    "features",
+    help="Build feature dashboards (top and quantile examples, histograms, logit effects, neighbours) for "
+    "every latent of the dictionaries into a SQLite index; incremental and resumable. --export writes "
+    "each feature as JSON.",
+)(config_command(FeaturesConfig, _run_features))
 
 
 @app.command("export")

@@ -1,0 +1,125 @@
+"""Shared by test_serve.py and test_browser.py: a small feature database and a saved dictionary for the
+tiny Gemma 3, so the explorer can be tested without running `openscope features`.
+
+The database is written through the features module's own writer (`write_results`), with contents
+the tests know: latent 3 peaks on the token "ar" (of Paris) and promotes it, every other latent peaks on
+"om" (of Rome); latent 5 is latent 3's decoder neighbour.
+A second dictionary ("gone") is indexed but its folder does not exist, so it has dashboards but
+cannot run on text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from openscope.coders.coder import CoderConfig, SparseCoder
+from openscope.coders.dictionary import Dictionary, load_dictionary
+from openscope.coders.io import save_coder
+from openscope.features.compute import token_pieces
+from openscope.features.db import ExampleRow, FeatureRow, connect, write_results
+from openscope.features.schema import DictionaryInfo
+from openscope.models.load import LoadedModel
+from openscope.models.sites import Site, locate
+
+WIDTH = 32
+"""Latents of the test dictionary."""
+NAME = "1_resid_post_sae"
+"""Its name (folder name) in the database."""
+GONE = "0_resid_post_gone"
+"""An indexed dictionary whose folder is missing."""
+SITE = Site(1, "resid_post")
+TEXT = "The capital of France is Paris. The capital of Italy is Rome."
+
+
+def save_dictionary(loaded: LoadedModel, root: Path) -> Path:
+    """A random JumpReLU SAE on 1.resid_post of the tiny model, saved as a Gemma Scope 2 folder."""
+    coder = SparseCoder(CoderConfig(d_in=loaded.d_model, d_out=loaded.d_model, width=WIDTH, seed=3))
+    with torch.no_grad():
+        # A low threshold so that several latents fire on any text of the tiny random model.
+        coder.log_threshold.fill_(-6.0)  # type: ignore[union-attr]
+    point = locate(loaded.arch.layers, loaded.arch.layers_path, SITE)
+    return save_coder(coder, root / NAME, hook_point_in=point.hook_point, model_name=loaded.name)
+
+
+def _example(
+    ids: list[int], acts: list[float], latent: int, rank: int, kind: str = "top", bucket: int = 0
+) -> ExampleRow:
+    i = int(np.argmax(acts))
+    return ExampleRow(
+        latent=latent,
+        kind=kind,
+        bucket=bucket,
+        rank=rank,
+        context=rank,
+        position=i,
+        start=0,
+        max_index=i,
+        max_activation=float(acts[i]),
+        max_token_id=ids[i],
+        token_ids=np.asarray(ids),
+        activations=np.asarray(acts, dtype=np.float32),
+    )
+
+
+def write_db(path: Path, loaded: LoadedModel, folder: Path) -> Path:
+    """The test database: dashboards for every latent of the saved dictionary, and for "gone"."""
+    tok = loaded.tokenizer
+    ids: list[int] = tok(TEXT).input_ids
+    pieces = token_pieces(tok, ids)
+    # The tiny tokenizer has a 300-token vocabulary: "Paris" is P|ar|i|s, "Rome" is R|om|e.
+    paris = next(i for i in ids if pieces[i] == "ar")
+    rome = next(i for i in ids if pieces[i] == "om")
+    edges = [float(e) for e in np.logspace(-3, 2, 21)]
+    conn = connect(path)
+    for name, width, dict_folder in ((NAME, WIDTH, str(folder)), (GONE, 16, str(folder.parent / "missing"))):
+        features, examples, logits = [], [], []
+        for latent in range(width):
+            peak = paris if latent == 3 else rome
+            acts = [0.0] * len(ids)
+            acts[ids.index(peak)] = 2.0 + latent / 10
+            acts[max(0, ids.index(peak) - 1)] = 0.5
+            top = [_example(ids, [a * (1 - r / 10) for a in acts], latent, r) for r in range(3)]
+            quant = [_example(ids, [a / (4 - b) for a in acts], latent, 0, "quantile", b) for b in range(2)]
+            examples += top + quant
+            features.append(
+                FeatureRow(
+                    latent=latent,
+                    frequency=0.01 * (latent + 1),
+                    n_fired=latent + 1,
+                    max_activation=2.0 + latent / 10,
+                    mean_activation=1.0,
+                    top_token=pieces[peak],
+                    top_logit=pieces[peak],
+                    hist_first=5,
+                    hist_counts=[1, 4, 9, 3, 1],
+                    neighbours=[(5 if latent == 3 else 3, 0.8), ((latent + 1) % width, 0.1)],
+                )
+            )
+            logits += [(latent, 1, 0, peak, 1.5), (latent, 1, 1, ids[0], 0.5), (latent, -1, 0, ids[1], -1.2)]
+        info = DictionaryInfo(
+            name=name,
+            site="1.resid_post",
+            site_out="1.resid_post",
+            width=width,
+            model=loaded.name,
+            folder=dict_folder,
+            source="test",
+            n_tokens=1000,
+            complete=True,
+            alive=width,
+        )
+        settings: dict[str, Any] = {"hist_edges": edges, "quantile_buckets": 2}
+        write_results(conn, info, "test", settings, features, examples, logits, pieces)
+    conn.close()
+    return path
+
+
+def explorer_files(loaded: LoadedModel, root: Path) -> tuple[Path, Dictionary]:
+    """(database path, loaded dictionary) under root."""
+    folder = save_dictionary(loaded, root / "dicts")
+    db = write_db(root / "features.db", loaded, folder)
+    return db, load_dictionary(folder, loaded)
