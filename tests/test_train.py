@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from openscope.activations import ActivationStore, HarvestConfig, harvest
-from openscope.activations.store import write_tensors
+from openscope.activations.store import CHECKSUM, write_tensors
 from openscope.coders import load_coder
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
@@ -150,7 +150,7 @@ def test_nan_activations_stop_with_step_and_site(store_dir, tmp_path):
     store = ActivationStore(bad)
     shard = store.read_shard(0, list(store.read_shard_keys(0)))
     shard["1.resid_post"][3, 5] = float("nan")
-    store.manifest["shards"][0]["sha256"] = write_tensors(bad / store.shards[0]["file"], shard)
+    store.manifest["shards"][0][CHECKSUM] = write_tensors(bad / store.shards[0]["file"], shard)
     save_json(bad / "manifest.json", store.manifest)
     out = tmp_path / "d"
     with pytest.raises(OpenscopeError, match=r"non-finite activations at step \d+, site 1.resid_post"):

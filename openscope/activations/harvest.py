@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from openscope.activations.store import (
+    CHECKSUM,
     FORMAT,
     MANIFEST,
     STATS,
@@ -31,7 +32,7 @@ from openscope.activations.store import (
     ActivationStore,
     read_manifest,
     save_manifest,
-    sha256_file,
+    shard_intact,
     shard_name,
     site_stats,
     tokens_digest,
@@ -156,7 +157,7 @@ def _prepare_output(root: Path, ident: dict[str, Any], overwrite: bool) -> dict[
 def _check_finished(root: Path, manifest: dict[str, Any]) -> None:
     for shard in manifest["shards"]:
         path = root / shard["file"]
-        if not path.is_file() or sha256_file(path) != shard["sha256"]:
+        if not shard_intact(path, shard):
             raise OpenscopeError(
                 f"shard {shard['file']} of {root} is missing or corrupt (checksum mismatch); "
                 "rerun with --overwrite to harvest again"
@@ -278,7 +279,7 @@ class _ShardWriter:
 
     def _write(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
         digest = write_tensors(self.root / entry["file"], tensors)
-        self.manifest["shards"].append({**entry, "sha256": digest})
+        self.manifest["shards"].append({**entry, CHECKSUM: digest})
         save_manifest(self.root, self.manifest)
 
     def submit(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
