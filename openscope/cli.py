@@ -23,6 +23,7 @@ from rich.table import Table
 from openscope.activations.harvest import HarvestConfig, harvest
 from openscope.activations.store import ActivationStore
 from openscope.config import field_docs
+from openscope.demo import DemoConfig, demo
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
 from openscope.features.compute import FeaturesConfig, compute_features
@@ -258,6 +259,18 @@ app.command(
     "every latent of the dictionaries into a SQLite index; incremental and resumable. --export writes "
     "each feature as JSON.",
 )(config_command(FeaturesConfig, _run_features))
+
+
+def _run_demo(cfg: DemoConfig) -> None:
+    demo(cfg, say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+
+
+app.command(
+    "demo",
+    help="The whole loop on the embedded defaults: harvest Gemma 3 270M's middle layer on Wikipedia, train "
+    "a JumpReLU SAE, evaluate it on held-out text, build its dashboards and open the explorer. Rerun: "
+    "finished stages are skipped, interrupted ones resume.",
+)(config_command(DemoConfig, _run_demo))
 
 
 @app.command("export")

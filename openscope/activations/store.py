@@ -73,10 +73,16 @@ def sha256_file(path: Path) -> str:
     return file_checksum(path, "sha256")
 
 
+def shard_checksum(entry: dict[str, Any]) -> tuple[str, str]:
+    """A shard manifest entry's (algorithm, checksum): crc32 in new stores, sha256 in older ones."""
+    kind = CHECKSUM if CHECKSUM in entry else "sha256"
+    return kind, str(entry.get(kind, ""))
+
+
 def shard_intact(path: Path, entry: dict[str, Any]) -> bool:
     """Whether a shard file exists and matches its manifest entry's checksum (crc32 or sha256)."""
-    kind = CHECKSUM if CHECKSUM in entry else "sha256"
-    return path.is_file() and kind in entry and file_checksum(path, kind) == entry[kind]
+    kind, expected = shard_checksum(entry)
+    return path.is_file() and bool(expected) and file_checksum(path, kind) == expected
 
 
 def tokens_digest(contexts: Tensor) -> str:

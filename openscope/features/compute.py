@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from openscope.activations.harvest import resolve_device
-from openscope.activations.store import ActivationStore
+from openscope.activations.store import ActivationStore, shard_checksum
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, load_dictionary, validate_dictionary
 from openscope.data.packing import iter_contexts, keep_mask, to_batch
@@ -859,7 +859,7 @@ def compute_features(
         _check_store(store, [d.site_in for d in dicts])
         context_len = int(store.manifest["identity"]["context_len"])
         data_identity = json.dumps(
-            ["store", str(Path(cfg.store or "").resolve()), [s["sha256"] for s in store.shards]]
+            ["store", str(Path(cfg.store or "").resolve()), [shard_checksum(s)[1] for s in store.shards]]
         )
         source_label = str(cfg.store)
     else:
