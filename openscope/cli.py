@@ -52,13 +52,32 @@ def _option_type(tp: Any) -> Any:
     return tp
 
 
-def config_command(cls: type[C], run: Callable[[C], None]) -> Callable[..., None]:
-    """A typer command whose flags are the fields of dataclass `cls` (help from field docstrings)."""
+def config_command(
+    cls: type[C], run: Callable[[C], None], arguments: tuple[str, ...] = ()
+) -> Callable[..., None]:
+    """A typer command whose flags are the fields of dataclass `cls` (help from field docstrings).
+
+    Fields named in `arguments` are positional arguments instead (required when they have no default).
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     params = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in _SKIP_FIELDS:
+            continue
+        if f.name in arguments:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            value: Any = ...
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif not required:
+                value = f.default_factory()  # type: ignore[misc]
+            argument = typer.Argument(value, help=docs.get(f.name, ""), show_default=not required)
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=argument, annotation=hints[f.name]
+                )
+            )
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
@@ -180,8 +199,9 @@ def _run_train(cfg: TrainConfig) -> None:
     )
     for col in ("site", "folder", "L0", "FVU", "dead"):
         table.add_column(col)
-    for site, folder in result.folders.items():
-        last = result.final[site]
+    # A CLT has one folder (keyed by its first layer) and a row of final numbers per layer.
+    for site, last in result.final.items():
+        folder = result.folders.get(site, "")
         table.add_row(
             site, str(folder), f"{last['l0']:.1f}", f"{last['fvu']:.3f}", f"{last['dead_fraction']:.1%}"
         )
@@ -190,7 +210,7 @@ def _run_train(cfg: TrainConfig) -> None:
 
 app.command(
     "train",
-    help="Train sparse dictionaries (SAE, transcoder, skip-transcoder; JumpReLU, TopK, BatchTopK, ReLU; "
+    help="Train sparse dictionaries (SAE, transcoder, skip-transcoder, cross-layer transcoder; JumpReLU, TopK, BatchTopK, ReLU; "
     "optionally Matryoshka) on every chosen site of an activation store at once. Saved in the Gemma Scope 2 layout.",
 )(config_command(TrainConfig, _run_train))
 
@@ -213,6 +233,18 @@ def _run_eval(cfg: EvalConfig) -> None:
     if report.joint is not None:
         j = report.joint
         console.print(f"all at once: delta loss {j.delta_loss:.4f}, KL {j.kl:.4f}")
+    from openscope.eval.report import LAYER_COLUMNS, layer_rows
+
+    for d in report.dictionaries:  # a cross-layer transcoder: its layers one by one
+        if d.layers:
+            layers = Table(
+                title=f"{d.name} per layer (all {d.n_layers} spliced at once: delta loss {d.lm.delta_loss:.4f})"
+            )
+            for i, col in enumerate(LAYER_COLUMNS):
+                layers.add_column(col, justify="left" if i < 2 else "right")
+            for row in layer_rows(d):
+                layers.add_row(*row)
+            console.print(layers)
     console.print(f"report: {cfg.output / 'report.md'} (and report.json, plots)")
 
 
@@ -296,6 +328,238 @@ def export_command(
 def show_command(store: Path = typer.Argument(..., help="An activation store folder.")) -> None:
     """Summarise an activation store: model, data, sites, sizes and normalisation statistics."""
     print_store_summary(store)
+
+
+def _run_attribute(cfg: Any) -> None:
+    from openscope.attribution.commands import run_attribute
+
+    result = run_attribute(cfg)
+    m = result.document.metadata.openscope
+    assert m is not None
+    s = m.metrics
+    logits = [n for n in result.document.nodes if n.feature_type == "logit"]
+    top = ", ".join(f"{n.token!r} {n.token_prob:.2f}" for n in logits)
+    console.print(f"next token: {top}")
+    console.print(
+        f"{s.n_active_features} latents active, {s.n_feature_nodes} attributed in {s.seconds:.1f} s; kept "
+        f"{s.n_nodes} nodes and {s.n_links} links; {s.nodes_for_80_percent} nodes hold 80% of the influence"
+    )
+    console.print(f"replacement score {s.replacement_score:.3f}, completeness {s.completeness_score:.3f}")
+    console.print(f"graph: {result.path}")
+
+
+def _run_intervene(cfg: Any) -> None:
+    from openscope.attribution.commands import run_intervene
+
+    r = run_intervene(cfg)
+    edits = ", ".join(f"{e.node_id} x{e.factor:g}" for e in r.edits)
+    table = Table(title=f"{r.prompt!r} with {edits}")
+    for col in ("before", "p", "after", "p"):
+        table.add_column(col)
+    for b, a in zip(r.top_before, r.top_after, strict=True):
+        table.add_row(repr(b.token), f"{b.probability:.3f}", repr(a.token), f"{a.probability:.3f}")
+    console.print(table)
+    for g in r.graph_logits:
+        console.print(f"graph logit {g.token!r}: p {g.probability_before:.3f} -> {g.probability_after:.3f}")
+
+
+def _add_attribution_commands() -> None:
+    from openscope.attribution.commands import AttributeConfig, InterveneConfig
+
+    app.command(
+        "attribute",
+        help="Attribution graph of a prompt: the replacement model of per-layer transcoders or a cross-layer "
+        "transcoder (attention and norms frozen, error nodes kept), direct effects between tokens, latents, "
+        "errors and the top logits, pruned by influence; written as circuit-tracer / Neuronpedia graph JSON "
+        "with replacement and completeness scores.",
+    )(config_command(AttributeConfig, _run_attribute, arguments=("prompt",)))
+    app.command(
+        "intervene",
+        help="Zero or scale feature nodes of an attribution graph on its prompt and compare the top next "
+        "tokens before and after.",
+    )(config_command(InterveneConfig, _run_intervene, arguments=("graph",)))
+
+
+_add_attribution_commands()
+
+
+# ---- `openscope chat ...`: every chat analysis registers its sub-command on chat_app -------------------
+
+chat_app = typer.Typer(
+    help="Chat-behaviour analysis: chat data with a role per token, role-specific latents, base-vs-chat "
+    "diffing (and the contrast-direction analyses). Each writes report.json, report.md and PNG plots.",
+    no_args_is_help=True,
+)
+app.add_typer(chat_app, name="chat")
+_ROLE_STYLE = {"template": "dim", "system": "magenta", "user": "cyan", "model": "green"}
+
+
+@chat_app.command("tokens")
+def chat_tokens_command(
+    source: str = typer.Option(
+        "sharegpt[:200]", help="Chat source: sharegpt or chat:PATH, sliced by conversation."
+    ),
+    model: str = typer.Option(
+        "gemma-3-270m", help="Model whose tokenizer and chat template render the data."
+    ),
+    show: int = typer.Option(0, help="Print the first N conversations token by token, coloured by role."),
+    output: Optional[Path] = typer.Option(None, help="Also write the counts to this JSON file."),  # noqa: UP045
+    cache_dir: Optional[Path] = typer.Option(None, help="Model cache folder."),  # noqa: UP045
+) -> None:
+    """Render chat data with the model's chat template and count its tokens per role (template, system, user, model); --show prints conversations with every token coloured by its role."""
+    import itertools
+
+    from rich.text import Text
+
+    from openscope.chat.data import ChatSource, count_roles
+    from openscope.chat.template import ROLES, render_many
+    from openscope.config import save_json
+    from openscope.models.load import load_model
+
+    tok = load_model(model, cache_dir=cache_dir).tokenizer
+    for r in render_many(tok, list(itertools.islice(ChatSource(source).conversations(), show))):
+        text = Text()
+        for piece, role in zip(tok.convert_ids_to_tokens(r.input_ids), r.roles, strict=True):
+            text.append(tok.convert_tokens_to_string([piece]), style=_ROLE_STYLE[ROLES[role]])
+        console.print(text)
+        console.print("legend: " + ", ".join(f"[{s}]{n}[/]" for n, s in _ROLE_STYLE.items()))
+    counts = count_roles(source, tok)
+    table = Table(title=f"{counts.conversations} conversations of {source!r} rendered for {model}")
+    for col in ("role", "tokens", "share", "turns"):
+        table.add_column(col)
+    for role, n in counts.tokens.items():
+        table.add_row(role, str(n), f"{n / max(counts.total, 1):.1%}", str(counts.turns.get(role, "")))
+    table.add_row("all", str(counts.total), "100%", str(sum(counts.turns.values())))
+    console.print(table)
+    if output is not None:
+        save_json(output, {"source": source, "model": model, **counts._asdict(), "total": counts.total})
+        console.print(f"counts: {output}")
+
+
+def _run_chat_roles(cfg: Any) -> None:
+    from openscope.chat.roles import role_report
+
+    result = role_report(cfg)
+    for role, rows in result.ranked.items():
+        shown = ", ".join(f"#{r.latent} ({r.specificity:.2f})" for r in rows[:8]) or "none"
+        console.print(f"most specific to {role}: {shown}")
+    console.print(f"report: {result.files[1]} (and report.json, roles.png)")
+
+
+def _run_chat_diff(cfg: Any) -> None:
+    from openscope.chat.diff import chat_diff
+
+    result = chat_diff(cfg)
+    table = Table(
+        title=f"one dictionary on two checkpoints (r of log frequencies {result.frequency_correlation:.3f})"
+    )
+    for col in ("", "model", "L0", "FVU", "delta loss", "KL", "alive"):
+        table.add_column(col)
+    for label, s in (("A", result.a), ("B", result.b)):
+        table.add_row(
+            label, s.model, f"{s.l0:.1f}", f"{s.fvu:.3f}", f"{s.delta_loss:.4f}", f"{s.kl:.4f}", str(s.alive)
+        )
+    console.print(table)
+    console.print(f"report: {result.files[1]} (and report.json, diff.png)")
+
+
+def _add_chat_commands() -> None:
+    from openscope.chat.diff import DiffConfig
+    from openscope.chat.roles import RolesConfig
+
+    chat_app.command(
+        "roles",
+        help="Per-role firing frequency and mean activation of a dictionary's latents on chat data, and the "
+        "latents most specific to template, system, user and model tokens.",
+    )(config_command(RolesConfig, _run_chat_roles))
+    chat_app.command(
+        "diff",
+        help="Apply one dictionary to two checkpoints of one architecture (base vs chat) on the same data: "
+        "which latents' frequencies change most, and its FVU and delta loss on each model.",
+    )(config_command(DiffConfig, _run_chat_diff))
+
+
+_add_chat_commands()
+
+
+def _chat_done(kind: str, output: Path | None, headline: str) -> None:
+    console.print(headline)
+    console.print(f"{kind} report: {output / 'report.md' if output else '-'} (and report.json, plots)")
+
+
+def _run_chat_contrast(cfg: Any) -> None:
+    from openscope.chat.contrast import run_contrast
+
+    r = run_contrast(cfg)
+    b = r.best.auroc
+    _chat_done(
+        "contrast",
+        r.output,
+        f"best site {r.best.site.name}: held-out AUROC {b.auc:.3f} [{b.low:.3f}, {b.high:.3f}]",
+    )
+
+
+def _run_chat_ablate(cfg: Any) -> None:
+    from openscope.chat.ablate import run_ablate
+
+    r = run_ablate(cfg)
+    lines = [
+        f"{c.name} ({c.prompts}): KL {c.kl:.4f}, P(watch) {c.watch_clean:.3f} -> {c.watch_edited:.3f}"
+        for c in r.conditions
+    ]
+    _chat_done("ablate", r.output, "\n".join(lines))
+
+
+def _run_chat_jailbreak(cfg: Any) -> None:
+    from openscope.chat.jailbreak import run_jailbreak
+
+    r = run_jailbreak(cfg)
+    top = ", ".join(f"{t.name} ({t.shift:+.2f})" for t in r.templates[:3])
+    _chat_done(
+        "jailbreak", r.output, f"plain requests at {r.plain_position:.2f}; most harmless-looking: {top}"
+    )
+
+
+def _run_chat_sweep(cfg: Any) -> None:
+    from openscope.chat.sweep import run_sweep
+
+    r = run_sweep(cfg)
+    pts = "; ".join(f"{p.strength:g}: eff {p.efficacy:.3g}, loss {p.loss:.2f}" for p in r.points)
+    _chat_done("sweep", r.output, f"{r.target}: {pts}")
+
+
+def _run_chat_cot(cfg: Any) -> None:
+    from openscope.chat.cot import run_cot
+
+    r = run_cot(cfg)
+    i = r.best
+    _chat_done(
+        "cot",
+        r.output,
+        f"model accuracy {float(r.at_answer[-1]):.0%} (chance {r.chance:.0%}); best layer {r.layers[i]}: readable "
+        f"before written {float(r.before_mention[i]):.0%} vs control {float(r.before_mention_control[i]):.0%}",
+    )
+
+
+def _add_chat_analysis_commands() -> None:
+    from openscope.chat.ablate import AblateConfig
+    from openscope.chat.contrast import ContrastConfig
+    from openscope.chat.cot import CotConfig
+    from openscope.chat.jailbreak import JailbreakConfig
+    from openscope.chat.sweep import SweepConfig
+
+    # Help text: each config's class docstring, on one line.
+    for name, cls, run in (
+        ("contrast", ContrastConfig, _run_chat_contrast),
+        ("ablate", AblateConfig, _run_chat_ablate),
+        ("jailbreak", JailbreakConfig, _run_chat_jailbreak),
+        ("sweep", SweepConfig, _run_chat_sweep),
+        ("cot", CotConfig, _run_chat_cot),
+    ):
+        chat_app.command(name, help=" ".join((cls.__doc__ or "").split()))(config_command(cls, run))
+
+
+_add_chat_analysis_commands()
 
 
 def main() -> None:

@@ -10,6 +10,11 @@ Two kinds of edit (an `Intervention`), at a dictionary's output site, at every p
   the latents, this equals y + (v − f_l(x))·d_l — computed that way, so no other latent's
   contribution and no part of the error moves even by rounding. Several latents of one dictionary
   are clamped from one encoding of the unedited input, so they do not disturb each other.
+- **multiply**: a clamp to value × the latent's own activation, y ← y + (s − 1)·f_l(x)·d_l (s = 0 removes
+  the latent: the interventions of attribution graphs, `openscope.attribution.intervene`).
+
+Cross-layer transcoders steer too: latent l = i·width + j is layer i's latent j; it is read at the CLT's
+i-th input site and every edit lands at each output site m ≥ i with that layer's decoder W_dec^{i→m}[j].
 
 Edits of several dictionaries apply together; each dictionary reads its input as the forward
 produces it (edits upstream reach it). Positions are absolute token positions in the sequence
@@ -33,10 +38,12 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, validate_dictionary
 from openscope.data.packing import keep_mask
 from openscope.errors import OpenscopeError
+from openscope.eval.splice import encode_layer
 from openscope.features.schema import (
     InspectResult,
     InspectToken,
@@ -45,23 +52,24 @@ from openscope.features.schema import (
     SteerRequest,
     SteerResult,
 )
-from openscope.models.hooks import hook_site, run_to_sites
+from openscope.models.hooks import SiteFn, hook_site, run_to_sites
 from openscope.models.load import LoadedModel
 
-Mode = Literal["add", "clamp"]
+Mode = Literal["add", "clamp", "multiply"]
 
 
 class Intervention(NamedTuple):
     """One edit of one latent."""
 
     dictionary: Dictionary
-    """The dictionary holding the latent (a single-layer SAE, transcoder or skip-transcoder)."""
+    """The dictionary holding the latent (an SAE, transcoder, skip-transcoder or cross-layer transcoder)."""
     latent: int
-    """Latent index."""
+    """Latent index (a cross-layer transcoder: layer i's latent j is i·width + j)."""
     mode: Mode = "add"
-    """add: add value × the latent's output direction; clamp: set the latent's activation to value."""
+    """add: add value × the latent's output direction; clamp: set the latent's activation to value;
+    multiply: multiply the latent's activation by value."""
     value: float = 1.0
-    """Strength (add) or target activation (clamp)."""
+    """Strength (add), target activation (clamp) or factor (multiply)."""
     positions: tuple[int, ...] | None = None
     """Absolute token positions to edit (BOS = 0); None: every position."""
 
@@ -118,15 +126,14 @@ class StepState:
     """Absolute position of the first token of the current forward."""
 
 
-def check_intervention(iv: Intervention, loaded: LoadedModel | None = None) -> SparseCoder:
+def check_intervention(iv: Intervention, loaded: LoadedModel | None = None) -> SparseCoder | CrossLayerCoder:
     """Validate one intervention; returns its coder."""
-    coder = coder_of(iv.dictionary)
-    if iv.mode not in ("add", "clamp"):
-        raise OpenscopeError(f"unknown steering mode {iv.mode!r}; choose add or clamp")
-    if not 0 <= iv.latent < coder.cfg.width:
-        raise OpenscopeError(
-            f"latent {iv.latent} is out of range for {iv.dictionary.name} (width {coder.cfg.width})"
-        )
+    coder = iv.dictionary.coder
+    if iv.mode not in ("add", "clamp", "multiply"):
+        raise OpenscopeError(f"unknown steering mode {iv.mode!r}; choose add, clamp or multiply")
+    width = coder.cfg.width * iv.dictionary.n_layers  # a CLT numbers all its layers' latents
+    if not 0 <= iv.latent < width:
+        raise OpenscopeError(f"latent {iv.latent} is out of range for {iv.dictionary.name} (width {width})")
     if iv.positions is not None and any(p < 0 for p in iv.positions):
         raise OpenscopeError("steering positions must be non-negative token positions (BOS = 0)")
     if loaded is not None:
@@ -140,7 +147,7 @@ class _DictionarySteer:
     def __init__(self, d: Dictionary, ivs: list[Intervention], state: StepState) -> None:
         self.d, self.ivs, self.state = d, ivs, state
         self.coder = coder_of(d)
-        self.clamps = [iv for iv in ivs if iv.mode == "clamp"]
+        self.clamps = [iv for iv in ivs if iv.mode in ("clamp", "multiply")]
         self.x: Tensor | None = None
 
     def read(self, x: Tensor) -> None:
@@ -157,7 +164,7 @@ class _DictionarySteer:
             f = latent_values(self.coder, x, [iv.latent for iv in self.clamps])
             for j, iv in enumerate(self.clamps):
                 mask = position_mask(self.state.offset, seq, batch, iv.positions)
-                change = (iv.value - f[..., j]).to(y.dtype)
+                change = clamp_change(iv, f[..., j]).to(y.dtype)
                 if mask is not None:
                     change = change * mask.to(y.device, y.dtype)
                 direction = output_direction(self.coder, iv.latent).to(y.device, y.dtype)
@@ -168,6 +175,55 @@ class _DictionarySteer:
                 out = add_direction(out, output_direction(self.coder, iv.latent), iv.value, mask)
         self.x = None
         return out
+
+
+def clamp_change(iv: Intervention, f: Tensor) -> Tensor:
+    """How much a clamp or multiply moves the latent from its activation f: v − f, or (s − 1)·f."""
+    return iv.value - f if iv.mode == "clamp" else (iv.value - 1.0) * f
+
+
+class _CLTSteer:
+    """The hooks of all interventions on one cross-layer transcoder: read each edited layer's input,
+    add each edit at every output site from its layer on."""
+
+    def __init__(self, d: Dictionary, ivs: list[Intervention], state: StepState) -> None:
+        assert isinstance(d.coder, CrossLayerCoder)
+        self.d, self.coder, self.state = d, d.coder, state
+        width = d.coder.cfg.width
+        self.by_layer: dict[int, list[tuple[Intervention, int]]] = {}
+        for iv in ivs:
+            self.by_layer.setdefault(iv.latent // width, []).append((iv, iv.latent % width))
+        self.changes: dict[int, list[tuple[int, Tensor]]] = {}
+        """Per source layer, (latent j, [batch, seq] change of its activation) for the current forward."""
+
+    def reader(self, i: int) -> SiteFn:
+        def read(x: Tensor) -> None:
+            batch, seq = x.shape[:2]
+            w = self.coder.w_enc
+            f = encode_layer(self.coder, i, x.reshape(-1, x.shape[-1]).to(w.device, w.dtype))
+            f = f.reshape(batch, seq, -1).to(x.device)
+            out = []
+            for iv, j in self.by_layer[i]:
+                if iv.mode == "add":
+                    change = torch.full((batch, seq), iv.value, dtype=x.dtype, device=x.device)
+                else:
+                    change = clamp_change(iv, f[..., j]).to(x.dtype)
+                mask = position_mask(self.state.offset, seq, batch, iv.positions)
+                out.append((j, change if mask is None else change * mask.to(x.device, x.dtype)))
+            self.changes[i] = out
+
+        return read
+
+    def writer(self, m: int) -> SiteFn:
+        def write(y: Tensor) -> Tensor:
+            out = y
+            for i in range(m + 1):
+                for j, change in self.changes.get(i, []):
+                    direction = self.coder.decoder(i, m)[j].detach().to(y.device, y.dtype)
+                    out = out + change.unsqueeze(-1) * direction
+            return out
+
+        return write
 
 
 @contextmanager
@@ -186,6 +242,13 @@ def steering(
     with ExitStack() as stack:
         for key, ivs in by_dict.items():
             d = dicts[key]
+            if d.is_multilayer:
+                clt = _CLTSteer(d, ivs, state)
+                for i in clt.by_layer:
+                    stack.enter_context(hook_site(loaded, d.sites_in[i], clt.reader(i)))
+                for m in range(min(clt.by_layer), d.n_layers):
+                    stack.enter_context(hook_site(loaded, d.sites_out[m], clt.writer(m)))
+                continue
             steer = _DictionarySteer(d, ivs, state)
             if d.site_in != d.site_out:
                 stack.enter_context(hook_site(loaded, d.site_in, steer.read))
@@ -287,7 +350,7 @@ def generate(
             SteerIntervention(
                 dictionary=iv.dictionary.name,
                 latent=iv.latent,
-                mode=iv.mode,
+                mode=iv.mode,  # type: ignore[arg-type]  # never multiply: refused above
                 value=iv.value,
                 positions=list(iv.positions) if iv.positions is not None else None,
             )

@@ -1,5 +1,6 @@
-"""Shared by test_serve.py and test_browser.py: a small feature database and a saved dictionary for the
-tiny Gemma 3, so the explorer can be tested without running `openscope features`.
+"""Shared by the explorer's tests: a small feature database and a saved dictionary for the tiny Gemma 3,
+so the explorer can be tested without running `openscope features`; and a uvicorn server run in a
+thread on a free local port (`running`, `free_port`).
 
 The database is written through the features module's own writer (`write_results`), with contents
 the tests know: latent 3 peaks on the token "ar" (of Paris) and promotes it, every other latent peaks on
@@ -10,6 +11,11 @@ cannot run on text.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,41 @@ from openscope.features.db import ExampleRow, FeatureRow, connect, write_results
 from openscope.features.schema import DictionaryInfo
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, locate
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(server: Any, timeout: float = 30.0) -> Iterator[None]:
+    """Run a `uvicorn.Server` in a daemon thread until the block ends; wait until it accepts requests."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the explorer did not start within {timeout:.0f} s")
+            time.sleep(0.05)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def served(app: Any) -> Iterator[str]:
+    """Serve a FastAPI app on a free local port for the block; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    with running(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))):
+        yield f"http://127.0.0.1:{port}"
+
 
 WIDTH = 32
 """Latents of the test dictionary."""

@@ -14,15 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import NAME, TEXT, explorer_files
+from serve_helpers import NAME, TEXT, explorer_files, served
 
 from openscope.models.load import LoadedModel
 from openscope.serve import ServeConfig
@@ -41,31 +38,12 @@ sync_api = pytest.importorskip(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The explorer on a free local port, served by uvicorn in a thread for this module."""
-    import uvicorn
-
     db, _ = explorer_files(tiny, tmp_path_factory.mktemp("explorer"))
-    app = create_app(ServeConfig(db=db), loaded=tiny)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the explorer did not start within 30 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(create_app(ServeConfig(db=db), loaded=tiny)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,28 @@ def test_encoder_scale_fit_keeps_the_active_set_and_lowers_the_error(activation:
     assert (coder.decode(after) - x).pow(2).sum() <= err_before
 
 
+def test_aligned_transcoder_decoder_starts_below_the_mean_predictor() -> None:
+    """A random transcoder's rows point either way; after the sign alignment every latent's
+    contribution leans towards the target, the active set is unchanged, and the scaled start beats
+    predicting the mean (FVU < 1), which the unaligned start need not."""
+    torch.manual_seed(0)
+    coder = SparseCoder(CoderConfig(d_in=16, d_out=12, width=64, kind="transcoder", seed=2))
+    x = torch.randn(400, 16) * 3.0
+    y = x @ torch.randn(16, 12) + 1.0
+    coder.init_decoder_bias_(y)
+    coder.calibrate_threshold_(x, target_l0=6)
+    active = coder.encode(x) > 0
+    flipped = coder.align_decoder_signs_(x, y)
+    assert 0 < flipped < 64
+    assert torch.equal(coder.encode(x) > 0, active)
+    lean = ((coder.encode(x).t() @ (y - coder.b_dec)) * coder.w_dec).sum(1)
+    assert (lean >= 0).all()
+    assert coder.align_decoder_signs_(x, y) == 0  # idempotent
+    coder.fit_encoder_scale_(x, y)
+    fvu = (coder.decode(coder.encode(x)) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    assert fvu < 1
+
+
 def test_threshold_estimator_and_conversion() -> None:
     est = ThresholdEstimator(4)
     est.update(torch.tensor([[5.0, 4.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0]]), per_row=False)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from serve_helpers import free_port, running
 from typer.testing import CliRunner
 
 from openscope import demo as demo_module
@@ -22,12 +21,6 @@ from openscope.demo import STATE, DemoConfig, explorer, run_demo, summary
 from openscope.errors import OpenscopeError
 from openscope.features.db import FeatureDB
 from openscope.models.load import LoadedModel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tiny_config(model_dir: Path, text: Path, output: Path, **over: Any) -> DemoConfig:
@@ -122,21 +115,12 @@ def test_demo_end_to_end_then_rerun_skips(
     # serve: the explorer on the demo's files answers the API; then shut it down.
     serving = tiny_config(tiny_model_dir, text_file, root, serve=True)
     server = explorer(serving, result, tiny)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the explorer did not start"
-            time.sleep(0.05)
+    with running(server):
         base = f"http://127.0.0.1:{serving.port}"
         api = get_json(f"{base}/api/info")
         assert api["loaded"] == [name]
         feature = get_json(f"{base}/api/feature?dictionary={name}&latent={alive}")
         assert feature["latent"] == alive and feature["top_examples"]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
     # Rerun (through the CLI): every stage skipped, the model never loaded, no file rewritten.
     before = snapshot(root)

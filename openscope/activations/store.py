@@ -6,7 +6,8 @@ Layout of a store folder:
 - `shard_00000.safetensors`, …: one tensor per site `[rows, width]`; `token_ids`, `context`
   (global context index) and `position` per row; `contexts` `[n, context_len]`, the token ids
   of every context in the shard (dashboards show the text around a row); and `stats.sum.<site>`
-  (float64 sum of the rows, for means).
+  (float64 sum of the rows, for means). Stores of chat data also keep `role` (uint8) per row, the
+  role of its token (index into the manifest's `roles` list: template, system, user, model).
 - `stats.safetensors`: per-site mean activation vector, written when the store is complete.
 
 Shards and the manifest are written to a temporary name and renamed, so a crash at any
@@ -170,6 +171,8 @@ class ActivationBatch(NamedTuple):
     """Global context index of each row [batch]."""
     position: Tensor
     """Position of each row inside its context [batch]."""
+    role: Tensor | None = None
+    """Role of each row's token [batch] (chat stores; index into the manifest's `roles`), else None."""
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -209,6 +212,20 @@ class ActivationStore:
     @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
+
+    @property
+    def roles(self) -> list[str] | None:
+        """Names of the roles its rows are labelled with (chat data), or None (plain text, older stores)."""
+        roles = self.manifest.get("roles")
+        return list(roles) if roles else None
+
+    def check_roles(self, roles: Sequence[int]) -> None:
+        """Raise unless the store can filter rows by role (it was harvested from a chat source)."""
+        if roles and self.roles is None:
+            raise OpenscopeError(
+                f"the store at {self.root} has no token roles (not harvested from a chat source); "
+                "drop --roles or harvest --source sharegpt / chat:PATH"
+            )
 
     def width(self, site: str) -> int:
         return int(self.manifest["sites"][self.check_site(site)]["width"])
@@ -265,15 +282,19 @@ class ActivationStore:
         shards_in_memory: int = 2,
         epochs: int | None = 1,
         drop_last: bool = False,
+        roles: Sequence[int] = (),
     ) -> Iterator[ActivationBatch]:
         """Shuffled batches across shards, deterministic for a seed.
 
         Each epoch visits the shards in a seeded random order, `shards_in_memory` at a time; the
         rows of that window (plus the leftover of the last one) are shuffled and cut into batches.
-        Memory holds at most that window, never the whole store.
+        Memory holds at most that window, never the whole store. `roles` (ids; chat stores) keeps
+        only rows of those roles.
         """
         keys = [self.check_site(s) for s in sites]
-        meta = ["token_ids", "context", "position"]
+        self.check_roles(roles)
+        meta = ["token_ids", "context", "position"] + (["role"] if self.roles is not None else [])
+        wanted = torch.tensor(list(roles), dtype=torch.uint8)
         epoch = 0
         while epochs is None or epoch < epochs:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -284,6 +305,9 @@ class ActivationStore:
                 if carry is not None:
                     parts.insert(0, carry)
                 window = {k: torch.cat([p[k] for p in parts]) for k in keys + meta}
+                if len(wanted):
+                    sel = torch.isin(window["role"], wanted)
+                    window = {k: v[sel] for k, v in window.items()}
                 perm = torch.randperm(len(window["token_ids"]), generator=gen)
                 n_full = len(perm) // batch_size * batch_size
                 for b in range(0, n_full, batch_size):
@@ -293,6 +317,7 @@ class ActivationStore:
                         window["token_ids"][idx],
                         window["context"][idx],
                         window["position"][idx],
+                        window["role"][idx] if "role" in window else None,
                     )
                 rest = perm[n_full:]
                 carry = {k: v[rest] for k, v in window.items()} if len(rest) else None
@@ -302,6 +327,7 @@ class ActivationStore:
                     carry["token_ids"],
                     carry["context"],
                     carry["position"],
+                    carry.get("role"),
                 )
             epoch += 1
 

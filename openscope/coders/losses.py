@@ -25,6 +25,12 @@ def fvu(target: Tensor, recon: Tensor) -> Tensor:
     return (target - recon).pow(2).sum() / total.clamp_min(1e-12)
 
 
+def fvu_per_layer(target: Tensor, recon: Tensor) -> Tensor:
+    """[L] FVU of each layer of stacked activations [L, B, d] (a CLT's), each against its own layer's mean."""
+    total = (target - target.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    return (target - recon).pow(2).sum((1, 2)) / total.clamp_min(1e-12)
+
+
 def l0_linear_loss(l0: Tensor, coeff: float) -> Tensor:
     """Gemma Scope 1 sparsity: λ·L0 (L0 from the STE step, so it has a gradient to θ)."""
     return coeff * l0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from openscope.coders import losses as L
 from openscope.coders.coder import Path, SparseCoder
@@ -116,8 +116,9 @@ class DeadLatentTracker:
         return self.tokens_since_fired >= self.dead_after_tokens
 
 
-def make_optimizer(coder: SparseCoder, lr: float = 7e-5, threshold_lr_scale: float = 1.0) -> torch.optim.Adam:
+def make_optimizer(coder: nn.Module, lr: float = 7e-5, threshold_lr_scale: float = 1.0) -> torch.optim.Adam:
     """Adam with β = (0, 0.999) (Gemma Scope); JumpReLU's log θ may learn `threshold_lr_scale`× faster.
+    Any coder whose threshold parameter is named `log_threshold` (SparseCoder, CrossLayerCoder).
 
     Adam moves a parameter by about lr per step, so log θ changes by ~lr per step: over a run of a
     few hundred steps the thresholds (and with them L0) barely move unless they get a larger rate.

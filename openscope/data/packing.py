@@ -54,28 +54,53 @@ def _token_stream(
         yield from flush()
 
 
-def iter_contexts(docs: Iterable[str], tokenizer: Any, context_len: int) -> Iterator[list[int]]:
-    """Yield packed contexts (lists of `context_len` ids), each starting with BOS; the last is padded."""
+def pack_labelled(
+    seqs: Iterable[tuple[list[int], list[int]]], context_len: int, bos: int, pad: int, fill: int = 0
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Pack (ids, labels) sequences, each starting with BOS, into contexts of `context_len` ids.
+
+    A label travels with its token (chat roles); a BOS put in front of a context that starts
+    mid-sequence, and the padding of the last context, get the label `fill`.
+    """
     if context_len < 2:
         raise ValueError("context_len must be at least 2")
-    bos = tokenizer.bos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if bos is None or pad is None:
-        raise ValueError("the tokenizer needs a BOS token and a pad (or EOS) token")
     current: list[int] = []
-    for ids in _token_stream(docs, tokenizer, bos):
+    labels: list[int] = []
+    for ids, labs in seqs:
         pos = 0
         while pos < len(ids):
             if not current and ids[pos] != bos:
                 current.append(bos)
+                labels.append(fill)
             take = min(context_len - len(current), len(ids) - pos)
             current.extend(ids[pos : pos + take])
+            labels.extend(labs[pos : pos + take])
             pos += take
             if len(current) == context_len:
-                yield current
-                current = []
+                yield current, labels
+                current, labels = [], []
     if len(current) > 1:
-        yield current + [pad] * (context_len - len(current))
+        n_pad = context_len - len(current)
+        yield current + [pad] * n_pad, labels + [fill] * n_pad
+
+
+def bos_and_pad(tokenizer: Any) -> tuple[int, int]:
+    """The BOS id and the pad id (EOS when there is no pad) packing uses."""
+    bos = tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if bos is None or pad is None:
+        raise ValueError("the tokenizer needs a BOS token and a pad (or EOS) token")
+    return bos, pad
+
+
+def iter_contexts(docs: Iterable[str], tokenizer: Any, context_len: int) -> Iterator[list[int]]:
+    """Yield packed contexts (lists of `context_len` ids), each starting with BOS; the last is padded."""
+    if context_len < 2:
+        raise ValueError("context_len must be at least 2")
+    bos, pad = bos_and_pad(tokenizer)
+    seqs = ((ids, ids) for ids in _token_stream(docs, tokenizer, bos))  # documents carry no labels
+    for ids, _ in pack_labelled(seqs, context_len, bos, pad):
+        yield ids
 
 
 def to_batch(contexts: list[list[int]], tokenizer: Any) -> Contexts:

