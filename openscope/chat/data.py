@@ -43,7 +43,7 @@ from openscope.chat.template import (
     role_name,
 )
 from openscope.data.packing import bos_and_pad, iter_contexts, pack_labelled
-from openscope.data.sources import _package_dir, open_source, split_slice
+from openscope.data.sources import _package_dir, iter_jsonl, open_source, split_slice
 from openscope.errors import OpenscopeError
 
 log = logging.getLogger(__name__)
@@ -135,17 +135,12 @@ def file_conversations(path: Path) -> Iterator[list[Message]]:
     if not path.is_file():
         raise OpenscopeError(f"no conversation file at {path}")
     suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            yield conversation_from(obj, f"{path}:{lineno}")
+        return
     with path.open(encoding="utf-8") as fh:
-        if suffix == ".jsonl":
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise OpenscopeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                yield conversation_from(obj, f"{path}:{lineno}")
-        elif suffix == ".json":
+        if suffix == ".json":
             if fh.read(4096).lstrip().startswith("{"):  # one conversation, not a list of them
                 fh.seek(0)
                 try:

@@ -27,6 +27,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from openscope.errors import OpenscopeError
 
@@ -86,19 +87,25 @@ SOURCES: dict[str, tuple[str, Callable[[], Iterator[str]]]] = {
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 
 
-def _jsonl(path: Path, field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded object) for each non-blank line of a JSONL file; a bad line is an error
+    naming the file and line."""
     with path.open(encoding="utf-8") as lines:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise OpenscopeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            text = obj if isinstance(obj, str) else obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise OpenscopeError(f"{path}:{lineno}: no string field {field!r} (set --text-field)")
-            yield text
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    for lineno, obj in iter_jsonl(path):
+        text = obj if isinstance(obj, str) else obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise OpenscopeError(f"{path}:{lineno}: no string field {field!r} (set --text-field)")
+        yield text
 
 
 def _column(table, path: Path, field: str) -> Iterator[str]:
