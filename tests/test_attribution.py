@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from attribution_helpers import D, clt, save_dictionaries, transcoder, transcoders
 from typer.testing import CliRunner
 
 from openscope.attribution import attribute, graph_file, load_graph, save_graph
@@ -26,47 +26,17 @@ from openscope.attribution.graph import (
 from openscope.attribution.intervene import intervene, node_id_of, parse_edit
 from openscope.attribution.replacement import ReplacementModel, decoder_vectors, pre_activations
 from openscope.attribution.schema import GraphFile, LatentEdit
-from openscope.coders.clt import CLTConfig, CrossLayerCoder
+from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
-from openscope.coders.io import save_clt, save_coder
+from openscope.coders.io import save_coder
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import hook_site
 from openscope.models.load import LoadedModel
-from openscope.models.sites import Site, locate
+from openscope.models.sites import Site
 from openscope.steer import prompt_ids
 
 PROMPT = "The capital of France is"
-D = 64  # the tiny model's width
-
-
-def transcoder(layer: int, seed: int = 0, skip: bool = True) -> Dictionary:
-    """A random (skip-)transcoder with unfolded scales C_in ≠ C_out, so the replacement must honour them."""
-    kind = "skip_transcoder" if skip else "transcoder"
-    c = SparseCoder(CoderConfig(d_in=D, d_out=D, width=24, kind=kind, seed=seed))  # type: ignore[arg-type]
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        c.b_enc.normal_(0, 0.3, generator=g)
-        c.b_dec.normal_(0, 0.1, generator=g)
-        if c.w_skip is not None:
-            c.w_skip.normal_(0, 0.05, generator=g)
-    c.set_scales(1.3, 0.7)
-    return in_memory(c.eval(), Site(layer, "mlp_in"), Site(layer, "mlp_out"), name=f"tc{layer}")
-
-
-def clt(seed: int = 0, n_layers: int = 3) -> Dictionary:
-    c = CrossLayerCoder(CLTConfig(n_layers=n_layers, d_in=D, d_out=D, width=16, skip=True, seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        c.b_enc.normal_(0, 0.3, generator=g)
-        c.b_dec.normal_(0, 0.1, generator=g)
-        assert c.w_skip is not None
-        c.w_skip.normal_(0, 0.05, generator=g)
-    return Dictionary(c.eval(), Site(0, "mlp_in"), Site(0, "mlp_out"), "clt")
-
-
-def transcoders(tiny: LoadedModel) -> list[Dictionary]:
-    return [transcoder(layer, seed=layer, skip=layer != 1) for layer in range(tiny.n_layers)]
 
 
 @pytest.fixture(scope="module")
@@ -364,36 +334,10 @@ def test_clear_errors_for_wrong_dictionaries_and_long_prompts(tiny, threads):
 # ---- (e) the CLI end to end ---------------------------------------------------------------------
 
 
-def _save_dictionaries(tiny: LoadedModel, model_dir: Path, root: Path) -> tuple[Path, Path]:
-    def hook(layer: int, kind: str) -> str:
-        return locate(tiny.arch.layers, tiny.arch.layers_path, Site(layer, kind)).hook_point
-
-    for d in transcoders(tiny):
-        layer = d.site_in.layer
-        assert isinstance(d.coder, SparseCoder)
-        save_coder(
-            d.coder,
-            root / "tc" / f"layer_{layer}",
-            hook_point_in=hook(layer, "mlp_in"),
-            hook_point_out=hook(layer, "mlp_out"),
-            model_name=str(model_dir),
-        )
-    c = clt().coder
-    assert isinstance(c, CrossLayerCoder)
-    save_clt(
-        c,
-        root / "clt" / "all",
-        hook_point_in=hook(0, "mlp_in"),
-        hook_point_out=hook(0, "mlp_out"),
-        model_name=str(model_dir),
-    )
-    return root / "tc", root / "clt" / "all"
-
-
 def test_cli_attributes_and_intervenes_end_to_end(tiny, tiny_model_dir, tmp_path, threads):
     from openscope.cli import app
 
-    tc_dir, clt_dir = _save_dictionaries(tiny, tiny_model_dir, tmp_path / "dicts")
+    tc_dir, clt_dir = save_dictionaries(tiny, tiny_model_dir, tmp_path / "dicts")
     out = tmp_path / "graphs" / "paris.json"
     runner = CliRunner()
     args = ["attribute", PROMPT, "--dictionaries", str(tc_dir), "--output", str(out), "--batch-size", "8"]
@@ -536,7 +480,7 @@ def test_edit_specs():
 
 
 def test_run_intervene_loads_what_the_graph_records(tiny, tiny_model_dir, tmp_path, threads):
-    tc_dir, _ = _save_dictionaries(tiny, tiny_model_dir, tmp_path / "dicts")
+    tc_dir, _ = save_dictionaries(tiny, tiny_model_dir, tmp_path / "dicts")
     cfg = AttributeConfig(prompt=PROMPT, dictionaries=[tc_dir], output=tmp_path / "g.json", batch_size=8)
     doc = run_attribute(cfg, loaded=tiny, progress=False).document
     node = next(n for n in doc.nodes if n.feature_type == "cross layer transcoder")

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from attribution_helpers import clt, save_dictionaries, transcoders
 from fastapi.testclient import TestClient
 from serve_helpers import explorer_files, served
-from test_attribution import _save_dictionaries, clt, transcoders
 from typer.testing import CliRunner
 
 from openscope.attribution import intervene, load_graph, run_attribute, save_graph
@@ -65,7 +65,7 @@ def explorer(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.T
     from conftest import CORPUS
 
     root = tmp_path_factory.mktemp("graph-explorer")
-    tc_dir, _ = _save_dictionaries(tiny, tiny_model_dir, root / "dicts")
+    tc_dir, _ = save_dictionaries(tiny, tiny_model_dir, root / "dicts")
     corpus = root / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"{i}: {CORPUS[i % len(CORPUS)]}"}) for i in range(40)))
     db = root / "features.db"

@@ -101,9 +101,9 @@ def load_attribution_dictionaries(
     paths: list[Path], device: str, loaded: LoadedModel | None = None
 ) -> list[Dictionary]:
     """Every dictionary folder named by paths (each a dictionary folder or a tree to search)."""
-    from openscope.eval.evaluate import _find_folders, _unique_names
+    from openscope.coders.dictionary import dictionary_folders, unique_names
 
-    return _unique_names([load_dictionary(f, loaded, device=device) for f in _find_folders(paths)])
+    return unique_names([load_dictionary(f, loaded, device=device) for f in dictionary_folders(paths)])
 
 
 def attribute_document(
@@ -147,11 +147,11 @@ def run_attribute(
     cfg: AttributeConfig, loaded: LoadedModel | None = None, progress: bool = True
 ) -> AttributeResult:
     """Attribute cfg.prompt, prune, and write the graph file."""
-    from openscope.eval.evaluate import _default_model
+    from openscope.coders.dictionary import model_of
 
     device = _device(cfg.device)
     dictionaries = load_attribution_dictionaries(cfg.dictionaries, device)
-    model = cfg.model or (loaded.name if loaded is not None else _default_model(dictionaries))
+    model = cfg.model or (loaded.name if loaded is not None else model_of(dictionaries))
     if loaded is None:
         loaded = load_model(model, device=device, cache_dir=cfg.cache_dir)
     graph, document = attribute_document(cfg, loaded, dictionaries, model, progress)

@@ -289,7 +289,7 @@ def role_report(
     from openscope.activations.harvest import resolve_device
     from openscope.chat.common import figure, fmt, md_table, write_report
     from openscope.chat.data import is_chat_source
-    from openscope.eval.evaluate import _default_model
+    from openscope.coders.dictionary import model_of
 
     if not is_chat_source(cfg.source):
         raise OpenscopeError(
@@ -298,7 +298,7 @@ def role_report(
     device = resolve_device(cfg.device)
     d = dictionary or one_dictionary(cfg.dictionary, loaded)
     if loaded is None:
-        loaded = load_model(cfg.model or _default_model([d]), device=device, cache_dir=cfg.cache_dir)
+        loaded = load_model(cfg.model or model_of([d]), device=device, cache_dir=cfg.cache_dir)
     validate_dictionary(d, loaded)
     d.coder.to(loaded.device).eval()
     stats = measure_roles(loaded, d, cfg.source, cfg.text_field, cfg.context_len, cfg.tokens, cfg.batch_size)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,7 +49,7 @@ from openscope.coders.io import (
 )
 from openscope.errors import OpenscopeError
 from openscope.models.hookpoints import gemma_scope_hook_point, site_for_hook_point
-from openscope.models.load import LoadedModel
+from openscope.models.load import KNOWN_MODELS, LoadedModel
 from openscope.models.sites import Site, check_layer, locate, site_width
 
 log = logging.getLogger(__name__)
@@ -339,3 +340,56 @@ def _gemma_scope_1_config(
         size, variant = release.group(1), release.group(2)
         config["model_name"] = f"google/gemma-2-{size}" + ("-it" if variant == "it" else "")
     return config
+
+
+# ---- sets of dictionaries (the commands that take --dictionaries) ----------------------------------
+
+
+def dictionary_folders(paths: Sequence[Path]) -> list[Path]:
+    """Dictionary folders named by paths: each is a dictionary folder or a tree to search."""
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise OpenscopeError(f"no dictionary folder at {path}")
+        inside = find_dictionaries(path)
+        if not inside:
+            raise OpenscopeError(f"{path} holds no dictionary")
+        found.extend(inside)
+    return list(dict.fromkeys(found))
+
+
+def model_of(dicts: Sequence[Dictionary]) -> str:
+    """The model named by the dictionaries' configs (`model_name`); a known short name wins over a hub id
+    (Gemma Scope writes `google/gemma-3-270m`, which openscope loads from its PyPI package)."""
+    names = {str((d.config or {}).get("model_name") or "") for d in dicts}
+    names.discard("")
+    if not names:
+        raise OpenscopeError("the dictionaries' config.json names no model_name; pass --model")
+    if len(names) > 1:
+        raise OpenscopeError(
+            f"the dictionaries were made for different models ({', '.join(sorted(names))}); pass --model"
+        )
+    name = names.pop()
+    if Path(name).exists():
+        return name
+    short = name.rsplit("/", 1)[-1]
+    for candidate in (short, short.removesuffix("-pt")):
+        if candidate in KNOWN_MODELS:
+            return candidate
+    return name
+
+
+def unique_names(dicts: list[Dictionary]) -> list[Dictionary]:
+    """Dictionaries with distinct names (reports and frequency files key on them)."""
+    seen: dict[str, int] = {}
+    out = []
+    for d in dicts:
+        n = seen[d.name] = seen.get(d.name, 0) + 1
+        out.append(d if n == 1 else d._replace(name=f"{d.name}#{n}"))
+    return out
+
+
+def coder_kind(d: Dictionary) -> str:
+    """sae, transcoder, skip_transcoder or clt."""
+    return "clt" if isinstance(d.coder, CrossLayerCoder) else d.coder.cfg.kind

@@ -27,15 +27,22 @@ from tqdm.auto import tqdm
 from openscope.activations.harvest import resolve_device
 from openscope.chat.data import LabelledContext, is_chat_source, source_contexts
 from openscope.chat.template import role_ids
-from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
-from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dictionary, validate_dictionary
+from openscope.coders.dictionary import (
+    Dictionary,
+    coder_kind,
+    dictionary_folders,
+    load_dictionary,
+    model_of,
+    unique_names,
+    validate_dictionary,
+)
 from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.eval import metrics as m
 from openscope.eval.splice import ablated, check_dictionaries, spliced
 from openscope.models.hooks import reading
-from openscope.models.load import KNOWN_MODELS, LoadedModel, load_model
+from openscope.models.load import LoadedModel, load_model
 from openscope.models.sites import Site
 
 log = logging.getLogger(__name__)
@@ -148,51 +155,6 @@ class EvalReport(NamedTuple):
 # ---- finding and loading dictionaries -----------------------------------------------------------
 
 
-def _find_folders(paths: Sequence[Path]) -> list[Path]:
-    """Dictionary folders named by paths: each is a dictionary folder or a tree to search."""
-    found: list[Path] = []
-    for path in paths:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise OpenscopeError(f"no dictionary folder at {path}")
-        inside = find_dictionaries(path)
-        if not inside:
-            raise OpenscopeError(f"{path} holds no dictionary")
-        found.extend(inside)
-    return list(dict.fromkeys(found))
-
-
-def _default_model(dicts: Sequence[Dictionary]) -> str:
-    """The model named by the dictionaries' configs (`model_name`); a known short name wins over a hub id
-    (Gemma Scope writes `google/gemma-3-270m`, which openscope loads from its PyPI package)."""
-    names = {str((d.config or {}).get("model_name") or "") for d in dicts}
-    names.discard("")
-    if not names:
-        raise OpenscopeError("the dictionaries' config.json names no model_name; pass --model")
-    if len(names) > 1:
-        raise OpenscopeError(
-            f"the dictionaries were made for different models ({', '.join(sorted(names))}); pass --model"
-        )
-    name = names.pop()
-    if Path(name).exists():
-        return name
-    short = name.rsplit("/", 1)[-1]
-    for candidate in (short, short.removesuffix("-pt")):
-        if candidate in KNOWN_MODELS:
-            return candidate
-    return name
-
-
-def _unique_names(dicts: list[Dictionary]) -> list[Dictionary]:
-    """Dictionaries with distinct names (reports and frequency files key on them)."""
-    seen: dict[str, int] = {}
-    out = []
-    for d in dicts:
-        n = seen[d.name] = seen.get(d.name, 0) + 1
-        out.append(d if n == 1 else d._replace(name=f"{d.name}#{n}"))
-    return out
-
-
 # ---- the evaluation loop ------------------------------------------------------------------------
 
 
@@ -241,14 +203,14 @@ def evaluate(
     if role_ids(cfg.roles) and not is_chat_source(cfg.source):
         raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     if dictionaries is None:
-        folders = _find_folders(cfg.dictionaries)
+        folders = dictionary_folders(cfg.dictionaries)
         if loaded is None and cfg.model:
             loaded = load_model(cfg.model, device=device, cache_dir=cfg.cache_dir)
         # Without a model yet, folders are read first: their config.json names the model to load.
         dictionaries = [load_dictionary(f, loaded) for f in folders]
     if loaded is None:
-        loaded = load_model(cfg.model or _default_model(dictionaries), device=device, cache_dir=cfg.cache_dir)
-    dicts = _unique_names(list(dictionaries))
+        loaded = load_model(cfg.model or model_of(dictionaries), device=device, cache_dir=cfg.cache_dir)
+    dicts = unique_names(list(dictionaries))
     if not dicts:
         raise OpenscopeError("no dictionaries to evaluate")
     for d in dicts:
@@ -269,7 +231,7 @@ def evaluate(
                 name=d.name,
                 site_in=d.site_in.name,
                 site_out=d.site_out.name,
-                kind=_kind(d),
+                kind=coder_kind(d),
                 n_layers=d.n_layers,
                 width=d.coder.cfg.width * d.n_layers,
                 folder=str(d.folder) if d.folder is not None else None,
@@ -391,10 +353,6 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
         )
     seconds = time.perf_counter() - start
     return _RunSums(clean, recon, lm, joint, n_contexts, n_tokens, seconds, layer_recon)
-
-
-def _kind(d: Dictionary) -> str:
-    return "clt" if isinstance(d.coder, CrossLayerCoder) else d.coder.cfg.kind
 
 
 def clean_reconstruction(d: Dictionary, acts: dict[Site, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

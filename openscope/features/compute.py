@@ -883,7 +883,7 @@ def compute_features(
     Pass `loaded`/`dictionaries` to use ones in memory (then cfg.dictionaries is not read).
     `on_batch(batch_index)` is called after each batch (after any checkpoint): progress hooks, tests.
     """
-    from openscope.eval.evaluate import _default_model, _find_folders
+    from openscope.coders.dictionary import dictionary_folders, model_of
 
     for name in ("tokens", "batch_tokens", "checkpoint_every", "quantile_buckets"):
         if getattr(cfg, name) < 1:
@@ -899,7 +899,7 @@ def compute_features(
     elif wanted and not is_chat_source(cfg.source):
         raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     if dictionaries is None:
-        dictionaries = [load_dictionary(f) for f in _find_folders(cfg.dictionaries)]
+        dictionaries = [load_dictionary(f) for f in dictionary_folders(cfg.dictionaries)]
     dicts = _unique(list(dictionaries))
     if not dicts:
         raise OpenscopeError("no dictionaries to index")
@@ -939,9 +939,7 @@ def compute_features(
                 model_name = cfg.model or (
                     store.manifest["identity"].get("model") if store is not None else None
                 )
-                loaded = load_model(
-                    model_name or _default_model(pending), device=device, cache_dir=cfg.cache_dir
-                )
+                loaded = load_model(model_name or model_of(pending), device=device, cache_dir=cfg.cache_dir)
             for d in pending:
                 validate_dictionary(d, loaded)
                 d.coder.to(loaded.device).eval()

@@ -23,9 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openscope.activations.harvest import resolve_device
-from openscope.coders.dictionary import Dictionary, load_dictionary, validate_dictionary
+from openscope.coders.dictionary import (
+    Dictionary,
+    coder_kind,
+    dictionary_folders,
+    load_dictionary,
+    model_of,
+    validate_dictionary,
+)
 from openscope.errors import OpenscopeError
-from openscope.eval.evaluate import _default_model, _find_folders, _kind
 from openscope.features.db import FeatureDB
 from openscope.features.schema import (
     DictionaryInfo,
@@ -132,7 +138,7 @@ def info_of(name: str, d: Dictionary, model: str) -> DictionaryInfo:
         site=d.site_in.name,
         site_out=d.site_out.name,
         width=d.coder.cfg.width,
-        kind=_kind(d),
+        kind=coder_kind(d),
         model=model,
         folder=str(d.folder or ""),
         complete=False,
@@ -311,7 +317,7 @@ def load_state(
     infos = db.dictionaries()
     device = resolve_device(config.device)
     if dictionaries is None:
-        folders = _find_folders(config.dictionaries) if config.dictionaries else _folders_from_db(infos)
+        folders = dictionary_folders(config.dictionaries) if config.dictionaries else _folders_from_db(infos)
         dictionaries = [load_dictionary(f, loaded, device=device) for f in folders]
     named = (
         dict(dictionaries)
@@ -319,7 +325,7 @@ def load_state(
         else name_dictionaries(list(dictionaries), infos)
     )
     if named and loaded is None:
-        model = config.model or _default_model(list(named.values()))
+        model = config.model or model_of(list(named.values()))
         loaded = load_model(model, device=device, cache_dir=config.cache_dir)
     if loaded is not None:
         for d in named.values():
