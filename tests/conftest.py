@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random Gemma 3 (with a tiny BPE tokenizer) for speed, and the real 270M once."""
+"""Shared fixtures: a tiny random Gemma 3 (with a tiny BPE tokenizer) for speed, and the real 270M once;
+`small_store` harvests a small activation store of the tiny model for training tests."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +89,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir: Path) -> LoadedModel:
     return load_model(str(tiny_model_dir))
+
+
+def small_store(loaded: LoadedModel, model_dir: Path, root: Path, sites: str, sentence: str) -> Path:
+    """3000 tokens of the tiny model at `sites` (contexts of 32) over 150 numbered copies of `sentence`
+    (`Document {i}: sentence`), harvested into root/s; root/docs.jsonl holds the text."""
+    from openscope.activations import HarvestConfig, harvest
+
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Document {i}: {sentence}"}) + "\n" for i in range(150)))
+    out = root / "s"
+    cfg = HarvestConfig(
+        model=str(model_dir),
+        sites=sites,
+        source=str(src),
+        tokens=3000,
+        context_len=32,
+        batch_size=8,
+        output=out,
+        device="cpu",
+    )
+    harvest(cfg, loaded=loaded, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

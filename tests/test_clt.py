@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from openscope.activations import ActivationStore, HarvestConfig, harvest
+from openscope.activations import ActivationStore
 from openscope.cli import app
 from openscope.coders import CoderConfig, SparseCoder, StepConfig, make_optimizer, train_step
 from openscope.coders.clt import CLTConfig, CrossLayerCoder, clt_from_transcoders
@@ -27,6 +27,7 @@ from openscope.models.hooks import capture
 from openscope.models.sites import Site
 from openscope.train import TrainConfig, train
 from openscope.train.clt import clt_layers, clt_train_step, load_transcoders
+from tests.conftest import small_store
 
 D = 64  # the tiny model's d_model (= mlp_in and mlp_out width)
 
@@ -229,26 +230,13 @@ def test_clt_layers() -> None:
 @pytest.fixture(scope="module")
 def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
     """Every layer's mlp_in and mlp_out of the tiny 3-layer model."""
-    src = tmp_path_factory.mktemp("src") / "docs.jsonl"
-    src.write_text(
-        "".join(
-            json.dumps({"text": f"Document {i}: the capital of France is Paris, of Italy Rome."}) + "\n"
-            for i in range(150)
-        )
+    return small_store(
+        tiny,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("store"),
+        "*.mlp_in,*.mlp_out",
+        "the capital of France is Paris, of Italy Rome.",
     )
-    out = tmp_path_factory.mktemp("store") / "s"
-    cfg = HarvestConfig(
-        model=str(tiny_model_dir),
-        sites="*.mlp_in,*.mlp_out",
-        source=str(src),
-        tokens=3000,
-        context_len=32,
-        batch_size=8,
-        output=out,
-        device="cpu",
-    )
-    harvest(cfg, loaded=tiny, progress=False)
-    return out
 
 
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:

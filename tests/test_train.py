@@ -9,35 +9,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from openscope.activations import ActivationStore, HarvestConfig, harvest
+from openscope.activations import ActivationStore
 from openscope.activations.store import CHECKSUM, write_tensors
 from openscope.coders import load_coder
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
 from openscope.train import TrainConfig, train
+from tests.conftest import small_store
 
 
 @pytest.fixture(scope="module")
 def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("src") / "docs.jsonl"
-    src.write_text(
-        "".join(
-            json.dumps({"text": f"Document {i}: the capital of France is Paris."}) + "\n" for i in range(150)
-        )
+    return small_store(
+        tiny,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("store"),
+        "1.resid_post,1.mlp_in,1.mlp_out",
+        "the capital of France is Paris.",
     )
-    out = tmp_path_factory.mktemp("store") / "s"
-    cfg = HarvestConfig(
-        model=str(tiny_model_dir),
-        sites="1.resid_post,1.mlp_in,1.mlp_out",
-        source=str(src),
-        tokens=3000,
-        context_len=32,
-        batch_size=8,
-        output=out,
-        device="cpu",
-    )
-    harvest(cfg, loaded=tiny, progress=False)
-    return out
 
 
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:

@@ -59,8 +59,9 @@ from openscope.train.trainer import (
     _from_store,
     _identity,
     _live,
-    _load_checkpoint,
+    _run_steps,
     _save_checkpoint,
+    _start_step,
     _step_config,
 )
 
@@ -347,16 +348,7 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     state = _CLTState(clt, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens))
     log.info("CLT over layers %d-%d: %d x %d latents", layers[0], layers[-1], len(layers), cfg.width)
 
-    start_step = 0
-    if cfg.resume:
-        saved = _load_checkpoint(checkpoint, identity)
-        start_step = int(saved["step"])
-        state.load(saved["dicts"][0])
-        log.info("resuming at step %d of %d", start_step, total_steps)
-    elif checkpoint.exists():
-        raise OpenscopeError(
-            f"{out} already holds a run's checkpoint: pass --resume to continue it, or choose another --output"
-        )
+    start_step = _start_step(cfg, checkpoint, identity, [state])
 
     batches = data.batches(sites_in + sites_out, start_step)
     metrics = (out / "metrics.jsonl").open("a")
@@ -370,35 +362,36 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         disable=not progress,
         dynamic_ncols=True,
     )
-    step = start_step
+
+    def one_step(step_index: int, batch: ActivationBatch) -> None:
+        x = _stacked(batch, sites_in, scale_in, device, step_index)
+        y = _stacked(batch, sites_out, scale_out, device, step_index)
+        if step_index == 0 and cfg.init_data_dependent and cfg.init_from is None:
+            calibrate_clt(state.clt, x, y, cfg)
+        stats = clt_train_step(state.clt, state.optimizer, x, y, step_cfg, step_index, state.tracker)
+        if not math.isfinite(stats.loss):
+            raise OpenscopeError(f"loss became {stats.loss} at step {step_index} of the CLT; lower --lr")
+        state.last = {
+            "l0": stats.l0,
+            "fvu": stats.fvu,
+            "dead_fraction": [v / cfg.width for v in stats.dead],
+        }
+        if step_index % cfg.log_every == 0 or step_index == total_steps - 1:
+            _log_metrics(metrics, stats, step_index, cfg, sites_in[0])
+        bar.update(cfg.batch_size)
+        bar.set_postfix_str(_postfix(state), refresh=False)
+
     end = total_steps if stop_after is None else min(total_steps, stop_after)
-    try:
-        for step_index, batch in enumerate(batches, start=start_step):
-            if step_index >= end:
-                break
-            x = _stacked(batch, sites_in, scale_in, device, step_index)
-            y = _stacked(batch, sites_out, scale_out, device, step_index)
-            if step_index == 0 and cfg.init_data_dependent and cfg.init_from is None:
-                calibrate_clt(state.clt, x, y, cfg)
-            stats = clt_train_step(state.clt, state.optimizer, x, y, step_cfg, step_index, state.tracker)
-            if not math.isfinite(stats.loss):
-                raise OpenscopeError(f"loss became {stats.loss} at step {step_index} of the CLT; lower --lr")
-            state.last = {
-                "l0": stats.l0,
-                "fvu": stats.fvu,
-                "dead_fraction": [v / cfg.width for v in stats.dead],
-            }
-            if step_index % cfg.log_every == 0 or step_index == total_steps - 1:
-                _log_metrics(metrics, stats, step_index, cfg, sites_in[0])
-            step = step_index + 1
-            bar.update(cfg.batch_size)
-            bar.set_postfix_str(_postfix(state), refresh=False)
-            if step % cfg.checkpoint_every == 0:
-                metrics.flush()
-                _save_checkpoint(checkpoint, step, [state], identity)
-    finally:
-        bar.close()
-        metrics.close()
+    step = _run_steps(
+        batches,
+        start_step,
+        end,
+        one_step,
+        cfg.checkpoint_every,
+        lambda step: _save_checkpoint(checkpoint, step, [state], identity),
+        bar,
+        metrics,
+    )
     _save_checkpoint(checkpoint, step, [state], identity)
     finals = {site: {k: v[i] for k, v in state.last.items()} for i, site in enumerate(sites_in) if state.last}
     if stop_after is not None and step < total_steps:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol, TextIO, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -336,6 +336,52 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _start_step(cfg: TrainConfig, checkpoint: Path, identity: dict[str, Any], states: Sequence[Any]) -> int:
+    """The step a run starts at: with --resume, the checkpoint's (its states loaded into `states`, which
+    have a `load`); otherwise 0, refusing to start over an existing run's checkpoint."""
+    if not cfg.resume:
+        if checkpoint.exists():
+            raise OpenscopeError(
+                f"{checkpoint.parent} already holds a run's checkpoint: pass --resume to continue it, "
+                "or choose another --output"
+            )
+        return 0
+    saved = _load_checkpoint(checkpoint, identity)
+    for d, st in zip(states, saved["dicts"], strict=True):
+        d.load(st)
+    log.info("resuming at step %d", int(saved["step"]))
+    return int(saved["step"])
+
+
+def _run_steps(
+    batches: Iterator[ActivationBatch],
+    start_step: int,
+    end: int,
+    step_fn: Callable[[int, ActivationBatch], None],
+    checkpoint_every: int,
+    save: Callable[[int], None],
+    bar: Any,
+    metrics: TextIO,
+) -> int:
+    """Feed batches start_step .. end−1 to `step_fn(step_index, batch)`, calling `save(step)` every
+    `checkpoint_every` steps (metrics flushed first, so the file never lags a checkpoint); the progress
+    bar and metrics file are closed however the loop ends. Returns the steps done."""
+    step = start_step
+    try:
+        for step_index, batch in enumerate(batches, start=start_step):
+            if step_index >= end:
+                break
+            step_fn(step_index, batch)
+            step = step_index + 1
+            if step % checkpoint_every == 0:
+                metrics.flush()
+                save(step)
+    finally:
+        bar.close()
+        metrics.close()
+    return step
+
+
 def _folder_name(site_in: str, cfg: TrainConfig) -> str:
     return f"{site_in.replace('.', '_')}_{cfg.kind}_{cfg.activation}_w{cfg.width}"
 
@@ -417,17 +463,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
 
     if cfg.init_from is not None:
         _start_from_saved(dicts, Path(cfg.init_from), cfg)
-    start_step = 0
-    if cfg.resume:
-        state = _load_checkpoint(checkpoint, identity)
-        start_step = int(state["step"])
-        for d, st in zip(dicts, state["dicts"], strict=True):
-            d.load(st)
-        log.info("resuming at step %d of %d", start_step, total_steps)
-    elif checkpoint.exists():
-        raise OpenscopeError(
-            f"{out} already holds a run's checkpoint: pass --resume to continue it, or choose another --output"
-        )
+    start_step = _start_step(cfg, checkpoint, identity, dicts)
 
     sites = sorted({s for d in dicts for s in (d.site_in, d.site_out)})
     batches = data.batches(sites, start_step) if dicts else iter(())
@@ -441,25 +477,26 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         disable=not progress or not dicts,
         dynamic_ncols=True,
     )
-    step = start_step
+
+    def one_step(step_index: int, batch: ActivationBatch) -> None:
+        if step_index == 0:
+            _calibrate(dicts, batch, cfg, device)
+        for d in dicts:
+            _train_one(d, batch, cfg, step_cfg, step_index, total_steps, device, metrics)
+        bar.update(1)
+        bar.set_postfix_str(_postfix(dicts), refresh=False)
+
     end = total_steps if stop_after is None else min(total_steps, stop_after)
-    try:
-        for step_index, batch in enumerate(batches, start=start_step):
-            if step_index >= end:
-                break
-            if step_index == 0:
-                _calibrate(dicts, batch, cfg, device)
-            for d in dicts:
-                _train_one(d, batch, cfg, step_cfg, step_index, total_steps, device, metrics)
-            step = step_index + 1
-            bar.update(1)
-            bar.set_postfix_str(_postfix(dicts), refresh=False)
-            if step % cfg.checkpoint_every == 0:
-                metrics.flush()
-                _save_checkpoint(checkpoint, step, dicts, identity)
-    finally:
-        bar.close()
-        metrics.close()
+    step = _run_steps(
+        batches,
+        start_step,
+        end,
+        one_step,
+        cfg.checkpoint_every,
+        lambda step: _save_checkpoint(checkpoint, step, dicts, identity),
+        bar,
+        metrics,
+    )
     if dicts:
         _save_checkpoint(checkpoint, step, dicts, identity)
     finals = {d.site_in: d.last for d in dicts}
