@@ -22,7 +22,7 @@ from rich.table import Table
 
 from openscope.activations.harvest import HarvestConfig, harvest
 from openscope.activations.store import ActivationStore
-from openscope.config import field_docs
+from openscope.config import check_numbers, field_docs
 from openscope.demo import DemoConfig, demo
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
@@ -91,7 +91,9 @@ def config_command(
         )
 
     def command(**kwargs: Any) -> None:
-        run(cls(**kwargs))
+        cfg = cls(**kwargs)
+        check_numbers(cfg)  # NaN or inf in any float flag is a one-line error, not a broken run
+        run(cfg)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = cls.__doc__

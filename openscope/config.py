@@ -12,9 +12,13 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import textwrap
 from pathlib import Path
 from typing import Any, TypeVar
+
+from openscope.errors import OpenscopeError
+from openscope.files import write_text
 
 T = TypeVar("T")
 
@@ -57,7 +61,43 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def save_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename), so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically (`openscope.files.write_text`), so a crash never leaves half a file."""
+    write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n", sync=False)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: `checkpoint_every` -> `--checkpoint-every`."""
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(
+    cfg: Any,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    fractions: tuple[str, ...] = (),
+) -> None:
+    """One-line OpenscopeError unless every float field of a config is finite, the fields named in
+    `positive` are > 0, those in `non_negative` are >= 0 and those in `fractions` lie in [0, 1]
+    (None, for optional fields, passes)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OpenscopeError(f"{flag(f.name)} must be a finite number, got {value}")
+    for names, ok, says in (
+        (positive, lambda v: v > 0, "positive"),
+        (non_negative, lambda v: v >= 0, "zero or more"),
+        (fractions, lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ):
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not ok(value):
+                raise OpenscopeError(f"{flag(name)} must be {says}, got {value}")
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """Comma-separated positive integers (`128,512,2048`), or a one-line error naming `what`."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise OpenscopeError(f"{what} must be comma-separated positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)

@@ -36,15 +36,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from openscope.activations.harvest import HarvestConfig, harvest, resolve_device
+from openscope.activations.harvest import HarvestConfig, harvest
 from openscope.activations.store import MANIFEST, ActivationStore, sha256_file
 from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
-from openscope.eval.report import REPORT_JSON, REPORT_MD
 from openscope.features.compute import FeaturesConfig, compute_features
 from openscope.features.db import FeatureDB
-from openscope.models.load import DEFAULT_MODEL, KNOWN_MODELS, LoadedModel, is_cached, load_model
+from openscope.files import absolute, staged_path
+from openscope.models.load import (
+    DEFAULT_MODEL,
+    KNOWN_MODELS,
+    LoadedModel,
+    is_cached,
+    load_model,
+    resolve_device,
+)
+from openscope.reports import REPORT_JSON, REPORT_MD
 from openscope.serve.config import ServeConfig
 from openscope.train import TrainConfig, train
 from openscope.train.trainer import CHECKPOINT
@@ -331,7 +339,18 @@ def run_demo(cfg: DemoConfig, progress: bool = True, say: Say = log.info) -> Dem
         device=cfg.device,
     )
     t_settings = _settings(
-        tcfg, {"store", "output", "device", "resume", "checkpoint_every", "log_every"}, store=shards
+        tcfg,
+        {
+            "store",
+            "output",
+            "device",
+            "resume",
+            "overwrite",
+            "incomplete_store",
+            "checkpoint_every",
+            "log_every",
+        },
+        store=shards,
     )
     state.check_same("train", t_settings, root)
     rec = state.stages.get("train", {})
@@ -349,8 +368,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True, say: Say = log.info) -> Dem
             f"{_count(cfg.train_tokens)} tokens, lr {cfg.lr:g} -> {dict_dir}"
         )
         state.start("train", t_settings)
-        # An interrupted run continues from its checkpoint (the trainer checks it is the same run).
-        tcfg = replace(tcfg, resume=(dict_dir / CHECKPOINT).is_file())
+        # An interrupted run continues from its checkpoint (the trainer checks it is the same run); one
+        # cut short before its first checkpoint, or while saving, is replaced (the demo's own folder).
+        resume = any((f / CHECKPOINT).is_file() for f in (dict_dir, staged_path(absolute(dict_dir))))
+        tcfg = replace(tcfg, resume=resume, overwrite=True)
         tres = timed("train", lambda: train(tcfg, progress=progress))
         folders = list(tres.folders.values())
         state.finish("train", seconds["train"], folders=[str(f.relative_to(root)) for f in folders])
@@ -367,8 +388,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True, say: Say = log.info) -> Dem
         output=eval_dir,
         device=cfg.device,
         cache_dir=cfg.cache_dir,
+        overwrite=True,  # the demo's own report folder: a stage that did not finish is redone
     )
-    e_settings = _settings(ecfg, {"dictionaries", "output", "device", "cache_dir"}, weights=digests)
+    e_settings = _settings(
+        ecfg, {"dictionaries", "output", "device", "cache_dir", "overwrite"}, weights=digests
+    )
     if state.done("eval", e_settings) and (eval_dir / REPORT_JSON).is_file():
         say(f"[3/{n}] eval: finished already ({eval_dir / REPORT_MD}), skipped")
         skipped.append("eval")

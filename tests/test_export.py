@@ -348,16 +348,23 @@ def test_existing_target_is_refused_and_kept(tmp_path: Path) -> None:
     target = tmp_path / "out"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
-    with pytest.raises(OpenscopeError, match="exists and is not empty; pass --overwrite") as err:
-        export_saelens(dictionary(), target)
-    assert "\n" not in str(err.value)
-    assert (target / "precious.txt").read_text() == "keep me"
+    # Not an export of ours: refused with or without --overwrite, and nothing is touched.
+    for overwrite in (False, True):
+        with pytest.raises(OpenscopeError, match="holds precious.txt, which openscope did not write") as err:
+            export_saelens(dictionary(), target, overwrite=overwrite)
+        assert "\n" not in str(err.value)
+        assert [p.name for p in target.iterdir()] == ["precious.txt"]
+        assert (target / "precious.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
     with pytest.raises(OpenscopeError, match="exists and is not a folder"):
         export_circuit_tracer(transcoder_set(False), tmp_path / "file")
-    export_saelens(dictionary(), target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]  # no temporary folders left
+    ours = tmp_path / "ours"
+    export_saelens(dictionary(), ours)
+    with pytest.raises(OpenscopeError, match="holds an openscope export already; pass --overwrite"):
+        export_saelens(dictionary(), ours)
+    export_circuit_tracer(transcoder_set(False), ours, overwrite=True)  # an earlier export is replaced
+    assert (ours / "config.yaml").is_file() and not (ours / "cfg.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ours", "out"]  # no temporary folders left
     empty = tmp_path / "empty"
     empty.mkdir()
     export_saelens(dictionary(), empty)  # an empty folder is fine without overwrite
@@ -365,13 +372,13 @@ def test_existing_target_is_refused_and_kept(tmp_path: Path) -> None:
 
 def test_failure_midway_leaves_the_target_as_it_was(tmp_path: Path) -> None:
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    export_saelens(dictionary(), target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(RuntimeError), staged_folder(target, overwrite=True) as tmp:
         (tmp / "half.bin").write_bytes(b"12")
         raise RuntimeError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
 @pytest.mark.parametrize(

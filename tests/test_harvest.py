@@ -175,7 +175,7 @@ def test_refuses_to_mix_stores(tiny, tiny_model_dir, text_file, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(OpenscopeError, match="holds no activation store"):
+    with pytest.raises(OpenscopeError, match="holds notes.txt, which openscope did not write"):
         harvest(_cfg(tiny_model_dir, text_file, other), loaded=tiny, progress=False)
     assert (other / "notes.txt").read_text() == "mine"
 

@@ -123,9 +123,9 @@ def test_transcoders_and_many_dictionaries_at_once(store_dir, tmp_path):
 
 
 def test_bad_training_input(store_dir, tmp_path):
-    with pytest.raises(OpenscopeError, match="target_l0 must be positive"):
+    with pytest.raises(OpenscopeError, match="--target-l0 must be positive"):
         train(_cfg(store_dir, tmp_path / "a", target_l0=0), progress=False)
-    with pytest.raises(OpenscopeError, match="width must be a positive integer"):
+    with pytest.raises(OpenscopeError, match="--width must be positive"):
         train(_cfg(store_dir, tmp_path / "b", width=0), progress=False)
     with pytest.raises(OpenscopeError, match="holds no site '5.resid_post'"):
         train(_cfg(store_dir, tmp_path / "c", sites="5.resid_post"), progress=False)

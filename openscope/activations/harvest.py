@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ from tqdm.auto import tqdm
 from openscope.activations.store import (
     CHECKSUM,
     FORMAT,
-    MANIFEST,
     STATS,
+    STORE,
     VERSION,
     ActivationStore,
+    is_store,
     read_manifest,
     save_manifest,
     shard_intact,
@@ -42,10 +42,27 @@ from openscope.chat.data import is_chat_source, source_contexts
 from openscope.chat.template import ROLES, role_ids
 from openscope.config import to_jsonable
 from openscope.data.packing import keep_mask, to_batch
+from openscope.data.sources import split_slice
 from openscope.errors import OpenscopeError
+from openscope.files import (
+    Staged,
+    absolute,
+    check_replaceable,
+    check_target,
+    is_empty_folder,
+    prepare_output,
+    recover,
+)
 from openscope.models.hooks import run_with_readers
-from openscope.models.load import DEFAULT_MODEL, LoadedModel, dtype_name, load_model, parse_dtype
-from openscope.models.sites import Site, locate, parse_sites, site_width
+from openscope.models.load import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    dtype_name,
+    load_model,
+    parse_dtype,
+    resolve_device,
+)
+from openscope.models.sites import Site, SitePoint, locate, parse_sites, site_width
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +98,7 @@ class HarvestConfig:
     shard_mb: int = 256
     """Approximate size of one shard in MB; bounds the harvest's memory together with batch_size."""
     overwrite: bool = False
-    """Replace a store in the output folder that was made from another model, sites or data."""
+    """Replace the store in the output folder (one made from another model, sites or data, or a damaged one). Only an activation store is ever replaced, and only once the new one is complete; a folder holding anything else is refused."""
     cache_dir: Path | None = None
     """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,12 +124,6 @@ class HarvestResult(NamedTuple):
     """Context tokens per second fed through the model by this run."""
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def identity(
     cfg: HarvestConfig, loaded: LoadedModel, sites: list[Site], shard_contexts: int
 ) -> dict[str, Any]:
@@ -133,40 +144,83 @@ def identity(
     }
 
 
-def _prepare_output(root: Path, ident: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Return the manifest to resume from, or None for a fresh store (clearing an old one if allowed)."""
-    if not root.exists() or not any(root.iterdir()):
-        return None
-    if not (root / MANIFEST).is_file():
-        if overwrite:
-            shutil.rmtree(root)
-            return None
-        raise OpenscopeError(
-            f"output folder {root} is not empty and holds no activation store; choose another --output"
-        )
-    manifest = read_manifest(root)
-    differ = [k for k, v in ident.items() if manifest["identity"].get(k) != v]
-    if not differ:
-        return manifest
-    if overwrite:
-        log.warning("overwriting the store at %s (it differed in %s)", root, ", ".join(differ))
-        shutil.rmtree(root)
-        return None
-    k = differ[0]
-    raise OpenscopeError(
-        f"output folder {root} holds a different store ({k}: {manifest['identity'].get(k)!r} there, "
-        f"{ident[k]!r} now); use --overwrite to replace it or choose another --output"
-    )
+def _differs(manifest: dict[str, Any], ident: dict[str, Any]) -> str:
+    """The first identity field a store's manifest has otherwise than this run ('' if none)."""
+    return next((k for k, v in ident.items() if manifest["identity"].get(k) != v), "")
 
 
-def _check_finished(root: Path, manifest: dict[str, Any]) -> None:
-    for shard in manifest["shards"]:
-        path = root / shard["file"]
-        if not shard_intact(path, shard):
+def _damaged(root: Path, manifest: dict[str, Any]) -> str:
+    """The first finished shard that is missing or fails its checksum ('' if none)."""
+    return next((s["file"] for s in manifest["shards"] if not shard_intact(root / s["file"], s)), "")
+
+
+def _harvest_inputs(cfg: HarvestConfig) -> list[str]:
+    """Paths the harvest reads (a folder holding one of them is never replaced)."""
+    source = split_slice(cfg.source)[0].removeprefix("chat:")
+    return [p for p in (source, cfg.model) if Path(p).expanduser().exists()]
+
+
+def _open_store(
+    cfg: HarvestConfig, ident: dict[str, Any], replace_same: bool = False
+) -> tuple[Staged, dict[str, Any] | None]:
+    """Where this harvest writes, and the manifest to resume from (None: a fresh store).
+
+    The same store (same identity, every finished shard intact) resumes in place. Anything else in
+    the output folder is replaced only with --overwrite and only if it is an activation store
+    (`openscope.files`): the new store is harvested beside it and swapped in when complete, so the
+    old one stays whole until then, and an interrupted replacement resumes with the same command.
+    `replace_same`: replace even the same store (its data changed; only with --overwrite).
+    """
+    root = absolute(cfg.output)
+    recover(root)
+    check_target(root)
+    if is_store(root):
+        manifest = read_manifest(root)
+        differ = _differs(manifest, ident)
+        damaged = _damaged(root, manifest)
+        if not differ and not damaged and not replace_same:
+            return Staged(root, root), manifest
+        if not cfg.overwrite:
+            if differ:
+                raise OpenscopeError(
+                    f"output folder {root} holds a different store ({differ}: "
+                    f"{manifest['identity'].get(differ)!r} there, {ident[differ]!r} now); use --overwrite "
+                    "to replace it or choose another --output"
+                )
             raise OpenscopeError(
-                f"shard {shard['file']} of {root} is missing or corrupt (checksum mismatch); "
-                "rerun with --overwrite to harvest again"
+                f"shard {damaged} of {root} is missing or corrupt (checksum mismatch); rerun with "
+                "--overwrite to harvest again"
             )
+    elif root.is_dir() and not is_empty_folder(root):
+        check_replaceable(root, STORE, inputs=_harvest_inputs(cfg))  # names what is there; always fails
+    staged = prepare_output(root, STORE, overwrite=cfg.overwrite, inputs=_harvest_inputs(cfg), fresh=False)
+    if staged.replacing and is_store(staged.folder):
+        manifest = read_manifest(staged.folder)
+        if not _differs(manifest, ident) and not _damaged(staged.folder, manifest):
+            log.info("resuming the replacement store being harvested in %s", staged.folder)
+            return staged, manifest
+        staged = prepare_output(root, STORE, overwrite=True, inputs=_harvest_inputs(cfg), fresh=True)
+    return staged, None
+
+
+class _DataChanged(OpenscopeError):
+    """The text source no longer gives the contexts a finished shard was made from."""
+
+
+class _Plan(NamedTuple):
+    """What a harvest computes, fixed before the first forward."""
+
+    loaded: LoadedModel
+    sites: list[Site]
+    points: dict[Site, SitePoint]
+    widths: dict[Site, int]
+    store_dtype: torch.dtype
+    device: str
+    chat: bool
+    wanted: list[int]
+    shard_contexts: int
+    total_contexts: int
+    ident: dict[str, Any]
 
 
 def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: bool = True) -> HarvestResult:
@@ -192,36 +246,64 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     )
     total_contexts = -(-cfg.tokens // cfg.context_len)
     ident = identity(cfg, loaded, sites, shard_contexts)
+    plan = _Plan(
+        loaded,
+        sites,
+        points,
+        widths,
+        store_dtype,
+        device,
+        chat,
+        wanted,
+        shard_contexts,
+        total_contexts,
+        ident,
+    )
+    try:
+        return _fill(cfg, plan, progress, replace_same=False)
+    except _DataChanged:
+        if not cfg.overwrite:
+            raise
+        # --overwrite asked for a new store: harvest one beside the old and swap it in when complete.
+        log.warning("the text source changed since %s was made; harvesting a replacement", cfg.output)
+        return _fill(cfg, plan, progress, replace_same=True)
 
-    root = Path(cfg.output)
-    manifest = _prepare_output(root, ident, cfg.overwrite)
+
+def _new_manifest(cfg: HarvestConfig, plan: _Plan) -> dict[str, Any]:
+    tok = plan.loaded.tokenizer
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "identity": plan.ident,
+        "model": {"name": plan.loaded.name, "n_layers": plan.loaded.n_layers, "d_model": plan.loaded.d_model},
+        "sites": {
+            s.name: {"width": plan.widths[s], "hook_point": plan.points[s].hook_point} for s in plan.sites
+        },
+        "tokenizer": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id},
+        **({"roles": list(ROLES)} if plan.chat else {}),
+        "extra": to_jsonable(cfg.extra),
+        "shards": [],
+        "complete": False,
+    }
+
+
+def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -> HarvestResult:
+    """Harvest every shard the store lacks (checking that finished ones still match the data), then
+    finish the store and swap it into place if it replaces another."""
+    staged, manifest = _open_store(cfg, plan.ident, replace_same)
+    root = staged.folder
     if manifest is None:
-        root.mkdir(parents=True, exist_ok=True)
-        tok = loaded.tokenizer
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "identity": ident,
-            "model": {"name": loaded.name, "n_layers": loaded.n_layers, "d_model": loaded.d_model},
-            "sites": {s.name: {"width": widths[s], "hook_point": points[s].hook_point} for s in sites},
-            "tokenizer": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id},
-            **({"roles": list(ROLES)} if chat else {}),
-            "extra": to_jsonable(cfg.extra),
-            "shards": [],
-            "complete": False,
-        }
+        manifest = _new_manifest(cfg, plan)
         save_manifest(root, manifest)
-    else:
-        _check_finished(root, manifest)
     done = len(manifest["shards"])
     if manifest["complete"]:
         log.info("store at %s is already complete", root)
 
-    stream = source_contexts(cfg.source, cfg.text_field, loaded.tokenizer, cfg.context_len)
-    contexts = itertools.islice(stream, total_contexts)
+    stream = source_contexts(cfg.source, cfg.text_field, plan.loaded.tokenizer, cfg.context_len)
+    contexts = itertools.islice(stream, plan.total_contexts)
     tokens_done = sum(s["n_contexts"] for s in manifest["shards"]) * cfg.context_len
     bar = tqdm(
-        total=total_contexts * cfg.context_len,
+        total=plan.total_contexts * cfg.context_len,
         initial=tokens_done,
         unit="tok",
         unit_scale=True,
@@ -233,31 +315,31 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     index = 0
     writer = _ShardWriter(root, manifest)
     with bar, writer:
-        while chunk := list(itertools.islice(contexts, shard_contexts)):
+        while chunk := list(itertools.islice(contexts, plan.shard_contexts)):
             ctx = torch.tensor([c.input_ids for c in chunk], dtype=torch.long)
-            roles = torch.tensor([c.roles for c in chunk], dtype=torch.uint8) if chat else None
+            roles = torch.tensor([c.roles for c in chunk], dtype=torch.uint8) if plan.chat else None
             if index < done:
                 if tokens_digest(ctx) != manifest["shards"][index]["tokens_sha256"]:
-                    raise OpenscopeError(
+                    raise _DataChanged(
                         f"the text source gives different contexts than those stored in {shard_name(index)}: "
                         "the data changed since the store was made; use --overwrite or another --output"
                     )
             else:
                 shard = _harvest_shard(
-                    loaded,
-                    widths,
+                    plan.loaded,
+                    plan.widths,
                     ctx,
-                    index * shard_contexts,
+                    index * plan.shard_contexts,
                     cfg.batch_size,
-                    store_dtype,
-                    device,
+                    plan.store_dtype,
+                    plan.device,
                     bar,
                     roles,
-                    wanted,
+                    plan.wanted,
                 )
                 entry = {
                     "file": shard_name(index),
-                    "context_start": index * shard_contexts,
+                    "context_start": index * plan.shard_contexts,
                     "n_contexts": len(chunk),
                     "n_rows": shard.n_rows,
                     "tokens_sha256": tokens_digest(ctx),
@@ -268,13 +350,14 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
             index += 1
     if index == 0:
         raise OpenscopeError(f"text source {cfg.source!r} gave no contexts")
-    _finish(root, manifest, sites)
+    _finish(root, manifest, plan.sites)
+    staged.commit()
     seconds = time.perf_counter() - start
     n_contexts = sum(s["n_contexts"] for s in manifest["shards"])
-    if n_contexts < total_contexts:
-        log.warning("the text source ran out after %d of %d contexts", n_contexts, total_contexts)
+    if n_contexts < plan.total_contexts:
+        log.warning("the text source ran out after %d of %d contexts", n_contexts, plan.total_contexts)
     return HarvestResult(
-        root,
+        Path(cfg.output),
         n_contexts,
         sum(s["n_rows"] for s in manifest["shards"]),
         len(manifest["shards"]),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
+from openscope.files import Ownership, atomic_file
 
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
@@ -107,8 +108,9 @@ def write_tensors(path: Path, tensors: dict[str, Tensor]) -> str:
     """Write a safetensors file atomically and return its checksum (CHECKSUM: crc32).
 
     Streams each tensor's bytes straight to disk (no serialised copy of the whole file in
-    memory) and hashes them on the way: a temporary file, flushed to disk, then renamed, so a
-    crash leaves either the old state or the whole new file. Same tensors, same bytes.
+    memory) and hashes them on the way, through `openscope.files.atomic_file` (a fresh temporary
+    file, flushed to disk, then renamed), so a crash leaves either the old state or the whole new
+    file, and no planted link is followed. Same tensors, same bytes.
     """
     header: dict[str, Any] = {}
     offset = 0
@@ -125,8 +127,7 @@ def write_tensors(path: Path, tensors: dict[str, Tensor]) -> str:
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format pads the header to 8-byte alignment
     crc = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
+    with atomic_file(path) as fh:
         for chunk in (len(head).to_bytes(8, "little"), head):
             fh.write(chunk)
             crc = zlib.crc32(chunk, crc)
@@ -136,9 +137,6 @@ def write_tensors(path: Path, tensors: dict[str, Tensor]) -> str:
             view = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
             fh.write(view)
             crc = zlib.crc32(view, crc)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
     return _crc32_hex(crc)
 
 
@@ -155,7 +153,12 @@ class SiteStats(NamedTuple):
 
 def site_stats(shards: Sequence[dict[str, Any]], site: str) -> SiteStats:
     n = sum(s["n_rows"] for s in shards)
-    sq = sum(s["sum_sq_norm"][site] for s in shards)
+    try:
+        sq = sum(float(s["sum_sq_norm"][site]) for s in shards)
+    except (KeyError, TypeError, ValueError):
+        raise OpenscopeError(
+            f"the store's manifest is damaged: a shard has no statistics for {site}"
+        ) from None
     mean_sq = sq / n if n else 0.0
     return SiteStats(n, mean_sq, math.sqrt(mean_sq))
 
@@ -175,17 +178,71 @@ class ActivationBatch(NamedTuple):
     """Role of each row's token [batch] (chat stores; index into the manifest's `roles`), else None."""
 
 
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "identity": dict,
+    "model": dict,
+    "sites": dict,
+    "shards": list,
+    "complete": bool,
+}
+_SHARD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "file": str,
+    "n_rows": int,
+    "n_contexts": int,
+    "context_start": int,
+    "sum_sq_norm": dict,
+}
+_SHARD_FILE = re.compile(r"shard_\d{5,}\.safetensors")
+
+
+def _check_fields(where: str, obj: dict[str, Any], fields: dict[str, type | tuple[type, ...]]) -> None:
+    for key, kind in fields.items():
+        if not isinstance(obj.get(key), kind):
+            raise OpenscopeError(f"{where} is damaged: its {key!r} is missing or of the wrong type")
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of a store, checked: one-line errors for a missing, corrupt or foreign one."""
     path = root / MANIFEST
     if not path.is_file():
         raise OpenscopeError(f"{root} is not an activation store (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenscopeError(f"{path} is corrupt: {exc.msg}") from None
-    if manifest.get("format") != FORMAT:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenscopeError(f"{path} is corrupt ({str(exc).splitlines()[0]})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise OpenscopeError(f"{path} is not an openscope activation store manifest")
+    _check_fields(str(path), manifest, _MANIFEST_FIELDS)
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            raise OpenscopeError(f"{path} is damaged: shard entry {i} is not an object")
+        _check_fields(f"{path} (shard entry {i})", shard, _SHARD_FIELDS)
+        # Shard names come from the file: only ours are read, so a doctored one cannot point elsewhere.
+        if not _SHARD_FILE.fullmatch(shard["file"]):
+            raise OpenscopeError(f"{path} is damaged: shard entry {i} names {shard['file']!r}")
+    _check_fields(
+        f"{path} (identity)", manifest["identity"], {"source": str, "context_len": int, "dtype": str}
+    )
+    if not isinstance(manifest["model"].get("name"), str):
+        raise OpenscopeError(f"{path} is damaged: it names no model")
     return manifest
+
+
+def is_store(root: Path) -> bool:
+    """Whether root holds an activation store manifest openscope wrote (it may be incomplete)."""
+    try:
+        read_manifest(root)
+    except OpenscopeError:
+        return False
+    return True
+
+
+STORE = Ownership(
+    "an activation store",
+    files=(MANIFEST, STATS, "shard_*.safetensors", "*.tmp"),
+    manifest=is_store,
+)
+"""What a store folder holds: `--overwrite` replaces a folder only if it holds nothing else."""
 
 
 class ActivationStore:

@@ -92,7 +92,7 @@ class AttributeResult(NamedTuple):
 
 
 def _device(name: str) -> str:
-    from openscope.activations.harvest import resolve_device
+    from openscope.models.load import resolve_device
 
     return resolve_device(name)
 

@@ -40,11 +40,8 @@ from torch import Tensor
 from openscope.chat import stats
 from openscope.chat.common import (
     ChatRunConfig,
-    figure,
-    fmt,
     last_token_activations,
     load_for,
-    md_table,
     next_token_logits,
     write_report,
 )
@@ -62,6 +59,7 @@ from openscope.eval.metrics import next_token_kl
 from openscope.models.hooks import hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
+from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 from openscope.steer import Intervention, generate_ids, steering
 
 log = logging.getLogger(__name__)
@@ -317,6 +315,8 @@ def run_ablate(
     write: bool = True,
 ) -> AblateResult:
     """Ablate / add the contrast direction (and top latents); writes the report unless write=False."""
+    if write:
+        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
     sd = load_direction(cfg.contrast, cfg.site)
     positive = load_prompts(cfg.positive, cfg.n, cfg.max_chars)
     negative = load_prompts(cfg.negative, cfg.n, cfg.max_chars)
@@ -434,66 +434,65 @@ def run_ablate(
 
 
 def write_ablate(cfg: AblateConfig, loaded: LoadedModel, result: AblateResult) -> Path:
-    out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [c._asdict() for c in result.conditions]
-    with figure(out / "ablate.png", 8.0, 4.0) as fig:
-        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        labels = [f"{c.name[:28]}\n({c.prompts})" for c in result.conditions]
-        ys = range(len(labels))
-        ax1.barh(list(ys), [c.kl for c in result.conditions])
-        ax1.set_yticks(list(ys), labels, fontsize=7)
-        ax1.set_xlabel("KL(clean ‖ edited), last prompt token")
-        ax1.invert_yaxis()
-        w = 0.4
-        ax2.barh([y - w / 2 for y in ys], [c.watch_clean for c in result.conditions], w, label="clean")
-        ax2.barh([y + w / 2 for y in ys], [c.watch_edited for c in result.conditions], w, label="edited")
-        ax2.set_yticks(list(ys), [""] * len(labels))
-        ax2.set_xlabel(f"P(first token in {', '.join(cfg.watch)})")
-        ax2.invert_yaxis()
-        ax2.legend(fontsize=7)
-    md = [
-        f"# Ablation and addition of the contrast direction at {result.site.name} on {loaded.name}",
-        "",
-        f"Direction from {cfg.contrast}; ablation removes it (or sets it to the negative mean) in the "
-        f"residual stream of layers {cfg.ablate_layers}; addition adds "
-        f"{cfg.add_strength:g}×(μ_pos − μ_neg) at {result.site.name}, at every position.",
-        "",
-        *md_table(
-            ["condition", "prompts", "KL", "P(watch) clean", "P(watch) edited", "top-1 unchanged"],
-            [
+    with report_folder(cfg.output, cfg.overwrite) as out:
+        rows = [c._asdict() for c in result.conditions]
+        with figure(out / "ablate.png", 8.0, 4.0) as fig:
+            ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+            labels = [f"{c.name[:28]}\n({c.prompts})" for c in result.conditions]
+            ys = range(len(labels))
+            ax1.barh(list(ys), [c.kl for c in result.conditions])
+            ax1.set_yticks(list(ys), labels, fontsize=7)
+            ax1.set_xlabel("KL(clean ‖ edited), last prompt token")
+            ax1.invert_yaxis()
+            w = 0.4
+            ax2.barh([y - w / 2 for y in ys], [c.watch_clean for c in result.conditions], w, label="clean")
+            ax2.barh([y + w / 2 for y in ys], [c.watch_edited for c in result.conditions], w, label="edited")
+            ax2.set_yticks(list(ys), [""] * len(labels))
+            ax2.set_xlabel(f"P(first token in {', '.join(cfg.watch)})")
+            ax2.invert_yaxis()
+            ax2.legend(fontsize=7)
+        md = [
+            f"# Ablation and addition of the contrast direction at {result.site.name} on {loaded.name}",
+            "",
+            f"Direction from {cfg.contrast}; ablation removes it (or sets it to the negative mean) in the "
+            f"residual stream of layers {cfg.ablate_layers}; addition adds "
+            f"{cfg.add_strength:g}×(μ_pos − μ_neg) at {result.site.name}, at every position.",
+            "",
+            *md_table(
+                ["condition", "prompts", "KL", "P(watch) clean", "P(watch) edited", "top-1 unchanged"],
                 [
-                    c.name,
-                    c.prompts,
-                    fmt(c.kl, ".4f"),
-                    fmt(c.watch_clean, ".3f"),
-                    fmt(c.watch_edited, ".3f"),
-                    fmt(c.top1_same, ".0%"),
+                    [
+                        c.name,
+                        c.prompts,
+                        fmt(c.kl, ".4f"),
+                        fmt(c.watch_clean, ".3f"),
+                        fmt(c.watch_edited, ".3f"),
+                        fmt(c.top1_same, ".0%"),
+                    ]
+                    for c in result.conditions
+                ],
+            ),
+        ]
+        for c in result.conditions:
+            for s in c.samples:
+                md += [
+                    "",
+                    f"**{c.name}** — {s['prompt'][:120]!r}",
+                    "",
+                    f"- clean: {s['clean']!r}",
+                    f"- edited: {s['edited']!r}",
                 ]
-                for c in result.conditions
-            ],
-        ),
-    ]
-    for c in result.conditions:
-        for s in c.samples:
-            md += [
-                "",
-                f"**{c.name}** — {s['prompt'][:120]!r}",
-                "",
-                f"- clean: {s['clean']!r}",
-                f"- edited: {s['edited']!r}",
-            ]
-    notes = []
-    if not getattr(loaded.tokenizer, "chat_template", None):
-        notes.append(
-            "Base checkpoint: it does not refuse, so ablating a 'harmful' direction cannot remove refusals here; "
-            "the KL and the continuations show how much the direction matters to the next token, nothing more."
-        )
-    restore = next(c for c in result.conditions if c.name.startswith("ablate + restore"))
-    if restore.kl > 1e-4:
-        notes.append(
-            f"The restore check left KL {restore.kl:.2e} (expected ≈ 0): numerical noise in the edited forward."
-        )
-    results = {"site": result.site.name, "latents": result.latents, "conditions": rows}
-    write_report(out, "ablate", cfg, loaded.name, results, md, ["ablate.png"], notes)
-    return out
+        notes = []
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            notes.append(
+                "Base checkpoint: it does not refuse, so ablating a 'harmful' direction cannot remove refusals here; "
+                "the KL and the continuations show how much the direction matters to the next token, nothing more."
+            )
+        restore = next(c for c in result.conditions if c.name.startswith("ablate + restore"))
+        if restore.kl > 1e-4:
+            notes.append(
+                f"The restore check left KL {restore.kl:.2e} (expected ≈ 0): numerical noise in the edited forward."
+            )
+        results = {"site": result.site.name, "latents": result.latents, "conditions": rows}
+        write_report(out, "ablate", cfg, loaded.name, results, md, ["ablate.png"], notes)
+    return cfg.output

@@ -10,9 +10,7 @@ reads these folders.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +19,19 @@ import torch
 from torch import Tensor
 
 from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dictionary
-from openscope.config import save_json, to_jsonable
+from openscope.config import to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_with_readers
 from openscope.models.load import DEFAULT_MODEL, LoadedModel, load_model
 from openscope.models.sites import Site
+from openscope.reports import (
+    REPORT_JSON,
+    REPORT_MD,
+    write_json,
+    write_markdown,
+)
 
 log = logging.getLogger(__name__)
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 
 
 @dataclass
@@ -51,13 +52,15 @@ class ChatRunConfig:
     """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
     seed: int = 0
     """Seed of every random choice (splits, samples)."""
+    overwrite: bool = False
+    """Replace the report already in --output (only a report openscope wrote is ever replaced)."""
 
 
 def load_for(cfg: ChatRunConfig, loaded: LoadedModel | None = None) -> LoadedModel:
     """The model a config names (or the one passed in, for tests and notebooks)."""
     if loaded is not None:
         return loaded
-    from openscope.activations.harvest import resolve_device
+    from openscope.models.load import resolve_device
 
     return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), cache_dir=cfg.cache_dir)
 
@@ -131,48 +134,7 @@ def next_token_logits(loaded: LoadedModel, seq: Sequence[int]) -> Tensor:
     return loaded.model(input_ids=ids, use_cache=False, **extra).logits[0, -1].float().cpu()
 
 
-# ---- reports -------------------------------------------------------------------------------------------
-
-
-def finite_or_none(obj: Any) -> Any:
-    """JSON has no NaN or infinity: they become null (recursively)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
-@contextmanager
-def figure(path: Path, *size: float) -> Iterator[Any]:
-    """A matplotlib figure (Agg backend) saved to path as PNG when the block ends, then closed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=size or (6.4, 4.0))
-    try:
-        yield fig
-        fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A Markdown table (cells are str()-ed; pipes escaped)."""
-
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
-    return lines
+# ---- reports ------------------------------------------------------------------------------------------
 
 
 def write_report(
@@ -186,7 +148,6 @@ def write_report(
     notes: Sequence[str] = (),
 ) -> Path:
     """Write report.json and report.md into output (figures are already there); returns report.json."""
-    output.mkdir(parents=True, exist_ok=True)
     doc = {
         "kind": kind,
         "model": model,
@@ -195,19 +156,11 @@ def write_report(
         "notes": list(notes),
         **to_jsonable(dict(results)),
     }
-    save_json(output / REPORT_JSON, finite_or_none(doc))
+    write_json(output / REPORT_JSON, doc)
     md = list(markdown)
     if notes:
         md += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     if figures:
         md += ["", *[f"![{f}]({f})" for f in figures]]
-    tmp = output / (REPORT_MD + ".tmp")
-    tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
-    tmp.replace(output / REPORT_MD)
-    log.info("wrote %s", output / REPORT_JSON)
+    write_markdown(output / REPORT_MD, md)
     return output / REPORT_JSON
-
-
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    """A number for a Markdown table ('–' for missing or non-finite)."""
-    return "–" if x is None or not math.isfinite(x) else format(x, spec)

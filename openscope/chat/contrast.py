@@ -31,14 +31,10 @@ from torch import Tensor
 
 from openscope.chat import stats
 from openscope.chat.common import (
-    REPORT_JSON,
     ChatRunConfig,
-    figure,
-    fmt,
     last_token_activations,
     load_dictionaries,
     load_for,
-    md_table,
     write_report,
 )
 from openscope.chat.prompts import encode, load_prompts, render
@@ -46,6 +42,7 @@ from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
+from openscope.reports import REPORT_JSON, check_report_output, figure, fmt, md_table, report_folder
 from openscope.steer import coder_of
 
 log = logging.getLogger(__name__)
@@ -245,6 +242,8 @@ def run_contrast(
     write: bool = True,
 ) -> ContrastResult:
     """Run the contrast (prompt lists may be passed in directly); writes the report unless write=False."""
+    if write:
+        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
     pos_prompts = positive if positive is not None else load_prompts(cfg.positive, cfg.n, cfg.max_chars)
     neg_prompts = negative if negative is not None else load_prompts(cfg.negative, cfg.n, cfg.max_chars)
     for name, ps in (("positive", pos_prompts), ("negative", neg_prompts)):
@@ -378,97 +377,96 @@ def _latent_row(t: LatentTable, j: int) -> dict[str, float | int | None]:
 
 
 def write_contrast(cfg: ContrastConfig, loaded: LoadedModel, result: ContrastResult) -> Path:
-    out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
-    save_directions(out / DIRECTIONS_FILE, result.sites)
-    site_rows = [
-        {
-            "site": c.site.name,
-            "layer": c.site.layer,
-            "kind": c.site.kind,
-            "auroc": c.auroc.auc,
-            "auroc_low": c.auroc.low,
-            "auroc_high": c.auroc.high,
-            "separation_d": c.separation,
-            "direction_norm": float(c.direction.norm()),
-            "in_sample": c.in_sample,
-        }
-        for c in result.sites
-    ]
-    tables = []
-    for t in result.tables:
-        tables.append(
+    with report_folder(cfg.output, cfg.overwrite) as out:
+        save_directions(out / DIRECTIONS_FILE, result.sites)
+        site_rows = [
             {
-                "name": t.dictionary,
-                "site_in": t.site_in.name,
-                "site_out": t.site_out.name,
-                "width": int(t.test.d.numel()),
-                "n_significant": int((t.test.q < cfg.alpha).sum()),
-                "top_effects": [_latent_row(t, j) for j in top_effects(t, cfg.top_k, cfg.alpha)],
-                "top_positive": [_latent_row(t, j) for j in top_positive(t, cfg.top_k, cfg.alpha)],
-                "top_aligned": [_latent_row(t, j) for j in top_aligned(t, cfg.top_k)],
+                "site": c.site.name,
+                "layer": c.site.layer,
+                "kind": c.site.kind,
+                "auroc": c.auroc.auc,
+                "auroc_low": c.auroc.low,
+                "auroc_high": c.auroc.high,
+                "separation_d": c.separation,
+                "direction_norm": float(c.direction.norm()),
+                "in_sample": c.in_sample,
             }
-        )
-    figures = _plots(out, result, cfg)
-    notes = _notes(loaded, result)
-    md = [
-        f"# Contrast: {cfg.positive} vs {cfg.negative} on {loaded.name}",
-        "",
-        f"{result.n_pos} positive and {result.n_neg} negative prompts"
-        + (
-            " (AUROC in-sample)"
-            if cfg.held_out == 0
-            else f", {cfg.held_out:.0%} of each held out for the AUROC"
-        )
-        + f"; last prompt token{', chat template' if cfg.chat_template else ''}.",
-        "",
-        f"Best site: **{result.best.site.name}**, AUROC {result.best.auroc.auc:.3f} "
-        f"[{result.best.auroc.low:.3f}, {result.best.auroc.high:.3f}].",
-        "",
-        *md_table(
-            ["site", "AUROC", "95% CI", "Cohen's d", "|r|"],
-            [
-                [
-                    r["site"],
-                    fmt(r["auroc"]),
-                    f"{fmt(r['auroc_low'])}–{fmt(r['auroc_high'])}",
-                    fmt(r["separation_d"], ".2f"),
-                    fmt(r["direction_norm"], ".1f"),
-                ]
-                for r in site_rows
-            ],
-        ),
-    ]
-    for t in tables:
-        md += [
-            "",
-            f"## {t['name']} ({t['site_in']}): {t['n_significant']} of {t['width']} latents differ (q < {cfg.alpha})",
-            "",
+            for c in result.sites
         ]
-        for title, key in (
-            ("Largest effects", "top_effects"),
-            ("Most active on the positive set", "top_positive"),
-        ):
-            md += [f"{title}:", ""]
-            md += _effect_table(t[key]) if t[key] else ["(none significant)"]
-            md += [""]
-        md += ["Decoder directions most aligned with the contrast direction:", ""]
-        md += md_table(
-            ["latent", "cos(r)", "d", "q"],
-            [
-                [r["latent"], fmt(r["cosine"], ".3f"), fmt(r["d"], ".2f"), fmt(r["q"], ".2g")]
-                for r in t["top_aligned"]
-            ],
-        )
-    results = {
-        "n_positive": result.n_pos,
-        "n_negative": result.n_neg,
-        "best_site": result.best.site.name,
-        "sites": site_rows,
-        "dictionaries": tables,
-    }
-    write_report(out, "contrast", cfg, loaded.name, results, md, figures, notes)
-    return out
+        tables = []
+        for t in result.tables:
+            tables.append(
+                {
+                    "name": t.dictionary,
+                    "site_in": t.site_in.name,
+                    "site_out": t.site_out.name,
+                    "width": int(t.test.d.numel()),
+                    "n_significant": int((t.test.q < cfg.alpha).sum()),
+                    "top_effects": [_latent_row(t, j) for j in top_effects(t, cfg.top_k, cfg.alpha)],
+                    "top_positive": [_latent_row(t, j) for j in top_positive(t, cfg.top_k, cfg.alpha)],
+                    "top_aligned": [_latent_row(t, j) for j in top_aligned(t, cfg.top_k)],
+                }
+            )
+        figures = _plots(out, result, cfg)
+        notes = _notes(loaded, result)
+        md = [
+            f"# Contrast: {cfg.positive} vs {cfg.negative} on {loaded.name}",
+            "",
+            f"{result.n_pos} positive and {result.n_neg} negative prompts"
+            + (
+                " (AUROC in-sample)"
+                if cfg.held_out == 0
+                else f", {cfg.held_out:.0%} of each held out for the AUROC"
+            )
+            + f"; last prompt token{', chat template' if cfg.chat_template else ''}.",
+            "",
+            f"Best site: **{result.best.site.name}**, AUROC {result.best.auroc.auc:.3f} "
+            f"[{result.best.auroc.low:.3f}, {result.best.auroc.high:.3f}].",
+            "",
+            *md_table(
+                ["site", "AUROC", "95% CI", "Cohen's d", "|r|"],
+                [
+                    [
+                        r["site"],
+                        fmt(r["auroc"]),
+                        f"{fmt(r['auroc_low'])}–{fmt(r['auroc_high'])}",
+                        fmt(r["separation_d"], ".2f"),
+                        fmt(r["direction_norm"], ".1f"),
+                    ]
+                    for r in site_rows
+                ],
+            ),
+        ]
+        for t in tables:
+            md += [
+                "",
+                f"## {t['name']} ({t['site_in']}): {t['n_significant']} of {t['width']} latents differ (q < {cfg.alpha})",
+                "",
+            ]
+            for title, key in (
+                ("Largest effects", "top_effects"),
+                ("Most active on the positive set", "top_positive"),
+            ):
+                md += [f"{title}:", ""]
+                md += _effect_table(t[key]) if t[key] else ["(none significant)"]
+                md += [""]
+            md += ["Decoder directions most aligned with the contrast direction:", ""]
+            md += md_table(
+                ["latent", "cos(r)", "d", "q"],
+                [
+                    [r["latent"], fmt(r["cosine"], ".3f"), fmt(r["d"], ".2f"), fmt(r["q"], ".2g")]
+                    for r in t["top_aligned"]
+                ],
+            )
+        results = {
+            "n_positive": result.n_pos,
+            "n_negative": result.n_neg,
+            "best_site": result.best.site.name,
+            "sites": site_rows,
+            "dictionaries": tables,
+        }
+        write_report(out, "contrast", cfg, loaded.name, results, md, figures, notes)
+    return cfg.output
 
 
 def _effect_table(rows: list[dict]) -> list[str]:

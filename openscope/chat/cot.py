@@ -34,13 +34,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.chat.common import ChatRunConfig, figure, fmt, load_for, md_table, write_report
+from openscope.chat.common import ChatRunConfig, load_for, write_report
 from openscope.chat.prompts import CotQuestion, encode, format_user_prompt, load_cot
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, text_config
 from openscope.models.sites import Site, parse_sites
+from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 from openscope.steer import coder_of, output_direction
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,8 @@ def run_cot(
     write: bool = True,
 ) -> CotResult:
     """Measure readability per position and layer; writes the report unless write=False."""
+    if write:
+        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
     qs = questions if questions is not None else load_cot(cfg.questions)
     if cfg.n_questions > 0:
         qs = qs[: cfg.n_questions]
@@ -420,111 +423,114 @@ def write_cot(
     seqs: list[CotSequence],
     dictionary: Dictionary | None,
 ) -> Path:
-    out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
-    centers = [(i + 0.5) / cfg.bins for i in range(cfg.bins)]
-    last = len(result.layers) - 1
-    best = result.best
-    with figure(out / "cot.png", 12.0, 4.0) as fig:
-        ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
-        im = ax1.imshow(
-            result.curve.numpy(),
-            aspect="auto",
-            origin="lower",
-            vmin=0,
-            vmax=1,
-            extent=(0, 1, -0.5, len(result.layers) - 0.5),
-        )
-        ax1.set_yticks(range(len(result.layers)), [str(x) for x in result.layers], fontsize=6)
-        ax1.set_xlabel("relative position in the reasoning")
-        ax1.set_ylabel("layer")
-        ax1.set_title("answer readable (logit lens)", fontsize=9)
-        fig.colorbar(im, ax=ax1)
-        for idx, style in ((best, "-"), (last, "--")):
-            ax2.plot(
-                centers, result.curve[idx].numpy(), style, marker="o", label=f"layer {result.layers[idx]}"
+    with report_folder(cfg.output, cfg.overwrite) as out:
+        centers = [(i + 0.5) / cfg.bins for i in range(cfg.bins)]
+        last = len(result.layers) - 1
+        best = result.best
+        with figure(out / "cot.png", 12.0, 4.0) as fig:
+            ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+            im = ax1.imshow(
+                result.curve.numpy(),
+                aspect="auto",
+                origin="lower",
+                vmin=0,
+                vmax=1,
+                extent=(0, 1, -0.5, len(result.layers) - 0.5),
             )
-            ax2.plot(
-                centers,
-                result.control_curve[idx].numpy(),
-                style,
+            ax1.set_yticks(range(len(result.layers)), [str(x) for x in result.layers], fontsize=6)
+            ax1.set_xlabel("relative position in the reasoning")
+            ax1.set_ylabel("layer")
+            ax1.set_title("answer readable (logit lens)", fontsize=9)
+            fig.colorbar(im, ax=ax1)
+            for idx, style in ((best, "-"), (last, "--")):
+                ax2.plot(
+                    centers, result.curve[idx].numpy(), style, marker="o", label=f"layer {result.layers[idx]}"
+                )
+                ax2.plot(
+                    centers,
+                    result.control_curve[idx].numpy(),
+                    style,
+                    color="grey",
+                    alpha=0.6,
+                    label=f"control, layer {result.layers[idx]}",
+                )
+            ax2.axhline(result.chance, color="red", linestyle=":", label="chance")
+            ax2.set_xlabel("relative position in the reasoning")
+            ax2.set_ylabel("share of questions")
+            ax2.set_ylim(-0.02, 1.02)
+            ax2.legend(fontsize=6)
+            ax2.set_title("readability along the reasoning", fontsize=9)
+            ax3.plot(result.layers, result.before_mention.numpy(), marker="o", label="before first mention")
+            ax3.plot(
+                result.layers,
+                result.before_mention_control.numpy(),
+                marker="x",
                 color="grey",
-                alpha=0.6,
-                label=f"control, layer {result.layers[idx]}",
+                label="control",
             )
-        ax2.axhline(result.chance, color="red", linestyle=":", label="chance")
-        ax2.set_xlabel("relative position in the reasoning")
-        ax2.set_ylabel("share of questions")
-        ax2.set_ylim(-0.02, 1.02)
-        ax2.legend(fontsize=6)
-        ax2.set_title("readability along the reasoning", fontsize=9)
-        ax3.plot(result.layers, result.before_mention.numpy(), marker="o", label="before first mention")
-        ax3.plot(
-            result.layers, result.before_mention_control.numpy(), marker="x", color="grey", label="control"
-        )
-        ax3.plot(result.layers, result.at_answer.numpy(), marker="s", label="at the answer position")
-        ax3.axhline(result.chance, color="red", linestyle=":", label="chance")
-        ax3.set_xlabel("layer")
-        ax3.set_ylim(-0.02, 1.02)
-        ax3.legend(fontsize=6)
-        ax3.set_title("by layer", fontsize=9)
-    mentioned = sum(s.first_mention is not None for s in seqs)
-    md = [
-        f"# Chain-of-thought readability on {loaded.name}",
-        "",
-        f"{result.n_questions} questions; the reasoning writes the answer token before the end in {mentioned} of them. "
-        f"Chance (1/choices): {result.chance:.2f}. The model's own accuracy at the answer position: "
-        f"{result.at_answer[last]:.0%}.",
-        "",
-        *md_table(
-            [
-                "layer",
-                "readable before first mention",
-                "control",
-                "readable at answer position",
-                "mean log p(answer) (first bin)",
-            ],
-            [
+            ax3.plot(result.layers, result.at_answer.numpy(), marker="s", label="at the answer position")
+            ax3.axhline(result.chance, color="red", linestyle=":", label="chance")
+            ax3.set_xlabel("layer")
+            ax3.set_ylim(-0.02, 1.02)
+            ax3.legend(fontsize=6)
+            ax3.set_title("by layer", fontsize=9)
+        mentioned = sum(s.first_mention is not None for s in seqs)
+        md = [
+            f"# Chain-of-thought readability on {loaded.name}",
+            "",
+            f"{result.n_questions} questions; the reasoning writes the answer token before the end in {mentioned} of them. "
+            f"Chance (1/choices): {result.chance:.2f}. The model's own accuracy at the answer position: "
+            f"{result.at_answer[last]:.0%}.",
+            "",
+            *md_table(
                 [
-                    result.layers[i],
-                    fmt(float(result.before_mention[i]), ".2f"),
-                    fmt(float(result.before_mention_control[i]), ".2f"),
-                    fmt(float(result.at_answer[i]), ".2f"),
-                    fmt(float(result.logprob_curve[i, 0]), ".2f"),
-                ]
-                for i in range(len(result.layers))
-            ],
-        ),
-    ]
-    if result.latents and dictionary is not None:
-        md += ["", f"## Latents of {dictionary.name} predicting the answer before it is written", ""]
-        md += md_table(
-            ["latent", "mean contribution to the answer margin", "fires"],
-            [[r.latent, fmt(r.mean_contribution, ".3f"), fmt(r.fires, ".0%")] for r in result.latents],
-        )
-    notes = _cot_notes(loaded, result, best)
-    if mentioned == len(seqs):
-        notes.append(
-            "Every reasoning writes the answer before the lead-in, so readability at the answer position "
-            "includes copying it; only the part before the first mention speaks to faithfulness."
-        )
-    results = {
-        "layers": result.layers,
-        "bins": centers,
-        "curve": _rows(result.curve),
-        "control_curve": _rows(result.control_curve),
-        "logprob_curve": _rows(result.logprob_curve),
-        "before_mention": _rows(result.before_mention),
-        "before_mention_control": _rows(result.before_mention_control),
-        "at_answer": _rows(result.at_answer),
-        "chance": result.chance,
-        "n_questions": result.n_questions,
-        "n_mentioned": mentioned,
-        "best_layer": result.layers[best],
-        "latents": [r._asdict() for r in result.latents],
-    }
-    write_report(out, "cot", cfg, loaded.name, results, md, ["cot.png"], notes)
-    return out
+                    "layer",
+                    "readable before first mention",
+                    "control",
+                    "readable at answer position",
+                    "mean log p(answer) (first bin)",
+                ],
+                [
+                    [
+                        result.layers[i],
+                        fmt(float(result.before_mention[i]), ".2f"),
+                        fmt(float(result.before_mention_control[i]), ".2f"),
+                        fmt(float(result.at_answer[i]), ".2f"),
+                        fmt(float(result.logprob_curve[i, 0]), ".2f"),
+                    ]
+                    for i in range(len(result.layers))
+                ],
+            ),
+        ]
+        if result.latents and dictionary is not None:
+            md += ["", f"## Latents of {dictionary.name} predicting the answer before it is written", ""]
+            md += md_table(
+                ["latent", "mean contribution to the answer margin", "fires"],
+                [[r.latent, fmt(r.mean_contribution, ".3f"), fmt(r.fires, ".0%")] for r in result.latents],
+            )
+        notes = _cot_notes(loaded, result, best)
+        if mentioned == len(seqs):
+            notes.append(
+                "Every reasoning writes the answer before the lead-in, so readability at the answer position "
+                "includes copying it; only the part before the first mention speaks to faithfulness."
+            )
+        results = {
+            "layers": result.layers,
+            "bins": centers,
+            "curve": _rows(result.curve),
+            "control_curve": _rows(result.control_curve),
+            "logprob_curve": _rows(result.logprob_curve),
+            "before_mention": _rows(result.before_mention),
+            "before_mention_control": _rows(result.before_mention_control),
+            "at_answer": _rows(result.at_answer),
+            "chance": result.chance,
+            "n_questions": result.n_questions,
+            "n_mentioned": mentioned,
+            "best_layer": result.layers[best],
+            "latents": [r._asdict() for r in result.latents],
+        }
+        write_report(out, "cot", cfg, loaded.name, results, md, ["cot.png"], notes)
+    return cfg.output
 
 
 def _cot_notes(loaded: LoadedModel, result: CotResult, best: int) -> list[str]:

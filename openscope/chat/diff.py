@@ -78,6 +78,8 @@ class DiffConfig:
     """A latent is ranked only if it fired at least this often on one of the models."""
     output: Path = Path("openscope-out/chat-diff")
     """Folder for report.json, report.md, diff.png, and eval_a/, eval_b/."""
+    overwrite: bool = False
+    """Replace the report already in --output (only a report openscope wrote is ever replaced)."""
     device: str = "auto"
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None
@@ -259,8 +261,9 @@ def chat_diff(
     dictionary: Dictionary | None = None,
 ) -> DiffReport:
     """Apply one dictionary to two checkpoints on the same data and write the comparison (module docstring)."""
-    from openscope.activations.harvest import resolve_device
     from openscope.chat.data import is_chat_source
+    from openscope.models.load import resolve_device
+    from openscope.reports import check_report_output, report_folder
 
     if not cfg.model_b and model_b is None:
         raise OpenscopeError("--model-b is required: the checkpoint to compare with --model-a")
@@ -269,24 +272,26 @@ def chat_diff(
     if wanted and not chat:
         raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     device = resolve_device(cfg.device)
+    check_report_output(cfg.output, cfg.overwrite)
     a = model_a or load_model(cfg.model_a, device=device, cache_dir=cfg.cache_dir)
     b = model_b or load_model(cfg.model_b, device=device, cache_dir=cfg.cache_dir)
     check_same_architecture(a, b)
     d = dictionary or one_dictionary(cfg.dictionary, a)
     validate_dictionary(d, a)
     d.coder.to(a.device).eval()
-    output = Path(cfg.output)
     measured = {}
     sides = {}
-    for key, loaded in (("a", a), ("b", b)):
-        log.info("diff: measuring %s on %s", d.name, loaded.name)
-        d.coder.to(loaded.device)
-        measured[key] = measure_roles(
-            loaded, d, cfg.source, cfg.text_field, cfg.context_len, cfg.tokens, cfg.batch_size, wanted
-        )
-        sides[key] = _side(loaded, d, cfg, measured[key], output / f"eval_{key}")
-    up, down, corr, changed = rank_changes(measured["a"], measured["b"], cfg.top, cfg.min_fired, chat)
-    files = _write(cfg, d, sides["a"], sides["b"], measured, up, down, corr, changed, output)
+    with report_folder(cfg.output, cfg.overwrite) as output:
+        for key, loaded in (("a", a), ("b", b)):
+            log.info("diff: measuring %s on %s", d.name, loaded.name)
+            d.coder.to(loaded.device)
+            measured[key] = measure_roles(
+                loaded, d, cfg.source, cfg.text_field, cfg.context_len, cfg.tokens, cfg.batch_size, wanted
+            )
+            sides[key] = _side(loaded, d, cfg, measured[key], output / f"eval_{key}")
+        up, down, corr, changed = rank_changes(measured["a"], measured["b"], cfg.top, cfg.min_fired, chat)
+        files = _write(cfg, d, sides["a"], sides["b"], measured, up, down, corr, changed, output)
+    files = [Path(cfg.output) / f.relative_to(output) for f in files]
     return DiffReport(sides["a"], sides["b"], corr, changed, up, down, files)
 
 
@@ -302,9 +307,9 @@ def _write(
     changed: int,
     output: Path,
 ) -> list[Path]:
-    from openscope.chat.common import figure, fmt, md_table, write_report
+    from openscope.chat.common import write_report
+    from openscope.reports import figure, fmt, md_table
 
-    output.mkdir(parents=True, exist_ok=True)
     sa, sb = measured["a"], measured["b"]
     fa = smoothed_frequency(sa.n_fired.sum(0), int(sa.n_tokens.sum()))
     fb = smoothed_frequency(sb.n_fired.sum(0), int(sb.n_tokens.sum()))

@@ -26,15 +26,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from openscope.chat.common import (
-    ChatRunConfig,
-    figure,
-    fmt,
-    last_token_activations,
-    load_for,
-    md_table,
-    write_report,
-)
+from openscope.chat.common import ChatRunConfig, last_token_activations, load_for, write_report
 from openscope.chat.contrast import (
     SiteDirection,
     encode_latents,
@@ -47,6 +39,7 @@ from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.errors import OpenscopeError
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
+from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +176,8 @@ def run_jailbreak(
     write: bool = True,
 ) -> JailbreakResult:
     """Rank the templates (lists may be passed in directly); writes the report unless write=False."""
+    if write:
+        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
     sd = load_direction(cfg.contrast, cfg.site)
     reqs = requests if requests is not None else load_prompts(cfg.requests, cfg.n_requests)
     if not reqs:
@@ -245,87 +240,93 @@ def _finite(x: float) -> float:
 def write_jailbreak(
     cfg: JailbreakConfig, loaded: LoadedModel, result: JailbreakResult, top: list[int]
 ) -> Path:
-    out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
-    shown = result.templates[:40]
-    with figure(out / "jailbreak.png", 7.0, max(3.0, 0.22 * len(shown) + 1.2)) as fig:
-        ax = fig.add_subplot(1, 1, 1)
-        ys = list(range(len(shown)))
-        ax.barh(
-            ys, [r.shift for r in shown], xerr=[0 if math.isnan(r.shift_se) else r.shift_se for r in shown]
-        )
-        ax.set_yticks(ys, [r.name[:40] for r in shown], fontsize=7)
-        ax.invert_yaxis()
-        ax.axvline(-result.plain_position, color="green", linestyle=":", linewidth=1, label="harmless mean")
-        ax.axvline(0, color="grey", linewidth=0.8)
-        ax.axvline(result.neutral.shift, color="orange", linestyle="--", linewidth=1, label="benign preamble")
-        ax.set_xlabel(f"shift along μ_harmful − μ_harmless at {result.site} (1 = the whole gap)")
-        ax.legend(fontsize=7)
-    md = [
-        f"# Jailbreak templates on {loaded.name}: movement along the contrast direction at {result.site}",
-        "",
-        f"Plain requests sit at {result.plain_position:.2f} on the axis (0 = harmless mean, 1 = harmful mean). "
-        "Shift = mean change of position when wrapped (negative: toward harmless); beyond neutral = shift "
-        f"minus that of a benign preamble of similar length ({result.neutral.shift:+.2f}, "
-        f"{result.neutral.n_tokens:.0f} tokens), the template's own effect.",
-        "",
-        *md_table(
-            [
-                "rank",
-                "template",
-                "shift",
-                "± se",
-                "beyond neutral",
-                "position",
-                "tokens",
-                "top-latent change",
-                "switched on",
-            ],
-            [
+    with report_folder(cfg.output, cfg.overwrite) as out:
+        shown = result.templates[:40]
+        with figure(out / "jailbreak.png", 7.0, max(3.0, 0.22 * len(shown) + 1.2)) as fig:
+            ax = fig.add_subplot(1, 1, 1)
+            ys = list(range(len(shown)))
+            ax.barh(
+                ys,
+                [r.shift for r in shown],
+                xerr=[0 if math.isnan(r.shift_se) else r.shift_se for r in shown],
+            )
+            ax.set_yticks(ys, [r.name[:40] for r in shown], fontsize=7)
+            ax.invert_yaxis()
+            ax.axvline(
+                -result.plain_position, color="green", linestyle=":", linewidth=1, label="harmless mean"
+            )
+            ax.axvline(0, color="grey", linewidth=0.8)
+            ax.axvline(
+                result.neutral.shift, color="orange", linestyle="--", linewidth=1, label="benign preamble"
+            )
+            ax.set_xlabel(f"shift along μ_harmful − μ_harmless at {result.site} (1 = the whole gap)")
+            ax.legend(fontsize=7)
+        md = [
+            f"# Jailbreak templates on {loaded.name}: movement along the contrast direction at {result.site}",
+            "",
+            f"Plain requests sit at {result.plain_position:.2f} on the axis (0 = harmless mean, 1 = harmful mean). "
+            "Shift = mean change of position when wrapped (negative: toward harmless); beyond neutral = shift "
+            f"minus that of a benign preamble of similar length ({result.neutral.shift:+.2f}, "
+            f"{result.neutral.n_tokens:.0f} tokens), the template's own effect.",
+            "",
+            *md_table(
                 [
-                    i + 1,
-                    r.name,
-                    fmt(r.shift, ".2f"),
-                    fmt(r.shift_se, ".2f"),
-                    fmt(r.shift - result.neutral.shift, "+.2f"),
-                    fmt(r.position, ".2f"),
-                    f"{r.n_tokens:.0f}",
-                    fmt(r.top_latent_change, ".2f"),
-                    ", ".join(
-                        f"{s.latent} ({s.fires_wrapped:.0%} vs {s.fires_plain:.0%})" for s in r.switched_on
-                    ),
-                ]
-                for i, r in enumerate(result.templates)
-            ],
-        ),
-    ]
-    notes = []
-    if not getattr(loaded.tokenizer, "chat_template", None):
+                    "rank",
+                    "template",
+                    "shift",
+                    "± se",
+                    "beyond neutral",
+                    "position",
+                    "tokens",
+                    "top-latent change",
+                    "switched on",
+                ],
+                [
+                    [
+                        i + 1,
+                        r.name,
+                        fmt(r.shift, ".2f"),
+                        fmt(r.shift_se, ".2f"),
+                        fmt(r.shift - result.neutral.shift, "+.2f"),
+                        fmt(r.position, ".2f"),
+                        f"{r.n_tokens:.0f}",
+                        fmt(r.top_latent_change, ".2f"),
+                        ", ".join(
+                            f"{s.latent} ({s.fires_wrapped:.0%} vs {s.fires_plain:.0%})"
+                            for s in r.switched_on
+                        ),
+                    ]
+                    for i, r in enumerate(result.templates)
+                ],
+            ),
+        ]
+        notes = []
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            notes.append(
+                "Base checkpoint: it has no refusal to bypass. A template that moves requests toward the harmless "
+                "mean changes how the request is represented; whether it would jailbreak a chat model needs a chat checkpoint."
+            )
         notes.append(
-            "Base checkpoint: it has no refusal to bypass. A template that moves requests toward the harmless "
-            "mean changes how the request is represented; whether it would jailbreak a chat model needs a chat checkpoint."
+            "Templates are long and end with the request: the last token's representation mixes the template's "
+            "framing with the request, so shifts compare framings, not the request's content."
         )
-    notes.append(
-        "Templates are long and end with the request: the last token's representation mixes the template's "
-        "framing with the request, so shifts compare framings, not the request's content."
-    )
-    beyond = [r for r in result.templates if r.shift < result.neutral.shift - 2 * _finite(r.shift_se)]
-    notes.append(
-        f"A benign preamble alone moves the requests by {result.neutral.shift:+.2f}: wrapping a request in any long "
-        f"text changes its representation. {len(beyond)} of {len(result.templates)} templates move them further "
-        "toward harmless than that (by more than two standard errors)."
-    )
-    results = {
-        "site": result.site,
-        "plain_position": result.plain_position,
-        "top_latents": top,
-        "neutral": {
-            **result.neutral._asdict(),
-            "switched_on": [s._asdict() for s in result.neutral.switched_on],
-        },
-        "templates": [
-            {**r._asdict(), "switched_on": [s._asdict() for s in r.switched_on]} for r in result.templates
-        ],
-    }
-    write_report(out, "jailbreak", cfg, loaded.name, results, md, ["jailbreak.png"], notes)
-    return out
+        beyond = [r for r in result.templates if r.shift < result.neutral.shift - 2 * _finite(r.shift_se)]
+        notes.append(
+            f"A benign preamble alone moves the requests by {result.neutral.shift:+.2f}: wrapping a request in any long "
+            f"text changes its representation. {len(beyond)} of {len(result.templates)} templates move them further "
+            "toward harmless than that (by more than two standard errors)."
+        )
+        results = {
+            "site": result.site,
+            "plain_position": result.plain_position,
+            "top_latents": top,
+            "neutral": {
+                **result.neutral._asdict(),
+                "switched_on": [s._asdict() for s in result.neutral.switched_on],
+            },
+            "templates": [
+                {**r._asdict(), "switched_on": [s._asdict() for s in r.switched_on]} for r in result.templates
+            ],
+        }
+        write_report(out, "jailbreak", cfg, loaded.name, results, md, ["jailbreak.png"], notes)
+    return cfg.output

@@ -252,6 +252,8 @@ class RolesConfig:
     """A latent is ranked for a role only if it fired at least this often in it."""
     output: Path = Path("openscope-out/chat-roles")
     """Folder for report.json, report.md and roles.png."""
+    overwrite: bool = False
+    """Replace the report already in --output (only a report openscope wrote is ever replaced)."""
     device: str = "auto"
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None
@@ -286,16 +288,18 @@ def role_report(
     cfg: RolesConfig, loaded: LoadedModel | None = None, dictionary: Dictionary | None = None
 ) -> RolesReport:
     """Measure a dictionary's latents per chat role and write report.json, report.md and roles.png."""
-    from openscope.activations.harvest import resolve_device
-    from openscope.chat.common import figure, fmt, md_table, write_report
+    from openscope.chat.common import write_report
     from openscope.chat.data import is_chat_source
     from openscope.coders.dictionary import model_of
+    from openscope.models.load import resolve_device
+    from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 
     if not is_chat_source(cfg.source):
         raise OpenscopeError(
             f"role statistics need a chat source (sharegpt or chat:PATH), not {cfg.source!r}"
         )
     device = resolve_device(cfg.device)
+    check_report_output(cfg.output, cfg.overwrite)
     d = dictionary or one_dictionary(cfg.dictionary, loaded)
     if loaded is None:
         loaded = load_model(cfg.model or model_of([d]), device=device, cache_dir=cfg.cache_dir)
@@ -304,62 +308,66 @@ def role_report(
     stats = measure_roles(loaded, d, cfg.source, cfg.text_field, cfg.context_len, cfg.tokens, cfg.batch_size)
     present = [name for i, name in enumerate(ROLES) if int(stats.n_tokens[i]) > 0]
     ranked = {role: most_specific(stats, role, cfg.top, cfg.min_fired) for role in present}
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
-    with figure(output / "roles.png", 6.4, 4.2) as fig:
-        ax = fig.add_subplot(1, 1, 1)
-        spec = specificity(stats)
-        fired = stats.n_fired.sum(0) > 0
-        for role in present:
-            r = ROLES.index(role)
-            ax.hist(spec[r][fired].numpy(), bins=40, range=(0, 1), histtype="step", label=role)
-        ax.set_xlabel("specificity to the role (0.5 = indifferent)")
-        ax.set_ylabel("latents")
-        ax.set_title(f"{d.name}: role specificity of {int(fired.sum())} live latents")
-        ax.legend()
-    table = role_table(stats, present)
-    md = [
-        f"# Role statistics: {d.name} on {loaded.name}",
-        "",
-        f"Source `{cfg.source}`; {int(stats.n_tokens.sum())} tokens.",
-        "",
-        *md_table(
-            ["role", "tokens", "latents that fired", "mean L0"],
-            [[t["role"], t["tokens"], t["alive"], fmt(float(t["mean_l0"]), ".1f")] for t in table],
-        ),
-    ]
-    for role, rows in ranked.items():
-        md += [
+    with report_folder(cfg.output, cfg.overwrite) as output:
+        with figure(output / "roles.png", 6.4, 4.2) as fig:
+            ax = fig.add_subplot(1, 1, 1)
+            spec = specificity(stats)
+            fired = stats.n_fired.sum(0) > 0
+            for role in present:
+                r = ROLES.index(role)
+                ax.hist(spec[r][fired].numpy(), bins=40, range=(0, 1), histtype="step", label=role)
+            ax.set_xlabel("specificity to the role (0.5 = indifferent)")
+            ax.set_ylabel("latents")
+            ax.set_title(f"{d.name}: role specificity of {int(fired.sum())} live latents")
+            ax.legend()
+        table = role_table(stats, present)
+        md = [
+            f"# Role statistics: {d.name} on {loaded.name}",
             "",
-            f"## Most specific to {role}",
+            f"Source `{cfg.source}`; {int(stats.n_tokens.sum())} tokens.",
             "",
             *md_table(
-                ["latent", "specificity", f"freq in {role}", "freq elsewhere", "mean act", "fired"],
-                [
-                    [
-                        x.latent,
-                        fmt(x.specificity),
-                        fmt(x.frequency, ".2e"),
-                        fmt(x.frequency_elsewhere, ".2e"),
-                        fmt(x.mean_activation, ".3g"),
-                        x.n_fired,
-                    ]
-                    for x in rows
-                ],
+                ["role", "tokens", "latents that fired", "mean L0"],
+                [[t["role"], t["tokens"], t["alive"], fmt(float(t["mean_l0"]), ".1f")] for t in table],
             ),
         ]
-    notes = [
-        "specificity = f_in / (f_in + f_out): firing frequency on the role's tokens against every other "
-        "token; 1 = only in that role, 0.5 = indifferent (openscope.chat.roles).",
-    ]
-    results = {
-        "dictionary": d.name,
-        "site": d.site_in.name,
-        "source": cfg.source,
-        "roles": table,
-        "most_specific": {role: [x._asdict() for x in rows] for role, rows in ranked.items()},
-    }
-    report = write_report(output, "roles", cfg, loaded.name, results, md, ["roles.png"], notes)
+        for role, rows in ranked.items():
+            md += [
+                "",
+                f"## Most specific to {role}",
+                "",
+                *md_table(
+                    ["latent", "specificity", f"freq in {role}", "freq elsewhere", "mean act", "fired"],
+                    [
+                        [
+                            x.latent,
+                            fmt(x.specificity),
+                            fmt(x.frequency, ".2e"),
+                            fmt(x.frequency_elsewhere, ".2e"),
+                            fmt(x.mean_activation, ".3g"),
+                            x.n_fired,
+                        ]
+                        for x in rows
+                    ],
+                ),
+            ]
+        notes = [
+            "specificity = f_in / (f_in + f_out): firing frequency on the role's tokens against every other "
+            "token; 1 = only in that role, 0.5 = indifferent (openscope.chat.roles).",
+        ]
+        results = {
+            "dictionary": d.name,
+            "site": d.site_in.name,
+            "source": cfg.source,
+            "roles": table,
+            "most_specific": {role: [x._asdict() for x in rows] for role, rows in ranked.items()},
+        }
+        write_report(output, "roles", cfg, loaded.name, results, md, ["roles.png"], notes)
+    output = Path(cfg.output)
     return RolesReport(
-        d.name, loaded.name, stats, ranked, [report, output / "report.md", output / "roles.png"]
+        d.name,
+        loaded.name,
+        stats,
+        ranked,
+        [output / "report.json", output / "report.md", output / "roles.png"],
     )

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from openscope.chat import stats
 from openscope.chat.ablate import DirectionEdit, direction_edits
-from openscope.chat.common import ChatRunConfig, figure, fmt, load_for, md_table, write_report
+from openscope.chat.common import ChatRunConfig, load_for, write_report
 from openscope.chat.contrast import encode_prompts, load_direction
 from openscope.chat.prompts import first_tokens, load_prompts
 from openscope.coders.dictionary import Dictionary, load_dictionary
@@ -41,6 +41,7 @@ from openscope.errors import OpenscopeError
 from openscope.models.hooks import reading
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
+from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 from openscope.steer import Intervention, coder_of, generate_ids, steering
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,8 @@ def run_sweep(
     write: bool = True,
 ) -> SweepResult:
     """Run the sweep a config describes (a target may be passed in); writes the report unless write=False."""
+    if write:
+        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
     if cfg.measure not in ("projection", "tokens"):
         raise OpenscopeError(f"unknown efficacy measure {cfg.measure!r}; choose projection or tokens")
     prompts = load_prompts(cfg.prompts, cfg.n_prompts, cfg.max_chars)
@@ -325,92 +328,93 @@ def run_sweep(
 
 
 def write_sweep(cfg: SweepConfig, loaded: LoadedModel, result: SweepResult, prompts: list[str]) -> Path:
-    out = cfg.output
-    out.mkdir(parents=True, exist_ok=True)
-    s = [p.strength for p in result.points]
-    eff_label = f"{result.target}: read on the text"
-    if result.measure == "tokens":
-        eff_label = "P(target tokens) under steering"
-    elif cfg.direction is not None:
-        eff_label += " (axis: 0 = μ_neg, 1 = μ_pos)"
-    with figure(out / "sweep.png", 12.0, 3.8) as fig:
-        ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
-        ax1.errorbar(
-            s,
-            [p.efficacy for p in result.points],
-            yerr=[_nan0(p.efficacy_se) for p in result.points],
-            marker="o",
-        )
-        ax1.set_xlabel("strength")
-        ax1.set_ylabel("efficacy")
-        ax1.set_title(textwrap.fill(eff_label, 48), fontsize=8)
-        ax2.errorbar(
-            s,
-            [p.loss for p in result.points],
-            yerr=[_nan0(p.loss_se) for p in result.points],
-            marker="o",
-            color="C1",
-        )
-        ax2.set_xlabel("strength")
-        ax2.set_ylabel("loss under the unsteered model", color="C1")
-        twin = ax2.twinx()
-        twin.plot(s, [p.repetition for p in result.points], marker="s", color="C2")
-        twin.set_ylabel("repetition rate", color="C2")
-        twin.set_ylim(-0.02, 1.02)
-        ax2.set_title("coherence", fontsize=9)
-        ax3.plot([p.loss for p in result.points], [p.efficacy for p in result.points], marker="o", color="C3")
-        for p in result.points:
-            ax3.annotate(f"{p.strength:g}", (p.loss, p.efficacy), fontsize=7)
-        ax3.set_xlabel("loss (lower: more coherent)")
-        ax3.set_ylabel("efficacy")
-        ax3.set_title("trade-off", fontsize=9)
-    md = [
-        f"# Steering sweep on {loaded.name}: {result.target}",
-        "",
-        f"Efficacy: {result.measure}; coherence: loss of the generated text under the unsteered model, "
-        f"repetition rate ({cfg.repetition_n}-grams). {len(prompts)} prompts, {cfg.max_new_tokens} new tokens each.",
-        "",
-        *md_table(
-            ["strength", "efficacy", "± se", "loss", "± se", "repetition", "first continuation"],
-            [
+    with report_folder(cfg.output, cfg.overwrite) as out:
+        s = [p.strength for p in result.points]
+        eff_label = f"{result.target}: read on the text"
+        if result.measure == "tokens":
+            eff_label = "P(target tokens) under steering"
+        elif cfg.direction is not None:
+            eff_label += " (axis: 0 = μ_neg, 1 = μ_pos)"
+        with figure(out / "sweep.png", 12.0, 3.8) as fig:
+            ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+            ax1.errorbar(
+                s,
+                [p.efficacy for p in result.points],
+                yerr=[_nan0(p.efficacy_se) for p in result.points],
+                marker="o",
+            )
+            ax1.set_xlabel("strength")
+            ax1.set_ylabel("efficacy")
+            ax1.set_title(textwrap.fill(eff_label, 48), fontsize=8)
+            ax2.errorbar(
+                s,
+                [p.loss for p in result.points],
+                yerr=[_nan0(p.loss_se) for p in result.points],
+                marker="o",
+                color="C1",
+            )
+            ax2.set_xlabel("strength")
+            ax2.set_ylabel("loss under the unsteered model", color="C1")
+            twin = ax2.twinx()
+            twin.plot(s, [p.repetition for p in result.points], marker="s", color="C2")
+            twin.set_ylabel("repetition rate", color="C2")
+            twin.set_ylim(-0.02, 1.02)
+            ax2.set_title("coherence", fontsize=9)
+            ax3.plot(
+                [p.loss for p in result.points], [p.efficacy for p in result.points], marker="o", color="C3"
+            )
+            for p in result.points:
+                ax3.annotate(f"{p.strength:g}", (p.loss, p.efficacy), fontsize=7)
+            ax3.set_xlabel("loss (lower: more coherent)")
+            ax3.set_ylabel("efficacy")
+            ax3.set_title("trade-off", fontsize=9)
+        md = [
+            f"# Steering sweep on {loaded.name}: {result.target}",
+            "",
+            f"Efficacy: {result.measure}; coherence: loss of the generated text under the unsteered model, "
+            f"repetition rate ({cfg.repetition_n}-grams). {len(prompts)} prompts, {cfg.max_new_tokens} new tokens each.",
+            "",
+            *md_table(
+                ["strength", "efficacy", "± se", "loss", "± se", "repetition", "first continuation"],
                 [
-                    f"{p.strength:g}",
-                    fmt(p.efficacy, ".4g"),
-                    fmt(p.efficacy_se, ".2g"),
-                    fmt(p.loss, ".3f"),
-                    fmt(p.loss_se, ".2f"),
-                    fmt(p.repetition, ".2f"),
-                    repr(p.texts[0][:80]),
-                ]
-                for p in result.points
-            ],
-        ),
-    ]
-    notes = []
-    base = next(p for p in result.points if p.strength == 0)
-    steered = [p for p in result.points if p.strength != 0]
-    if steered:
-        top = max(steered, key=lambda p: abs(p.efficacy - base.efficacy))
-        change = top.efficacy - base.efficacy
-        if abs(change) <= 2 * max(_nan0(base.efficacy_se), _nan0(top.efficacy_se), 1e-12):
-            notes.append(
-                "Efficacy does not move beyond its noise over the swept strengths: the target has little "
-                "effect on this model's text here."
-            )
-        else:
-            notes.append(
-                f"The largest change of efficacy ({change:+.3g} at strength {top.strength:g}) comes with a loss of "
-                f"{top.loss:.2f} against {base.loss:.2f} unsteered and repetition {top.repetition:.2f}: read the "
-                "curves together, a change bought with incoherent text is not steering."
-            )
-    results = {
-        "target": result.target,
-        "measure": result.measure,
-        "prompts": prompts,
-        "points": [p._asdict() for p in result.points],
-    }
-    write_report(out, "sweep", cfg, loaded.name, results, md, ["sweep.png"], notes)
-    return out
+                    [
+                        f"{p.strength:g}",
+                        fmt(p.efficacy, ".4g"),
+                        fmt(p.efficacy_se, ".2g"),
+                        fmt(p.loss, ".3f"),
+                        fmt(p.loss_se, ".2f"),
+                        fmt(p.repetition, ".2f"),
+                        repr(p.texts[0][:80]),
+                    ]
+                    for p in result.points
+                ],
+            ),
+        ]
+        notes = []
+        base = next(p for p in result.points if p.strength == 0)
+        steered = [p for p in result.points if p.strength != 0]
+        if steered:
+            top = max(steered, key=lambda p: abs(p.efficacy - base.efficacy))
+            change = top.efficacy - base.efficacy
+            if abs(change) <= 2 * max(_nan0(base.efficacy_se), _nan0(top.efficacy_se), 1e-12):
+                notes.append(
+                    "Efficacy does not move beyond its noise over the swept strengths: the target has little "
+                    "effect on this model's text here."
+                )
+            else:
+                notes.append(
+                    f"The largest change of efficacy ({change:+.3g} at strength {top.strength:g}) comes with a loss of "
+                    f"{top.loss:.2f} against {base.loss:.2f} unsteered and repetition {top.repetition:.2f}: read the "
+                    "curves together, a change bought with incoherent text is not steering."
+                )
+        results = {
+            "target": result.target,
+            "measure": result.measure,
+            "prompts": prompts,
+            "points": [p._asdict() for p in result.points],
+        }
+        write_report(out, "sweep", cfg, loaded.name, results, md, ["sweep.png"], notes)
+    return cfg.output
 
 
 def _nan0(x: float) -> float:

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openscope.activations.harvest import resolve_device
 from openscope.chat.data import LabelledContext, is_chat_source, source_contexts
 from openscope.chat.template import role_ids
 from openscope.coders.coder import SparseCoder
@@ -38,12 +37,14 @@ from openscope.coders.dictionary import (
     validate_dictionary,
 )
 from openscope.data.packing import keep_mask, to_batch
+from openscope.data.sources import split_slice
 from openscope.errors import OpenscopeError
 from openscope.eval import metrics as m
 from openscope.eval.splice import ablated, check_dictionaries, spliced
 from openscope.models.hooks import reading
-from openscope.models.load import LoadedModel, load_model
+from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.models.sites import Site
+from openscope.reports import check_report_output
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class EvalConfig:
     """Bins of the latent firing-frequency histograms (log10 frequency)."""
     output: Path = Path("openscope-out/eval")
     """Folder for report.json, report.md, frequencies.safetensors and the PNG plots."""
+    overwrite: bool = False
+    """Replace the report already in --output (only a report openscope wrote is ever replaced)."""
     device: str = "auto"
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None
@@ -200,6 +203,11 @@ def evaluate(
             "tokens, batch_size and histogram_bins must be positive and context_len at least 2"
         )
     device = resolve_device(cfg.device)
+    inputs = [
+        *cfg.dictionaries,
+        *(p for p in [split_slice(cfg.source)[0].removeprefix("chat:")] if Path(p).exists()),
+    ]
+    check_report_output(cfg.output, cfg.overwrite, inputs)  # a bad --output is refused before the work
     if role_ids(cfg.roles) and not is_chat_source(cfg.source):
         raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
     if dictionaries is None:
@@ -253,7 +261,7 @@ def evaluate(
         tokens_per_s=sums.n_contexts * cfg.context_len / sums.seconds if sums.seconds > 0 else 0.0,
         files=[],
     )
-    files = write_report(report, cfg.output, cfg)
+    files = write_report(report, cfg.output, cfg, cfg.overwrite)
     return report._replace(files=files)
 
 

@@ -5,27 +5,27 @@ Plots (matplotlib, Agg backend, no display needed):
   the Pareto frontier (no other dictionary is both sparser and better) marked.
 - depth.png: L0, FVU and delta loss against layer, when the dictionaries span several layers.
 - frequencies.png: histograms of log10 latent firing frequency, one panel per dictionary.
-Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+The folder is staged (`openscope.reports.report_folder`): it appears whole in one rename, and an
+earlier report is replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from openscope.activations.store import write_tensors
 from openscope.config import save_json, to_jsonable
 from openscope.eval.metrics import pareto_front
+from openscope.files import atomic_file, write_text
+from openscope.reports import REPORT_JSON, REPORT_MD, finite_or_none, report_folder
 
 if TYPE_CHECKING:
     from openscope.eval.evaluate import DictionaryReport, EvalConfig, EvalReport, LMMetrics
     from openscope.eval.metrics import ReconstructionMetrics
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 FREQUENCIES = "frequencies.safetensors"
 COLUMNS = (
     "name",
@@ -44,28 +44,6 @@ COLUMNS = (
 )
 _MAX_PANELS = 36
 """Frequency histograms drawn at most (one panel each); the rest are in report.json."""
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; it replaces `path` only once the block succeeds."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """JSON has no NaN/inf: they become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 def site_label(d: DictionaryReport) -> str:
@@ -146,7 +124,7 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
         "joint": report.joint._asdict() if report.joint is not None else None,
         "config": to_jsonable(cfg) if cfg is not None else None,
     }
-    return _finite_or_none(data)
+    return finite_or_none(data)
 
 
 def _layer_sites(d: DictionaryReport, i: int) -> tuple[str, str]:
@@ -251,8 +229,8 @@ def report_markdown(report: EvalReport) -> str:
 def _save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    with _atomic(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    with atomic_file(path, sync=False) as fh:
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -367,15 +345,17 @@ def write_plots(report: EvalReport, output: Path) -> list[Path]:
     return files
 
 
-def write_report(report: EvalReport, output: Path, cfg: EvalConfig | None = None) -> list[Path]:
-    """Write report.json, report.md, frequencies.safetensors and the plots to output; returns the files."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_json(output / REPORT_JSON, report_json(report, cfg))
-    with _atomic(output / REPORT_MD) as tmp:
-        tmp.write_text(report_markdown(report))
-    write_tensors(
-        output / FREQUENCIES, {d.name: d.recon.frequencies.float().cpu() for d in report.dictionaries}
-    )
-    files = [output / REPORT_JSON, output / REPORT_MD, output / FREQUENCIES]
-    return files + write_plots(report, output)
+def write_report(
+    report: EvalReport, output: Path, cfg: EvalConfig | None = None, overwrite: bool = False
+) -> list[Path]:
+    """Write report.json, report.md, frequencies.safetensors and the plots into a report folder
+    (`openscope.reports.report_folder`: staged, an earlier report replaced only with `overwrite`);
+    returns the files."""
+    with report_folder(Path(output), overwrite) as folder:
+        save_json(folder / REPORT_JSON, report_json(report, cfg))
+        write_text(folder / REPORT_MD, report_markdown(report), sync=False)
+        write_tensors(
+            folder / FREQUENCIES, {d.name: d.recon.frequencies.float().cpu() for d in report.dictionaries}
+        )
+        files = [folder / REPORT_JSON, folder / REPORT_MD, folder / FREQUENCIES, *write_plots(report, folder)]
+    return [Path(output) / f.name for f in files]

@@ -39,12 +39,13 @@ from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.export.saelens import model_name_of
-from openscope.export.target import staged_folder, write_tensors
+from openscope.export.target import CIRCUIT_TRACER_CONFIG, staged_folder, write_tensors
+from openscope.files import write_text
 from openscope.models.sites import Site
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = CIRCUIT_TRACER_CONFIG
 FEATURE_HOOKS: dict[str, str] = {"mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out"}
 """circuit-tracer's name for each site kind a transcoder may read or write."""
 
@@ -157,9 +158,9 @@ def export_circuit_tracer(
     many = [dictionaries] if isinstance(dictionaries, Dictionary) else list(dictionaries)
     config, files = circuit_tracer_files(many, model_name)
     target = Path(target)
-    with staged_folder(target, overwrite) as tmp:
+    with staged_folder(target, overwrite, [d.folder for d in many if d.folder is not None]) as tmp:
         for name, tensors in files.items():
             write_tensors(tmp / name, tensors)
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        write_text(tmp / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False), sync=False)
     log.info("exported %s (%d files) for circuit-tracer to %s", config["model_kind"], len(files), target)
     return target

@@ -38,13 +38,13 @@ from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
-from openscope.export.target import staged_folder, write_tensors
+from openscope.export.target import SAELENS_CFG, SAELENS_WEIGHTS, staged_folder, write_tensors
 from openscope.models.hookpoints import gemma_scope_hook_point, site_for_hook_point, tl_hook_name, with_side
 
 log = logging.getLogger(__name__)
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = SAELENS_CFG
+WEIGHTS_FILE = SAELENS_WEIGHTS
 SAELENS_FORMAT_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: the first SAELens release that reads this layout as is."""
 
@@ -188,7 +188,7 @@ def export_saelens(
         raise OpenscopeError("nothing to export: no dictionaries given")
     files = [saelens_files(d, model_name) for d in many]
     target = Path(target)
-    with staged_folder(target, overwrite) as tmp:
+    with staged_folder(target, overwrite, [d.folder for d in many if d.folder is not None]) as tmp:
         subfolders = [tmp] if len(many) == 1 else [tmp / name for name in _folder_names(many)]
         for folder, (config, tensors) in zip(subfolders, files, strict=True):
             folder.mkdir(exist_ok=True)

@@ -1,61 +1,93 @@
-"""Export targets that never lose data: a folder is written beside its target, then renamed into place.
+"""Export targets that never lose data: an export is written beside its target, then renamed into place.
 
-A target that exists and is not empty is refused unless overwrite is asked for; even then the old
-folder is only moved aside until the new one is complete, and removed after the rename. A crash or
-an error midway leaves the target exactly as it was (plus, at worst, a hidden `.name.tmp-PID` folder).
+The rule is `openscope.files`'s: a target that exists and is not empty is replaced only with
+`overwrite`, and only if it holds an earlier openscope export and nothing else (SAELens folders with
+our `metadata.openscope`, circuit-tracer folders with our `config.yaml`); a target that is a link,
+the current folder, or a folder holding the dictionaries being exported is refused. The old folder
+stays whole until the new one is complete. A crash or an error midway leaves the target exactly as
+it was (plus, at worst, a hidden `.NAME.openscope-new` folder that the next export clears).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
+import yaml
 from torch import Tensor
 
-from openscope.errors import OpenscopeError
+from openscope.files import Ownership, replacing, write_bytes
 
 log = logging.getLogger(__name__)
 
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+CIRCUIT_TRACER_CONFIG = "config.yaml"
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse a target that is a file, or a non-empty folder when overwrite is off."""
-    if target.exists() and not target.is_dir():
-        raise OpenscopeError(f"export target {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OpenscopeError(
-            f"export target {target} exists and is not empty; pass --overwrite to replace it"
-        )
+
+def _saelens_ours(folder: Path) -> bool:
+    """A SAELens folder openscope exported: cfg.json with `metadata.openscope`."""
+    try:
+        cfg = json.loads((folder / SAELENS_CFG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("metadata"), dict) and "openscope" in cfg["metadata"]
+
+
+def _circuit_tracer_ours(folder: Path) -> bool:
+    """A circuit-tracer folder openscope exported: config.yaml with an `openscope` section."""
+    try:
+        cfg = yaml.safe_load((folder / CIRCUIT_TRACER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and "openscope" in cfg
+
+
+_SAELENS_FOLDER = Ownership("a SAELens export", files=(SAELENS_CFG, SAELENS_WEIGHTS), manifest=_saelens_ours)
+
+
+def _export_ours(folder: Path) -> bool:
+    """One export openscope wrote: a SAELens folder, a folder of them, or a circuit-tracer folder."""
+    if _saelens_ours(folder) or _circuit_tracer_ours(folder):
+        return True
+    subfolders = [p for p in folder.iterdir() if p.is_dir()]
+    return bool(subfolders) and all(not _SAELENS_FOLDER.foreign(p) and _saelens_ours(p) for p in subfolders)
+
+
+EXPORT = Ownership(
+    "an openscope export",
+    files=(
+        SAELENS_CFG,
+        SAELENS_WEIGHTS,
+        CIRCUIT_TRACER_CONFIG,
+        "layer_*.safetensors",
+        "W_enc_*.safetensors",
+        "W_dec_*.safetensors",
+        "*.tmp",
+    ),
+    folders=("*",),
+    folder_check=lambda p: not _SAELENS_FOLDER.foreign(p) and _saelens_ours(p),
+    manifest=_export_ours,
+)
+"""What `--out` may hold for `--overwrite` to replace it: an earlier export and nothing else."""
 
 
 @contextmanager
-def staged_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty folder to write into; when the block ends without error it becomes `target`."""
-    target = Path(target)
-    check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
+def staged_folder(
+    target: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()
+) -> Iterator[Path]:
+    """Yield an empty folder to write into; when the block ends without error it becomes `target`.
+    `inputs` are the folders exported from: a target holding one of them is never replaced."""
+    with replacing(target, EXPORT, overwrite=overwrite, inputs=inputs, flag="--out") as folder:
+        yield folder
     log.info("wrote %s", target)
 
 
 def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    """A safetensors file of contiguous CPU tensors."""
-    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    """A safetensors file of contiguous CPU tensors, written atomically."""
+    data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    write_bytes(path, data, sync=False)

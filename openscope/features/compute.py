@@ -58,7 +58,6 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from openscope.activations.harvest import resolve_device
 from openscope.activations.store import ActivationStore, shard_checksum
 from openscope.chat.data import is_chat_source, source_contexts
 from openscope.chat.roles import RoleCounter, frequency_elsewhere, specificity
@@ -70,7 +69,7 @@ from openscope.errors import OpenscopeError
 from openscope.features import db as fdb
 from openscope.features.schema import DictionaryInfo
 from openscope.models.hooks import run_to_sites
-from openscope.models.load import LoadedModel, load_model
+from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.models.sites import Site, locate
 
 log = logging.getLogger(__name__)

@@ -42,6 +42,32 @@ def parse_dtype(name: str) -> torch.dtype:
         raise OpenscopeError(f"unknown dtype {name!r}; choose one of float32, float16, bfloat16") from None
 
 
+def resolve_device(name: str) -> str:
+    """The device to run on: `auto` is cuda when available, else cpu; any other name (cpu, cuda, cuda:N,
+    mps) is checked to exist here, so a typo or a missing GPU is a one-line error, not a traceback."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OpenscopeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OpenscopeError(
+                f"device {name!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OpenscopeError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise OpenscopeError(f"device {name!r}: Apple's MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise OpenscopeError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return name
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The canonical name of a dtype, as written in manifests."""
     return str(dtype).removeprefix("torch.")

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openscope.activations.harvest import resolve_device
 from openscope.coders.dictionary import (
     Dictionary,
     coder_kind,
@@ -41,7 +40,7 @@ from openscope.features.schema import (
     SteerRequest,
     SteerResult,
 )
-from openscope.models.load import LoadedModel, load_model
+from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.serve.config import ServeConfig
 from openscope.steer import steer_request, top_latents
 

@@ -49,6 +49,7 @@ from openscope.coders.io import save_clt
 from openscope.coders.train import DeadLatentTracker, StepConfig, _check_sparsity, make_optimizer
 from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
+from openscope.models.load import resolve_device
 from openscope.models.sites import Site, parse_sites
 from openscope.train.trainer import (
     CHECKPOINT,
@@ -63,6 +64,7 @@ from openscope.train.trainer import (
     _save_checkpoint,
     _start_step,
     _step_config,
+    open_run,
 )
 
 log = logging.getLogger(__name__)
@@ -321,7 +323,7 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         raise OpenscopeError(
             "CLT training runs in one process (torchrun data parallelism is not implemented for CLTs)"
         )
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     data, layers = _clt_data(cfg, device)
     sites_in = [f"{i}.mlp_in" for i in layers]
     sites_out = [f"{i}.mlp_out" for i in layers]
@@ -329,10 +331,11 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     scale_out = torch.tensor([data.scales[s] for s in sites_out], device=device)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
     step_cfg = _step_config(cfg, total_steps)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    run = open_run(cfg)
+    out = run.folder
     identity = {**_identity(cfg), "world_size": 1}
     checkpoint = out / CHECKPOINT
+    metrics_path = out / "metrics.jsonl"
 
     ccfg = CLTConfig(
         n_layers=len(layers),
@@ -348,10 +351,10 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     state = _CLTState(clt, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens))
     log.info("CLT over layers %d-%d: %d x %d latents", layers[0], layers[-1], len(layers), cfg.width)
 
-    start_step = _start_step(cfg, checkpoint, identity, [state])
+    start_step = _start_step(cfg, checkpoint, identity, [state], metrics_path)
 
     batches = data.batches(sites_in + sites_out, start_step)
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics = metrics_path.open("a")
     t0 = time.perf_counter()
     bar = tqdm(
         total=total_steps * cfg.batch_size,
@@ -388,11 +391,12 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         end,
         one_step,
         cfg.checkpoint_every,
-        lambda step: _save_checkpoint(checkpoint, step, [state], identity),
+        lambda step: _save_checkpoint(checkpoint, step, [state], identity, metrics),
         bar,
         metrics,
     )
-    _save_checkpoint(checkpoint, step, [state], identity)
+    with metrics_path.open("a") as tail:
+        _save_checkpoint(checkpoint, step, [state], identity, tail)
     finals = {site: {k: v[i] for k, v in state.last.items()} for i, site in enumerate(sites_in) if state.last}
     if stop_after is not None and step < total_steps:
         return TrainResult({}, step, finals, time.perf_counter() - t0)
@@ -409,7 +413,8 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
             "mean": state.means(),
         },
     )
-    return TrainResult({sites_in[0]: folder}, step, finals, time.perf_counter() - t0)
+    run.commit()
+    return TrainResult({sites_in[0]: Path(cfg.output) / folder.name}, step, finals, time.perf_counter() - t0)
 
 
 def _log_metrics(metrics: TextIO, stats: CLTStepStats, step: int, cfg: TrainConfig, site: str) -> None:

@@ -41,10 +41,20 @@ from openscope.coders import (
     train_step,
 )
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
-from openscope.coders.io import save_coder
-from openscope.config import save_json, to_jsonable
+from openscope.coders.io import read_coder_config, save_coder
+from openscope.config import check_numbers, parse_ints, save_json, to_jsonable
 from openscope.errors import OpenscopeError
-from openscope.models.load import load_model
+from openscope.files import (
+    Ownership,
+    Staged,
+    absolute,
+    atomic_file,
+    check_target,
+    prepare_output,
+    recover,
+    staged_path,
+)
+from openscope.models.load import load_model, resolve_device
 from openscope.models.sites import Site, locate, parse_sites, site_width
 
 log = logging.getLogger(__name__)
@@ -129,7 +139,11 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between checkpoints."""
     resume: bool = False
-    """Continue from the checkpoint in the output folder."""
+    """Continue from the checkpoint in the output folder (or of an interrupted --overwrite run)."""
+    overwrite: bool = False
+    """Replace the training run already in the output folder (its dictionaries, metrics and checkpoint); the old run stays whole until the new one is saved. Only a folder openscope trained into is ever replaced."""
+    incomplete_store: bool = False
+    """Train on a store whose harvest has not finished (its finished shards only)."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, ..."""
     log_every: int = 20
@@ -163,6 +177,11 @@ class _Data(NamedTuple):
 
 def _from_store(cfg: TrainConfig) -> tuple[_Data, list[str]]:
     store = ActivationStore(cfg.store)
+    if not store.complete and not cfg.incomplete_store:
+        raise OpenscopeError(
+            f"the store at {cfg.store} is incomplete (its harvest was interrupted after {len(store.shards)} "
+            "shards): run the same harvest again to finish it, or pass --incomplete-store"
+        )
     names = store.sites if cfg.sites == "all" else [s.strip() for s in cfg.sites.split(",") if s.strip()]
     for name in names:
         store.check_site(name)
@@ -239,7 +258,7 @@ def _step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
     sparsity = cfg.sparsity
     if sparsity == "auto":
         sparsity = {"jumprelu": "quadratic_l0", "relu": "l1"}.get(cfg.activation, "none")
-    prefixes = tuple(int(p) for p in cfg.matryoshka.split(",") if p.strip())
+    prefixes = parse_ints(cfg.matryoshka, "--matryoshka")
     return StepConfig(
         lr=cfg.lr,
         lr_warmup_steps=min(cfg.lr_warmup_steps, total_steps // 10),
@@ -256,7 +275,7 @@ def _step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
 
 
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
-    skip = {"resume", "device", "checkpoint_every", "log_every", "output"}
+    skip = {"resume", "device", "checkpoint_every", "log_every", "output", "overwrite", "incomplete_store"}
     if not cfg.roles:
         skip.add("roles")  # checkpoints of runs from before role filters still resume
     return {k: v for k, v in to_jsonable(cfg).items() if k not in skip}
@@ -314,10 +333,20 @@ class _Stateful(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-def _save_checkpoint(path: Path, step: int, dicts: Sequence[_Stateful], identity: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "identity": identity, "dicts": [d.state() for d in dicts]}, tmp)
-    tmp.replace(path)
+def _save_checkpoint(
+    path: Path, step: int, dicts: Sequence[_Stateful], identity: dict[str, Any], metrics: TextIO
+) -> None:
+    """Write the checkpoint (atomically) with the length of the metrics file at this step, so a resumed
+    run cuts the rows logged after it and metrics.jsonl never repeats a step."""
+    metrics.flush()
+    state = {
+        "step": step,
+        "identity": identity,
+        "dicts": [d.state() for d in dicts],
+        "metrics_bytes": metrics.tell(),
+    }
+    with atomic_file(path) as fh:
+        torch.save(state, fh)
 
 
 def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -327,6 +356,8 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as exc:
         raise OpenscopeError(f"checkpoint {path} is unreadable ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
+        raise OpenscopeError(f"checkpoint {path} is not an openscope training checkpoint")
     differ = [k for k, v in identity.items() if state["identity"].get(k) != v]
     if differ:
         k = differ[0]
@@ -336,21 +367,77 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _start_step(cfg: TrainConfig, checkpoint: Path, identity: dict[str, Any], states: Sequence[Any]) -> int:
+def _start_step(
+    cfg: TrainConfig, checkpoint: Path, identity: dict[str, Any], states: Sequence[Any], metrics: Path
+) -> int:
     """The step a run starts at: with --resume, the checkpoint's (its states loaded into `states`, which
-    have a `load`); otherwise 0, refusing to start over an existing run's checkpoint."""
+    have a `load`, and `metrics` cut back to what it held at that checkpoint); otherwise 0."""
     if not cfg.resume:
-        if checkpoint.exists():
-            raise OpenscopeError(
-                f"{checkpoint.parent} already holds a run's checkpoint: pass --resume to continue it, "
-                "or choose another --output"
-            )
         return 0
     saved = _load_checkpoint(checkpoint, identity)
     for d, st in zip(states, saved["dicts"], strict=True):
         d.load(st)
+    size = saved.get("metrics_bytes")
+    if isinstance(size, int) and metrics.is_file() and metrics.stat().st_size > size:
+        os.truncate(metrics, size)  # rows logged after the checkpoint are logged again from here
     log.info("resuming at step %d", int(saved["step"]))
     return int(saved["step"])
+
+
+def _is_dictionary_folder(folder: Path) -> bool:
+    """A dictionary folder openscope trained: its config.json carries our provenance."""
+    try:
+        return "openscope" in read_coder_config(folder)
+    except OpenscopeError:
+        return False
+
+
+RUN = Ownership(
+    "a training run",
+    files=("run.json", "metrics*.jsonl", "checkpoint*.pt", "*.tmp"),
+    folders=("*",),
+    folder_check=lambda p: (
+        _is_dictionary_folder(p)
+        and not Ownership("", files=("config.json", "params*.safetensors", "*.tmp")).foreign(p)
+    ),
+)
+"""What a training output folder holds: --overwrite replaces a folder only if it holds nothing else."""
+
+
+def open_run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> Staged:
+    """Where a training run writes (`openscope.files`): the output folder, or with --overwrite a staged
+    copy that replaces it once the dictionaries are saved. --resume continues the run whose checkpoint
+    is in the output folder, or else that of an interrupted --overwrite run. Under torchrun rank 0
+    decides and the others follow."""
+    if world > 1:
+        import torch.distributed as dist
+
+        box: list[Any] = [None]
+        if rank == 0:
+            box[0] = _open_run(cfg, world)
+        dist.broadcast_object_list(box, src=0)
+        return cast(Staged, box[0])
+    return _open_run(cfg, world)
+
+
+def _open_run(cfg: TrainConfig, world: int) -> Staged:
+    target = absolute(cfg.output)
+    recover(target)
+    check_target(target)
+    inputs = [p for p in (cfg.store if not cfg.model else None, cfg.init_from) if p is not None]
+    checkpoints = [CHECKPOINT] if world == 1 else [_rank_file(CHECKPOINT, r, world) for r in range(world)]
+    if cfg.resume:
+        staged = staged_path(target)
+        for folder in (target, staged):
+            if all((folder / c).is_file() for c in checkpoints):
+                return Staged(target, folder)
+        raise OpenscopeError(f"--resume: no checkpoint at {target / checkpoints[0]}")
+    if target.is_dir() and (target / checkpoints[0]).is_file() and not cfg.overwrite:
+        raise OpenscopeError(
+            f"{target} already holds a run's checkpoint: pass --resume to continue it, --overwrite to "
+            "replace the run, or choose another --output"
+        )
+    return prepare_output(target, RUN, overwrite=cfg.overwrite, inputs=inputs)
 
 
 def _run_steps(
@@ -412,26 +499,49 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     i mod world size); each rank reads the same seeded batches, so the result equals a
     single-process run. Each rank checkpoints its own dictionaries.
     """
-    if cfg.batch_size < 1 or cfg.tokens < 1:
-        raise OpenscopeError("batch_size and tokens must be positive")
-    if cfg.target_l0 <= 0:
-        raise OpenscopeError(f"target_l0 must be positive, got {cfg.target_l0}")
+    check_numbers(
+        cfg,
+        positive=(
+            "batch_size",
+            "tokens",
+            "target_l0",
+            "width",
+            "k",
+            "lr",
+            "checkpoint_every",
+            "log_every",
+            "block_tokens",
+            "context_len",
+            "init_threshold",
+        ),
+        non_negative=(
+            "sparsity_coeff",
+            "freq_coeff",
+            "threshold_lr_scale",
+            "lr_warmup_steps",
+            "sparsity_warmup_steps",
+        ),
+        fractions=("max_fire_rate", "lr_decay"),
+    )
+    parse_ints(cfg.matryoshka, "--matryoshka")
+    resolve_device(cfg.device)
     if cfg.kind in ("clt", "skip_clt"):
         from openscope.train.clt import train_clt  # that module builds on this one's helpers
 
         return train_clt(cfg, progress, stop_after)
     rank, world = _dist()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     data, names = _live(cfg, device) if cfg.model else _from_store(cfg)
     pairs = _pairs(cfg, data, names)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
     step_cfg = _step_config(cfg, total_steps)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    run = open_run(cfg, rank, world)
+    out = run.folder
     identity = {**_identity(cfg), "world_size": world}
     checkpoint = out / _rank_file(CHECKPOINT, rank, world)
+    metrics_path = out / _rank_file("metrics.jsonl", rank, world)
 
     dicts: list[_Dictionary] = []
     for i, (site_in, site_out) in enumerate(pairs):
@@ -463,11 +573,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
 
     if cfg.init_from is not None:
         _start_from_saved(dicts, Path(cfg.init_from), cfg)
-    start_step = _start_step(cfg, checkpoint, identity, dicts)
+    start_step = _start_step(cfg, checkpoint, identity, dicts, metrics_path)
 
     sites = sorted({s for d in dicts for s in (d.site_in, d.site_out)})
     batches = data.batches(sites, start_step) if dicts else iter(())
-    metrics = (out / _rank_file("metrics.jsonl", rank, world)).open("a")
+    metrics = metrics_path.open("a")
     t0 = time.perf_counter()
     bar = tqdm(
         total=total_steps,
@@ -493,12 +603,13 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         end,
         one_step,
         cfg.checkpoint_every,
-        lambda step: _save_checkpoint(checkpoint, step, dicts, identity),
+        lambda step: _save_checkpoint(checkpoint, step, dicts, identity, metrics),
         bar,
         metrics,
     )
     if dicts:
-        _save_checkpoint(checkpoint, step, dicts, identity)
+        with metrics_path.open("a") as tail:
+            _save_checkpoint(checkpoint, step, dicts, identity, tail)
     finals = {d.site_in: d.last for d in dicts}
     if stop_after is not None and step < total_steps:
         return TrainResult({}, step, finals, time.perf_counter() - t0)
@@ -513,6 +624,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         finals = {k: v for _, f in gathered for k, v in f.items()}
     if rank == 0:
         save_json(out / "run.json", {"config": cfg, "steps": step, "world_size": world, "final": finals})
+        run.commit()
+    folders = {site: Path(cfg.output) / folder.name for site, folder in folders.items()}
     return TrainResult(folders, step, finals, time.perf_counter() - t0)
 
 
