@@ -27,6 +27,7 @@ from openscope.demo import DemoConfig, demo
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
 from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.files import check_file_output, json_with
 from openscope.serve import ServeConfig
 from openscope.train import TrainConfig, train
 
@@ -259,8 +260,10 @@ app.command(
 
 
 def _run_serve(cfg: ServeConfig) -> None:
+    from openscope.serve.config import check_serve_config
     from openscope.serve.run import serve  # FastAPI and uvicorn load only for this command
 
+    check_serve_config(cfg)
     console.print(f"openscope explorer: http://{cfg.host}:{cfg.port}/  (API docs: /docs; Ctrl-C stops)")
     serve(cfg)
 
@@ -406,6 +409,7 @@ def chat_tokens_command(
     ),
     show: int = typer.Option(0, help="Print the first N conversations token by token, coloured by role."),
     output: Optional[Path] = typer.Option(None, help="Also write the counts to this JSON file."),  # noqa: UP045
+    overwrite: bool = typer.Option(False, help="Replace the counts file already at --output."),
     cache_dir: Optional[Path] = typer.Option(None, help="Model cache folder."),  # noqa: UP045
 ) -> None:
     """Render chat data with the model's chat template and count its tokens per role (template, system, user, model); --show prints conversations with every token coloured by its role."""
@@ -418,6 +422,10 @@ def chat_tokens_command(
     from openscope.config import save_json
     from openscope.models.load import load_model
 
+    if output is not None:
+        output = check_file_output(
+            output, "a role count", json_with(("source", "model", "tokens")), overwrite=overwrite
+        )
     tok = load_model(model, cache_dir=cache_dir).tokenizer
     for r in render_many(tok, list(itertools.islice(ChatSource(source).conversations(), show))):
         text = Text()
@@ -564,19 +572,39 @@ def _add_chat_analysis_commands() -> None:
 _add_chat_analysis_commands()
 
 
-def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit status 2, not a traceback."""
+# typer bundles its own click; its usage errors (bad flag, bad value) all derive from ClickException.
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_INTERRUPTED = 130
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]) and return the exit status. Bad input —
+    a bad flag or value, or anything openscope refuses — is one line on stderr (`error: ...`) and
+    status 2, never a traceback; an interrupt keeps what was written and says how to resume (130).
+    Anything else is a bug and keeps its traceback."""
     try:
-        app()
+        status = app(args=argv, prog_name="openscope", standalone_mode=False)
     except OpenscopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except _USAGE_ERROR as exc:
+        message = " ".join(str(getattr(exc, "format_message", exc.__str__)()).split())
+        if message:  # (no message: the help was shown for a bare command)
+            print(f"error: {message} (see `openscope COMMAND --help`)", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except (KeyboardInterrupt, typer.Abort):
+        status = _INTERRUPTED
+    if status == _INTERRUPTED:  # typer turns Ctrl-C into this status
         print(
             "interrupted: what was written so far is kept; run the same command again to resume",
             file=sys.stderr,
         )
-        sys.exit(130)
+    return status if isinstance(status, int) else 0
+
+
+def main() -> None:
+    """Entry point (`openscope`): `run` with the process's arguments, its status as the exit code."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

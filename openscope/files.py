@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -220,10 +221,6 @@ def check_replaceable(
     if not target.exists():
         return
     real = target.resolve()
-    if Path.cwd().resolve().is_relative_to(real):
-        raise OpenscopeError(
-            f"{flag} {target} is the current folder or holds it; refusing to replace it: choose another {flag}"
-        )
     for source in inputs:
         if source and Path(source).exists() and inside(real, Path(source)):
             raise OpenscopeError(
@@ -235,6 +232,10 @@ def check_replaceable(
         raise OpenscopeError(
             f"{flag} {target} holds {_listing(foreign)}, which openscope did not write as {owner.what}; "
             f"refusing to replace it: choose another {flag} (or an empty folder)"
+        )
+    if Path.cwd().resolve().is_relative_to(real):
+        raise OpenscopeError(
+            f"{flag} {target} is the current folder or holds it; refusing to replace it: choose another {flag}"
         )
     if owner.manifest is not None and not is_empty_folder(target) and not owner.manifest(target):
         raise OpenscopeError(
@@ -400,3 +401,69 @@ def replacing(
         shutil.rmtree(staged.folder, ignore_errors=True)
         raise
     staged.commit()
+
+
+def check_file_output(
+    path: str | Path,
+    what: str,
+    ours: Callable[[Path], bool],
+    *,
+    overwrite: bool,
+    flag: str = "--output",
+) -> Path:
+    """The rule for commands that write one file (a graph, a JSON result): an existing file is replaced
+    only with `overwrite` and only if `ours` recognises it as `what` openscope wrote; a link or a folder
+    there is refused. Returns the path made absolute. Write it with `write_text`/`atomic_file`."""
+    path = absolute(path)
+    if path.is_symlink():
+        raise OpenscopeError(
+            f"{flag} {path} is a symbolic link (to {os.readlink(path)}); give the file itself"
+        )
+    if path.is_dir():
+        raise OpenscopeError(f"{flag} {path} is a folder; give a file name")
+    if path.exists():
+        if not ours(path):
+            raise OpenscopeError(
+                f"{flag} {path} exists and is not {what} openscope wrote; refusing to replace it: "
+                f"choose another {flag}"
+            )
+        if not overwrite:
+            raise OpenscopeError(f"{flag} {path} exists ({what}); pass --overwrite to replace it")
+    return path
+
+
+def json_with(keys: Sequence[str]) -> Callable[[Path], bool]:
+    """A recogniser for `check_file_output`: the file is a JSON object holding all these keys."""
+
+    def ours(path: Path) -> bool:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and all(k in doc for k in keys)
+
+    return ours
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's contents (UTF-8), or a one-line error naming the file when it is missing, a
+    folder, binary or not UTF-8."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OpenscopeError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if b"\x00" in data[:8192]:
+        raise OpenscopeError(f"{path} is a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OpenscopeError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value, or a one-line error naming the file (see `read_text`)."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise OpenscopeError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None

@@ -471,7 +471,7 @@ def test_chat_report_api_lists_serves_and_refuses(contrast_dir: Path):
         return JSONResponse(status_code=http_status(exc), content={"detail": str(exc)})
 
     app.include_router(chat_router(contrast_dir.parent))
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")
     listed = {r["name"]: r for r in client.get("/api/chat/reports").json()}
     name = contrast_dir.name
     assert listed[name]["kind"] == "contrast" and "auroc.png" in listed[name]["figures"]

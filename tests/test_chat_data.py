@@ -435,7 +435,9 @@ def test_features_store_role_stats_shown_on_the_feature_page(tiny, chat_store, i
         with pytest.raises(OpenscopeError, match="has no role 'system'|its roles"):
             db.role_specific(d.name, "nobody")
 
-        client = TestClient(create_app(ServeConfig(db=db_path), db=db, dictionaries=[]))
+        client = TestClient(
+            create_app(ServeConfig(db=db_path), db=db, dictionaries=[]), base_url="http://127.0.0.1"
+        )
         assert [r["role"] for r in client.get("/api/roles", params={"dictionary": d.name}).json()] == [
             r.role for r in detail.roles
         ]

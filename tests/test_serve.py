@@ -40,7 +40,7 @@ def files(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 def client(tiny: LoadedModel, files: tuple[Path, Dictionary]) -> Iterator[TestClient]:
     # No dictionaries passed: the app loads them from the folders the database records.
     app = create_app(ServeConfig(db=files[0]), loaded=tiny)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -347,7 +347,7 @@ def test_dashboards_answer_while_the_model_is_busy(client: TestClient) -> None:
 
 def test_dashboards_only_server(files: tuple[Path, Dictionary]) -> None:
     app = create_app(ServeConfig(db=files[0]), db=FeatureDB(files[0]), dictionaries={})
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         assert ok(c.get("/api/info"))["model"] is None
         assert ok(c.get("/api/feature", params={"dictionary": NAME, "latent": 1}))["latent"] == 1
         resp = c.post("/api/inspect", json={"text": "hi", "dictionary": NAME})
@@ -359,7 +359,7 @@ def test_loaded_dictionary_without_dashboards_is_listed_and_runs(
 ) -> None:
     extra = files[1]._replace(name="fresh", folder=None)
     app = create_app(ServeConfig(db=files[0]), loaded=tiny, dictionaries=[files[1], extra])
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         names = {d["name"]: d for d in ok(c.get("/api/dictionaries"))}
         assert names["fresh"]["complete"] is False and names["fresh"]["width"] == WIDTH
         assert ok(c.post("/api/inspect", json={"text": "hi", "dictionary": "fresh"}))["dictionary"] == "fresh"

@@ -91,7 +91,7 @@ def explorer(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.T
 def client(tiny: LoadedModel, explorer: Explorer) -> Iterator[TestClient]:
     # Dictionaries load from the folders the database records, as `openscope serve` does.
     app = create_app(ServeConfig(db=explorer.db, graphs=explorer.graphs), loaded=tiny)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -264,7 +264,7 @@ def test_a_server_without_transcoders_lists_graphs_but_cannot_run_or_edit_them(
     (tmp_path / "graphs").mkdir()
     shutil.copy(explorer.graphs / f"{SLUG}.json", tmp_path / "graphs" / f"{SLUG}.json")
     app = create_app(ServeConfig(db=db), loaded=tiny)  # graphs: the default folder next to the database
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         index = ok(c.get("/api/graphs"))
         assert index["folder"] == str(tmp_path / "graphs") and not index["can_run"]
         assert (

@@ -160,6 +160,16 @@ def _harvest_inputs(cfg: HarvestConfig) -> list[str]:
     return [p for p in (source, cfg.model) if Path(p).expanduser().exists()]
 
 
+def _check_output(cfg: HarvestConfig) -> None:
+    """Refuse an --output that can never hold this store (a file, a link, a folder of other things)
+    before the model is loaded; whether a store there resumes or is replaced is decided later."""
+    root = absolute(cfg.output)
+    recover(root)
+    check_target(root)
+    if root.is_dir() and not is_empty_folder(root) and not is_store(root):
+        check_replaceable(root, STORE, inputs=_harvest_inputs(cfg))
+
+
 def _open_store(
     cfg: HarvestConfig, ident: dict[str, Any], replace_same: bool = False
 ) -> tuple[Staged, dict[str, Any] | None]:
@@ -233,6 +243,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     wanted = role_ids(cfg.roles)
     if wanted and not chat:
         raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
+    _check_output(cfg)
     if loaded is None:
         loaded = load_model(cfg.model, cfg.model_dtype, device, cfg.cache_dir)
     sites = parse_sites(cfg.sites, loaded.n_layers)
@@ -290,6 +301,13 @@ def _new_manifest(cfg: HarvestConfig, plan: _Plan) -> dict[str, Any]:
 def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -> HarvestResult:
     """Harvest every shard the store lacks (checking that finished ones still match the data), then
     finish the store and swap it into place if it replaces another."""
+    stream = source_contexts(cfg.source, cfg.text_field, plan.loaded.tokenizer, cfg.context_len)
+    contexts = itertools.islice(stream, plan.total_contexts)
+    # The first context is read before anything is written: a source that is not text fails here.
+    first = next(contexts, None)
+    if first is None:
+        raise OpenscopeError(f"text source {cfg.source!r} gave no contexts")
+    contexts = itertools.chain([first], contexts)
     staged, manifest = _open_store(cfg, plan.ident, replace_same)
     root = staged.folder
     if manifest is None:
@@ -299,8 +317,6 @@ def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -
     if manifest["complete"]:
         log.info("store at %s is already complete", root)
 
-    stream = source_contexts(cfg.source, cfg.text_field, plan.loaded.tokenizer, cfg.context_len)
-    contexts = itertools.islice(stream, plan.total_contexts)
     tokens_done = sum(s["n_contexts"] for s in manifest["shards"]) * cfg.context_len
     bar = tqdm(
         total=plan.total_contexts * cfg.context_len,

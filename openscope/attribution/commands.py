@@ -17,6 +17,7 @@ from openscope.attribution.schema import GenerationSettings, GraphFile, Interven
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
+from openscope.files import absolute, check_file_output, json_with
 from openscope.models.load import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class AttributeConfig:
     """Transcoder folders (one per layer, mlp_in -> mlp_out) or a cross-layer transcoder folder, or folders to search for them; repeat the flag for several. Every layer's MLP must be covered once."""
     output: Path = Path("openscope-out/graphs/graph.json")
     """Graph JSON to write (circuit-tracer / Neuronpedia graph schema, plus openscope's metrics)."""
+    overwrite: bool = False
+    """Replace the graph file already at --output (only a graph file is ever replaced)."""
     model: str | None = None
     """Model (name, local directory or hub id). Default: the `model_name` in the dictionaries' config.json."""
     max_logits: int = 10
@@ -74,10 +77,25 @@ class InterveneConfig:
     """Model (name, local directory or hub id). Default: the model the graph records."""
     output: Path | None = None
     """Also write the result as JSON here."""
+    overwrite: bool = False
+    """Replace the result file already at --output (only one openscope wrote is ever replaced)."""
     device: str = "cpu"
     """Device: cpu, cuda, ... or auto."""
     cache_dir: Path | None = None
     """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+
+
+INTERVENTION_FILE = json_with(("prompt", "edits", "top_before", "top_after"))
+"""Recognises an intervention result `openscope intervene --output` wrote."""
+
+
+def is_graph_file(path: Path) -> bool:
+    """Whether a file is an attribution graph (ours or circuit-tracer's): it may be replaced."""
+    try:
+        load_graph(path)
+    except OpenscopeError:
+        return False
+    return True
 
 
 class AttributeResult(NamedTuple):
@@ -150,17 +168,21 @@ def run_attribute(
     from openscope.coders.dictionary import model_of
 
     device = _device(cfg.device)
+    output = check_file_output(cfg.output, "a graph file", is_graph_file, overwrite=cfg.overwrite)
     dictionaries = load_attribution_dictionaries(cfg.dictionaries, device)
     model = cfg.model or (loaded.name if loaded is not None else model_of(dictionaries))
     if loaded is None:
         loaded = load_model(model, device=device, cache_dir=cfg.cache_dir)
     graph, document = attribute_document(cfg, loaded, dictionaries, model, progress)
-    return AttributeResult(graph, document, save_graph(document, cfg.output))
+    save_graph(document, output)
+    return AttributeResult(graph, document, cfg.output)
 
 
 def run_intervene(cfg: InterveneConfig, loaded: LoadedModel | None = None) -> InterventionResult:
     """Load a graph, its model and dictionaries, and apply cfg's edits (`intervene`)."""
     document = load_graph(cfg.graph)
+    if cfg.output is not None:
+        check_file_output(cfg.output, "an intervention result", INTERVENTION_FILE, overwrite=cfg.overwrite)
     edits = [parse_edit(s, 0.0) for s in cfg.zero] + [parse_edit(s) for s in cfg.scale]
     info = document.metadata.openscope
     device = _device(cfg.device)
@@ -176,6 +198,6 @@ def run_intervene(cfg: InterveneConfig, loaded: LoadedModel | None = None) -> In
         loaded = load_model(model, device=device, cache_dir=cfg.cache_dir)
     result = intervene(loaded, document, {d.name: d for d in dictionaries}, edits, cfg.top_k)
     if cfg.output is not None:
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        save_json(cfg.output, result.model_dump(mode="json"))
+        absolute(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        save_json(absolute(cfg.output), result.model_dump(mode="json"))
     return result

@@ -35,6 +35,7 @@ from openscope.attribution.schema import (
 from openscope.coders.clt import CrossLayerCoder
 from openscope.errors import OpenscopeError
 from openscope.features.compute import token_pieces
+from openscope.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,7 @@ def save_graph(document: GraphFile, path: str | Path) -> Path:
     """Write a graph file atomically (temporary file, then rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(document.model_dump_json())
-    tmp.replace(path)
+    write_text(path, document.model_dump_json(), sync=False)
     log.info("wrote graph %s (%d nodes, %d links)", path, len(document.nodes), len(document.links))
     return path
 

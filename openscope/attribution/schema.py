@@ -34,6 +34,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from openscope.features.schema import RequestModel
+
 GRAPH_SCHEMA_VERSION = 1
 """Version of openscope's graph additions (`OpenscopeGraphInfo.schema_version`)."""
 
@@ -204,14 +206,14 @@ class GraphFile(_Open):
 # ---- interventions ---------------------------------------------------------------------------------
 
 
-class LatentEdit(_Strict):
+class LatentEdit(RequestModel):
     """Scale one feature node's latent (factor 0 zeroes it)."""
 
     node_id: str = Field(description="A feature node of the graph (`{layer}_{latent}_{position}`).")
     factor: float = Field(default=0.0, description="New activation = factor × the clean one (0: zero it).")
 
 
-class InterventionRequest(_Strict):
+class InterventionRequest(RequestModel):
     """Edits to apply together on a graph's prompt."""
 
     edits: list[LatentEdit] = Field(description="The edits, applied in one forward.")

@@ -45,6 +45,7 @@ from openscope.chat.template import (
 from openscope.data.packing import bos_and_pad, iter_contexts, pack_labelled
 from openscope.data.sources import _package_dir, iter_jsonl, open_source, split_slice
 from openscope.errors import OpenscopeError
+from openscope.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -139,21 +140,18 @@ def file_conversations(path: Path) -> Iterator[list[Message]]:
         for lineno, obj in iter_jsonl(path):
             yield conversation_from(obj, f"{path}:{lineno}")
         return
-    with path.open(encoding="utf-8") as fh:
-        if suffix == ".json":
+    if suffix != ".json":
+        raise OpenscopeError(f"{path}: conversations must be a .jsonl or .json file, not {suffix!r}")
+    try:
+        with path.open(encoding="utf-8") as fh:
             if fh.read(4096).lstrip().startswith("{"):  # one conversation, not a list of them
-                fh.seek(0)
-                try:
-                    obj = json.load(fh)
-                except json.JSONDecodeError as exc:
-                    raise OpenscopeError(f"{path}: not valid JSON ({exc.msg})") from None
-                yield conversation_from(obj, str(path))
+                yield conversation_from(read_json(path), str(path))
                 return
             fh.seek(0)
             for i, obj in enumerate(json_objects(fh)):
                 yield conversation_from(obj, f"{path} (conversation {i})")
-        else:
-            raise OpenscopeError(f"{path}: conversations must be a .jsonl or .json file, not {suffix!r}")
+    except UnicodeDecodeError:
+        raise OpenscopeError(f"{path} is not UTF-8 text (is it a binary file?)") from None
 
 
 def sharegpt_conversations() -> Iterator[list[Message]]:

@@ -21,7 +21,6 @@ The chain-of-thought questions shipped with openscope live in `openscope/chat/da
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -36,8 +35,9 @@ from torch import Tensor
 
 from openscope.chat.data import sharegpt_conversations
 from openscope.chat.template import GEMMA_END, GEMMA_START
-from openscope.data.sources import _package_dir
+from openscope.data.sources import _package_dir, iter_jsonl
 from openscope.errors import OpenscopeError
+from openscope.files import read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,9 @@ def sharegpt_first_turns(n: int, max_chars: int = 300) -> list[str]:
 
 def _read_prompt_file(path: Path) -> list[str]:
     if path.suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        items = (
-            json.loads(text)
-            if path.suffix == ".json"
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
+        items = read_json(path) if path.suffix == ".json" else [obj for _, obj in iter_jsonl(path)]
         if not isinstance(items, list):
             raise OpenscopeError(f"{path} must hold a JSON list of prompts")
         out = []
@@ -236,10 +231,13 @@ def fill_template(t: Template, request: str) -> str:
 def _template_from_file(path: Path, root: Path) -> Template:
     name = str(path.relative_to(root).with_suffix("")) if path != root else path.stem
     if path.suffix in (".yaml", ".yml"):
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            doc = yaml.safe_load(read_text(path))
+        except yaml.YAMLError as exc:
+            raise OpenscopeError(f"{path} is not valid YAML ({' '.join(str(exc).split())})") from None
         text = doc.get("value", "") if isinstance(doc, dict) else ""
         return Template(name, str(text))
-    return Template(name, path.read_text(encoding="utf-8"))
+    return Template(name, read_text(path))
 
 
 def load_templates(spec: str = "pyrit", max_chars: int = 0) -> list[Template]:
@@ -313,7 +311,7 @@ def load_cot(path: Path | None = None) -> list[CotQuestion]:
     path = path or COT_FILE
     if not path.is_file():
         raise OpenscopeError(f"no chain-of-thought question file at {path}")
-    items = json.loads(path.read_text(encoding="utf-8"))
+    items = read_json(path)
     items = items.get("questions", items) if isinstance(items, dict) else items
     out = []
     for i, item in enumerate(items):

@@ -215,6 +215,8 @@ def token_roles(offsets: Sequence[tuple[int, int]], roles_of_chars: np.ndarray) 
 
 def render_many(tokenizer: Any, conversations: Sequence[Sequence[Message]]) -> list[Rendered]:
     """Render and tokenise conversations (one tokenizer call for all of them when it gives offsets)."""
+    if not conversations:
+        return []  # (fast tokenizers fail on an empty batch)
     all_pieces = [pieces_of(tokenizer, c) for c in conversations]
     texts = ["".join(t for t, _ in p) for p in all_pieces]
     if getattr(tokenizer, "is_fast", False):

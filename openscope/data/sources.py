@@ -91,13 +91,17 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, decoded object) for each non-blank line of a JSONL file; a bad line is an error
     naming the file and line."""
     with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OpenscopeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        lineno = 0
+        try:
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise OpenscopeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except UnicodeDecodeError:
+            raise OpenscopeError(f"{path}:{lineno + 1}: not UTF-8 text (is it a binary file?)") from None
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
@@ -129,30 +133,50 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
 def _arrow(path: Path, field: str) -> Iterator[str]:
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as source:
-        try:
-            table = pa.ipc.open_stream(source).read_all()
-        except pa.ArrowInvalid:
-            table = pa.ipc.open_file(source).read_all()
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise OpenscopeError(f"{path}: not an Arrow file ({str(exc).splitlines()[0]})") from None
     yield from _column(table, path, field)
 
 
 def _hf_saved_dataset(root: Path, field: str, split: str) -> Iterator[str]:
     """A `datasets` save_to_disk folder: state.json lists its arrow files (a DatasetDict has one folder a split)."""
     if (root / "dataset_dict.json").is_file():
-        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        splits = _json_field(root / "dataset_dict.json", "splits", list)
         if split not in splits:
-            raise OpenscopeError(f"{root}: no split {split!r}; splits are {', '.join(splits)}")
+            raise OpenscopeError(f"{root}: no split {split!r}; splits are {', '.join(map(str, splits))}")
         root = root / split
-    state = json.loads((root / "state.json").read_text())
-    for entry in state["_data_files"]:
-        yield from _arrow(root / entry["filename"], field)
+    for entry in _json_field(root / "state.json", "_data_files", list):
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            raise OpenscopeError(f"{root / 'state.json'}: a data file entry names no file in the folder")
+        yield from _arrow(root / name, field)
+
+
+def _json_field(path: Path, key: str, kind: type) -> Any:
+    """One field of a small JSON file (a saved dataset's state.json), with one-line errors."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise OpenscopeError(f"{path}: not a readable JSON object ({str(exc).splitlines()[0]})") from None
+    if not isinstance(value, kind):
+        raise OpenscopeError(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    return value
 
 
 def _file(path: Path, field: str) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        if b"\x00" in data[:8192]:
+            raise OpenscopeError(f"{path} is a binary file, not text")
+        yield data.decode("utf-8", errors="replace")
     elif suffix == ".jsonl":
         yield from _jsonl(path, field)
     elif suffix == ".parquet":

@@ -68,6 +68,7 @@ from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.features import db as fdb
 from openscope.features.schema import DictionaryInfo
+from openscope.files import Ownership, absolute, check_output, child, replacing, safe_name, write_text
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.models.sites import Site, locate
@@ -130,6 +131,8 @@ class FeaturesConfig:
     """Also write each feature's JSON (FeatureDetail, Neuronpedia-style) to <export>/<dictionary>/<latent>.json."""
     export_latents: str = ""
     """Latents to export, e.g. `0-99,512` (default: all)."""
+    overwrite: bool = False
+    """Replace earlier --export files of these dictionaries (only folders of feature JSON openscope wrote)."""
     neuronpedia: bool = False
     """Export with Neuronpedia's key names (activations, pos_str, ...) instead of openscope's schema."""
     device: str = "auto"
@@ -902,6 +905,9 @@ def compute_features(
     dicts = _unique(list(dictionaries))
     if not dicts:
         raise OpenscopeError("no dictionaries to index")
+    for d in dicts if cfg.export is not None else []:  # a bad --export is refused before the work
+        target = child(absolute(cfg.export or "."), safe_name(d.name, "dictionary"))
+        check_output(target, FEATURE_EXPORT, overwrite=cfg.overwrite, flag="--export")
     for d in dicts:
         if not isinstance(d.coder, SparseCoder):
             raise OpenscopeError(
@@ -976,7 +982,9 @@ def compute_features(
     exported: list[Path] = []
     if cfg.export is not None:
         for d in dicts:
-            exported += export_features(cfg.output, d.name, cfg.export, cfg.export_latents, cfg.neuronpedia)
+            exported += export_features(
+                cfg.output, d.name, cfg.export, cfg.export_latents, cfg.neuronpedia, cfg.overwrite
+            )
     return FeaturesResult(
         Path(cfg.output),
         [d.name for d in pending],
@@ -1070,14 +1078,23 @@ def _stream(
 # ---- export ----------------------------------------------------------------------------------------
 
 
+FEATURE_EXPORT = Ownership("a feature export", files=("*.json", "*.tmp"))
+"""What `<export>/<dictionary>/` holds: one `<latent>.json` per feature."""
+
+
 def export_features(
     db_path: str | Path,
     dictionary: str,
     out: str | Path,
     latents: str | Sequence[int] | None = None,
     neuronpedia: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write features of one dictionary as JSON files `<out>/<dictionary>/<latent>.json`.
+
+    The dictionary's folder is written whole and renamed into place (`openscope.files`); an earlier
+    export there is replaced only with `overwrite`. The folder's name is the dictionary's name made
+    safe (never `..`, never a path), so it always lies inside `out`.
 
     The JSON is `FeatureDetail` (the schema the web app serves), or with `neuronpedia` the same data
     under Neuronpedia's key names. latents: a spec such as "0-99,512", a list, or None for all.
@@ -1088,16 +1105,14 @@ def export_features(
             chosen = parse_latents(latents or "", info.width)
         else:
             chosen = list(latents)
-        folder = Path(out) / re.sub(r"[^\w.#-]+", "_", dictionary)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = []
-        for latent in chosen:
-            detail = db.feature(dictionary, latent)
-            path = folder / f"{latent}.json"
-            text = json.dumps(detail.neuronpedia()) if neuronpedia else detail.model_dump_json()
-            path.write_text(text)
-            written.append(path)
-    return written
+        root = absolute(out)
+        target = child(root, safe_name(dictionary, "dictionary"))
+        with replacing(target, FEATURE_EXPORT, overwrite=overwrite, flag="--export") as folder:
+            for latent in chosen:
+                detail = db.feature(dictionary, latent)
+                text = json.dumps(detail.neuronpedia()) if neuronpedia else detail.model_dump_json()
+                write_text(folder / f"{latent}.json", text, sync=False)
+    return [target / f"{latent}.json" for latent in chosen]
 
 
 def export_feature_json(db_path: str | Path, dictionary: str, latent: int) -> str:

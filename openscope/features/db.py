@@ -103,24 +103,48 @@ def token_key(token: str) -> str:
     return token.strip().lower()
 
 
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise (closing conn) unless the database is an openscope feature index: a file that is not
+    SQLite, or another program's SQLite database, is never written into."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        conn.execute("SELECT 1 FROM dictionaries LIMIT 1")
+    except sqlite3.DatabaseError as exc:
+        row, reason = None, str(exc)
+    else:
+        reason = "it records no openscope schema version"
+    if row is None:
+        conn.close()
+        raise OpenscopeError(f"{path} is not an openscope feature database ({reason})")
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> sqlite3.Connection:
-    """Open (and for writing, create) a feature database."""
+    """Open (and for writing, create) a feature database. An existing file is opened only if it is
+    one openscope wrote."""
     path = Path(path)
+    if path.is_dir():
+        raise OpenscopeError(f"{path} is a folder, not a feature database file")
     if read_only:
         if not path.is_file():
             raise OpenscopeError(f"no feature database at {path}; build one with `openscope features`")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _check_ours(conn, path)
+        return conn
+    existed = path.exists() and path.stat().st_size > 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
         conn = sqlite3.connect(path, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise OpenscopeError(f"cannot open the feature database {path} ({exc})") from None
+    if existed:
+        _check_ours(conn, path)
+    try:
         conn.execute("PRAGMA journal_mode=WAL")  # readers (the web app) keep reading while we write
         conn.executescript(DDL)
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         conn.commit()
-    try:
-        conn.execute("SELECT 1 FROM dictionaries LIMIT 1")
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise OpenscopeError(f"{path} is not an openscope feature database ({exc})") from None

@@ -41,9 +41,9 @@ Names are stable: fields may be added (with defaults), never renamed or removed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 """Version of this contract; written into exports and the database."""
@@ -53,6 +53,44 @@ class _Model(BaseModel):
     """Base: forbid unknown fields on input, so a typo in a request is an error, not a no-op."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+MAX_POSITION = 1_000_000
+"""Largest token position a request may name (far beyond any prompt a server accepts)."""
+MAX_SEED = 2**63 - 1
+"""Largest sampling seed (torch's generators take 64-bit seeds)."""
+MIN_TEMPERATURE = 1e-3
+"""Smallest sampling temperature above 0 (below it the logits overflow; use 0 for greedy)."""
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Raise ValueError for a string that is not valid Unicode (a lone UTF-16 surrogate, which JSON
+    can carry as an escape but no tokenizer or file can encode), looking inside lists and dicts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} is not valid Unicode (it holds a lone surrogate)") from None
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"{where} key")
+            _check_text(item, f"{where}[{key!r}]")
+
+
+class RequestModel(BaseModel):
+    """Base of every model the web API reads: unknown fields, NaN or infinite numbers and text that
+    is not valid Unicode are refused (HTTP 422), so no request value can reach the model unchecked."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> RequestModel:
+        for name in type(self).model_fields:
+            _check_text(getattr(self, name), name)
+        return self
 
 
 class Example(_Model):
@@ -257,7 +295,7 @@ class InspectResult(_Model):
     tokens: list[InspectToken] = Field(default_factory=list, description="Per token, in order.")
 
 
-class SteerIntervention(_Model):
+class SteerIntervention(RequestModel):
     """One edit of one latent during generation."""
 
     dictionary: str = Field(description="DictionaryInfo.name of the dictionary holding the latent.")
@@ -271,12 +309,12 @@ class SteerIntervention(_Model):
     value: float = Field(
         description="Strength (add), the activation to clamp to (clamp) or the factor (multiply)."
     )
-    positions: list[int] | None = Field(
+    positions: list[Annotated[int, Field(ge=0, le=MAX_POSITION)]] | None = Field(
         default=None, description="Token positions to edit (prompt positions, BOS = 0); None: every position."
     )
 
 
-class SteerRequest(_Model):
+class SteerRequest(RequestModel):
     """A request to generate with and without interventions."""
 
     prompt: str = Field(description="The prompt text (BOS is added).")
@@ -285,12 +323,24 @@ class SteerRequest(_Model):
     )
     max_new_tokens: int = Field(default=32, ge=1, le=1024, description="Tokens to generate.")
     temperature: float = Field(
-        default=0.0, ge=0.0, description="0: greedy; > 0: sampling at this temperature."
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description=f"0: greedy; otherwise sampling at this temperature ({MIN_TEMPERATURE:g} to 100).",
     )
     top_p: float = Field(
         default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (with temperature > 0)."
     )
-    seed: int = Field(default=0, description="Sampling seed (the same seed for both runs).")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="Sampling seed (the same seed for both runs)."
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
 
 class SteerResult(_Model):

@@ -195,11 +195,26 @@ def _finish(name: str, model: nn.Module, tokenizer: Any) -> LoadedModel:
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, arch=find_architecture(model))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _from_pretrained(source: str | Path, dtype: torch.dtype, device: str, **kwargs: Any) -> LoadedModel:
+    """Load tokenizer and model with transformers. Whatever a broken model folder makes transformers
+    raise (invalid config.json, an unknown model_type, missing or truncated weights, a tokenizer it
+    cannot read) becomes one line naming the folder; a hub id that cannot be reached says so."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except (
+        Exception
+    ) as exc:  # transformers raises many types (OSError, ValueError, KeyError, safetensors errors)
+        raise OpenscopeError(f"cannot load the model at {source}: {_first_line(exc)}") from None
     # transformers' typing makes pyright read `.to` as a generate helper; it is nn.Module.to.
     return _finish(str(source), cast(nn.Module, model).to(device), tokenizer)
 
@@ -272,9 +287,9 @@ def load_model(
     if name.count("/") == 1 and not name.startswith((".", "/")):
         try:
             return _from_pretrained(name, torch_dtype, device)
-        except OSError as exc:
+        except OpenscopeError as exc:
             raise OpenscopeError(
-                f"cannot load {name!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
+                f"cannot load {name!r} from the Hugging Face hub ({str(exc).split(': ', 1)[-1]}); "
                 f"known models: {', '.join(KNOWN_MODELS)}"
             ) from None
     raise OpenscopeError(

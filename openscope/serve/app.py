@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
@@ -32,6 +33,7 @@ from openscope.features.schema import (
     FeatureDetail,
     FeatureSummary,
     InspectResult,
+    RequestModel,
     RoleTokens,
     SteerRequest,
     SteerResult,
@@ -53,11 +55,7 @@ Order = Literal["latent", "frequency", "max_activation", "mean_activation"]
 # ---- request and response models of this API (the feature data itself uses the shared schema) ------
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InspectRequest(_Request):
+class InspectRequest(RequestModel):
     """Run one dictionary over a text."""
 
     text: str = Field(description="The text to inspect (BOS is added).")
@@ -65,7 +63,7 @@ class InspectRequest(_Request):
     k: int = Field(5, description="Latents to return per token (1..max_top_k).")
 
 
-class TextSearchRequest(_Request):
+class TextSearchRequest(RequestModel):
     """Find the latents that fire on a text."""
 
     text: str = Field(description="The text to run through the model.")
@@ -102,13 +100,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # ---- helpers --------------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """Text safe to put in a JSON answer: what cannot be encoded (a lone surrogate a request carried)
+    becomes U+FFFD, and line breaks become spaces, so a `detail` is always one line."""
+    return " ".join(text.encode("utf-8", "replace").decode("utf-8").splitlines())
+
+
 def validation_message(errors: list[Any]) -> str:
     """pydantic's error list as one readable line: `body.value: Input should be a valid number; ...`."""
     parts = []
     for err in errors:
         where = ".".join(str(p) for p in err.get("loc", ()))
         parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request"
+    return printable("; ".join(parts) or "invalid request")
 
 
 def export_filename(dictionary: str, latent: int, fmt: str) -> str:
@@ -137,6 +141,7 @@ def create_app(
         "--export` writes.",
     )
     app.state.openscope = state
+    app.add_middleware(HostCheck, allowed=allowed_hosts(config))
     _add_error_handlers(app)
     _add_routes(app, state)
     app.include_router(graph_router(state, ERRORS))  # attribution graphs: /api/graphs
@@ -145,19 +150,77 @@ def create_app(
     return app
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Host names a local server always answers to."""
+
+
+def allowed_hosts(config: ServeConfig) -> frozenset[str]:
+    """The Host header names this server answers to: loopback, the address it listens on, and
+    --allowed-hosts. Listening on every address (0.0.0.0, ::) adds this machine's own names."""
+    names = {*LOOPBACK, config.host.lower(), *(h.lower() for h in config.allowed_hosts)}
+    if config.host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(names)
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header (`[::1]:8000` -> `::1`, `Example.org:80` -> `example.org`)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: answer only requests whose Host header names this server (`allowed_hosts`).
+
+    A web page the user visits can make the browser send requests to 127.0.0.1 under a name its
+    attacker controls (DNS rebinding); such requests carry that name in Host and get 400 here. `*` in
+    --allowed-hosts turns the check off.
+    """
+
+    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and "*" not in self.allowed:
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(b"host", b"").decode("latin-1")
+            if host_name(raw) not in self.allowed:
+                detail = (
+                    f"Host {printable(raw)!r} is not a name this server answers to; start it with "
+                    "--allowed-hosts NAME to add one"
+                )
+                await JSONResponse(status_code=400, content={"detail": detail})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # Input never lands here (it is a 4xx above); this is a bug, kept in the log with its traceback.
+        log.error("internal error", exc_info=exc)
+        return JSONResponse(
+            status_code=500, content={"detail": printable(f"internal error: {type(exc).__name__}: {exc}")}
+        )
+
     @app.exception_handler(OpenscopeError)
     async def _openscope_error(_request: Request, exc: OpenscopeError) -> JSONResponse:
         status = http_status(exc)
-        log.info("%d: %s", status, exc)
-        return JSONResponse(status_code=status, content={"detail": str(exc)})
+        log.info("%d: %s", status, printable(str(exc)))
+        return JSONResponse(status_code=status, content={"detail": printable(str(exc))})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         # `input` may hold values JSON cannot carry (bytes, NaN); the message and location suffice.
         slim = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            {
+                "loc": [printable(str(p)) if isinstance(p, str) else p for p in e.get("loc", ())],
+                "msg": printable(str(e.get("msg", ""))),
+                "type": e.get("type", ""),
+            }
             for e in errors
         ]
         return JSONResponse(status_code=422, content={"detail": validation_message(errors), "errors": slim})
@@ -191,7 +254,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/api/features", response_model=list[FeatureSummary], responses=ERRORS, tags=["features"])
     def features(
         dictionary: str = Query(description="DictionaryInfo.name."),
-        offset: int = Query(0, ge=0, description="Rows to skip."),
+        offset: int = Query(0, ge=0, le=2**31, description="Rows to skip."),
         limit: int = Query(50, ge=1, le=1000, description="Rows to return."),
         order: Order = Query("frequency", description="Sort key (all but latent descending)."),
     ) -> list[FeatureSummary]:

@@ -8,7 +8,8 @@ jailbreak, sweep, cot, or another chat analysis) and the PNG plots it lists unde
 - `GET /api/chat/report?name=…`: one report.json as written;
 - `GET /api/chat/figure?name=…&file=…`: one of the report's listed figures.
 
-Names are checked against the reports found under the root, so no request reads outside it.
+Names are checked against the reports found under the root, and every file served is resolved and
+checked to lie inside it, so no request reads outside the root.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from openscope.errors import OpenscopeError
+from openscope.files import child, inside
 from openscope.serve.state import NotFound
 
 log = logging.getLogger(__name__)
@@ -43,15 +46,28 @@ class ChatReportSummary(BaseModel):
 
 
 def find_reports(root: Path) -> dict[str, Path]:
-    """Report folders (holding report.json) at most three levels below root, by name (relative path)."""
+    """Report folders (holding report.json) at most three levels below root, by name (relative path).
+    Only what really lies inside root counts: a link out of it (folder or report.json) is skipped."""
     found: dict[str, Path] = {}
     if not root.is_dir():
         return found
     for path in sorted(root.rglob("report.json")):
         rel = path.parent.relative_to(root)
-        if len(rel.parts) <= _MAX_DEPTH:
+        if len(rel.parts) <= _MAX_DEPTH and inside(root, path):
             found[rel.as_posix() if rel.parts else "."] = path.parent
     return found
+
+
+def figure_path(root: Path, folder: Path, file: str, figures: list[str]) -> Path | None:
+    """The file of a report's figure, if `file` is one the report lists, a PNG named by a plain file
+    name, and really inside the reports root (no `..`, no absolute path, no link out)."""
+    if file not in figures or not file.endswith(".png"):
+        return None
+    try:
+        path = child(folder, file)
+    except OpenscopeError:
+        return None
+    return path if path.is_file() and inside(root, path) else None
 
 
 def _read(folder: Path) -> dict[str, Any]:
@@ -106,8 +122,9 @@ def chat_router(root: Path) -> APIRouter:
     ) -> FileResponse:
         """One PNG plot of a report."""
         folder = folder_of(name)
-        if file not in summary(name, folder).figures or not (folder / file).is_file():
+        path = figure_path(root, folder, file, summary(name, folder).figures)
+        if path is None:
             raise NotFound(f"chat report {name!r} has no figure {file!r}")
-        return FileResponse(folder / file, media_type="image/png")
+        return FileResponse(path, media_type="image/png")
 
     return router

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openscope.config import check_numbers
+from openscope.errors import OpenscopeError
 from openscope.features.db import DEFAULT_DB
 
 
@@ -23,6 +25,8 @@ class ServeConfig:
     """Address to listen on (127.0.0.1: this machine only)."""
     port: int = 8000
     """Port to listen on."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Extra Host header names to answer to (repeat the flag; `*`: any). Loopback names and --host are always allowed; requests naming any other host are refused (a defence against DNS rebinding)."""
     max_prompt_chars: int = 512
     """Longest prompt (characters) the inspector, text search and steering accept."""
     max_new_tokens: int = 64
@@ -39,3 +43,10 @@ class ServeConfig:
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None
     """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+
+
+def check_serve_config(config: ServeConfig) -> None:
+    """One-line errors for settings the server cannot run with (checked before anything starts)."""
+    check_numbers(config, positive=("max_prompt_chars", "max_new_tokens", "max_top_k", "max_graph_tokens"))
+    if not 0 < config.port < 65536:
+        raise OpenscopeError(f"--port must be between 1 and 65535, got {config.port}")

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from openscope.attribution import intervene, load_graph, save_graph
+from openscope.attribution import intervene, load_graph
 from openscope.attribution.commands import AttributeConfig, attribute_document
 from openscope.attribution.schema import (
     GraphFile,
@@ -40,6 +40,8 @@ from openscope.attribution.schema import (
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
+from openscope.features.schema import RequestModel
+from openscope.files import inside, write_new
 from openscope.models.sites import Site
 from openscope.serve.config import ServeConfig
 from openscope.serve.state import BadInput, NotFound, ServerState, Unavailable, check_prompt
@@ -47,8 +49,8 @@ from openscope.steer import prompt_ids
 
 log = logging.getLogger(__name__)
 
-SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-"""A graph's slug: its file stem, safe in a URL and a file name."""
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A graph's slug: its file stem, safe in a URL and a file name (always matched whole: `fullmatch`)."""
 
 BATCH_SIZE = 32
 """Attribution rows per backward pass for graphs computed by the server."""
@@ -103,10 +105,8 @@ class GraphIndex(BaseModel):
     max_tokens: int = Field(description="Longest prompt (tokens, BOS included) a new graph may have.")
 
 
-class GraphRequest(BaseModel):
+class GraphRequest(RequestModel):
     """Attribute a short prompt and save its graph."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="The prompt (BOS is added); the graph explains the next token after it.")
     slug: str | None = Field(
@@ -141,7 +141,7 @@ def graphs_folder(config: ServeConfig) -> Path:
 
 def check_slug(slug: str) -> str:
     """The slug if it is a safe file stem; else BadInput."""
-    if not SLUG.match(slug):
+    if not SLUG.fullmatch(slug):
         raise BadInput(f"bad graph name {slug!r}: use letters, digits, '.', '_' and '-' (at most 128)")
     return slug
 
@@ -273,14 +273,18 @@ class GraphStore:
         """Slugs of the folder's graph files, newest first (files whose names are no slug are ignored)."""
         if not self.folder.is_dir():
             return []
-        files = [p for p in self.folder.glob("*.json") if p.is_file() and SLUG.match(p.stem)]
+        files = [
+            p
+            for p in self.folder.glob("*.json")
+            if p.is_file() and SLUG.fullmatch(p.stem) and inside(self.folder, p)
+        ]
         files.sort(key=lambda p: (-p.stat().st_mtime, p.stem))
         return [p.stem for p in files]
 
     def load(self, slug: str) -> GraphFile:
         """The validated graph; NotFound for an unknown slug, CorruptGraph for a bad file."""
         path = self.path(slug)
-        if not SLUG.match(slug) or not path.is_file():
+        if not SLUG.fullmatch(slug) or not path.is_file() or not inside(self.folder, path):
             there = ", ".join(self.slugs()[:20]) or "none"
             raise NotFound(f"no graph {slug!r} in {self.folder} (graphs there: {there})")
         try:
@@ -311,8 +315,11 @@ class GraphStore:
             out.append(cached[1])
         return out
 
-    def save(self, document: GraphFile) -> Path:
-        return save_graph(document, self.path(document.metadata.slug))
+    def save_new(self, document: GraphFile) -> bool:
+        """Save a graph under its slug unless a file of that name exists (atomic: of two requests
+        saving the same name, exactly one succeeds); whether it was saved."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return write_new(self.path(document.metadata.slug), document.model_dump_json().encode())
 
 
 # ---- what the routes do -------------------------------------------------------------------------------
@@ -393,7 +400,17 @@ class GraphService:
         )
         with self.state.lock:
             graph, document = attribute_document(settings, loaded, dictionaries, loaded.name, progress=False)
-        self.store.save(document)
+        while not self.store.save_new(document):
+            # Another request saved a graph of that name meanwhile: a name asked for is a conflict, a
+            # name made from the prompt takes the next number. No graph is ever silently replaced.
+            if request.slug is not None:
+                raise Conflict(
+                    f"a graph named {slug!r} exists already in {self.store.folder}; choose another name"
+                )
+            slug = slug_for(request.prompt, set(self.store.slugs()))
+            document = document.model_copy(
+                update={"metadata": document.metadata.model_copy(update={"slug": slug})}
+            )
         log.info(
             "graph %s: %d nodes, %d links in %.1f s",
             slug,

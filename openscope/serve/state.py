@@ -41,7 +41,7 @@ from openscope.features.schema import (
     SteerResult,
 )
 from openscope.models.load import LoadedModel, load_model, resolve_device
-from openscope.serve.config import ServeConfig
+from openscope.serve.config import ServeConfig, check_serve_config
 from openscope.steer import steer_request, top_latents
 
 log = logging.getLogger(__name__)
@@ -310,8 +310,7 @@ def load_state(
     dictionaries: Sequence[Dictionary] | Mapping[str, Dictionary] | None = None,
 ) -> ServerState:
     """Open the database, load the dictionaries and the model they need (or use those given)."""
-    if config.max_prompt_chars < 1 or config.max_new_tokens < 1 or config.max_top_k < 1:
-        raise OpenscopeError("max_prompt_chars, max_new_tokens and max_top_k must be positive")
+    check_serve_config(config)
     db = db or FeatureDB(config.db)
     infos = db.dictionaries()
     device = resolve_device(config.device)

@@ -64,6 +64,7 @@ from openscope.train.trainer import (
     _save_checkpoint,
     _start_step,
     _step_config,
+    first_then_rest,
     open_run,
 )
 
@@ -331,7 +332,7 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     scale_out = torch.tensor([data.scales[s] for s in sites_out], device=device)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
     step_cfg = _step_config(cfg, total_steps)
-    run = open_run(cfg)
+    run = open_run(cfg, create=False)
     out = run.folder
     identity = {**_identity(cfg), "world_size": 1}
     checkpoint = out / CHECKPOINT
@@ -353,7 +354,8 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
 
     start_step = _start_step(cfg, checkpoint, identity, [state], metrics_path)
 
-    batches = data.batches(sites_in + sites_out, start_step)
+    batches = first_then_rest(data.batches(sites_in + sites_out, start_step))
+    run = open_run(cfg)  # the data gave its first batch: now the run's folder is made
     metrics = metrics_path.open("a")
     t0 = time.perf_counter()
     bar = tqdm(

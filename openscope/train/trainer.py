@@ -49,7 +49,9 @@ from openscope.files import (
     Staged,
     absolute,
     atomic_file,
+    check_output,
     check_target,
+    is_empty_folder,
     prepare_output,
     recover,
     staged_path,
@@ -404,31 +406,34 @@ RUN = Ownership(
 """What a training output folder holds: --overwrite replaces a folder only if it holds nothing else."""
 
 
-def open_run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> Staged:
+def open_run(cfg: TrainConfig, rank: int = 0, world: int = 1, create: bool = True) -> Staged:
     """Where a training run writes (`openscope.files`): the output folder, or with --overwrite a staged
     copy that replaces it once the dictionaries are saved. --resume continues the run whose checkpoint
-    is in the output folder, or else that of an interrupted --overwrite run. Under torchrun rank 0
-    decides and the others follow."""
+    is in the output folder, or else that of an interrupted --overwrite run. `create=False` decides and
+    checks without writing anything (the trainer creates the folder once its data has given a first
+    batch, so bad data leaves nothing behind). Under torchrun rank 0 decides and the others follow."""
     if world > 1:
         import torch.distributed as dist
 
         box: list[Any] = [None]
         if rank == 0:
-            box[0] = _open_run(cfg, world)
+            box[0] = _open_run(cfg, world, create)
         dist.broadcast_object_list(box, src=0)
         return cast(Staged, box[0])
-    return _open_run(cfg, world)
+    return _open_run(cfg, world, create)
 
 
-def _open_run(cfg: TrainConfig, world: int) -> Staged:
+_METRICS_ONLY = Ownership("", files=("metrics*.jsonl", "*.tmp"))
+
+
+def _open_run(cfg: TrainConfig, world: int, create: bool) -> Staged:
     target = absolute(cfg.output)
     recover(target)
     check_target(target)
     inputs = [p for p in (cfg.store if not cfg.model else None, cfg.init_from) if p is not None]
     checkpoints = [CHECKPOINT] if world == 1 else [_rank_file(CHECKPOINT, r, world) for r in range(world)]
     if cfg.resume:
-        staged = staged_path(target)
-        for folder in (target, staged):
+        for folder in (target, staged_path(target)):
             if all((folder / c).is_file() for c in checkpoints):
                 return Staged(target, folder)
         raise OpenscopeError(f"--resume: no checkpoint at {target / checkpoints[0]}")
@@ -437,7 +442,22 @@ def _open_run(cfg: TrainConfig, world: int) -> Staged:
             f"{target} already holds a run's checkpoint: pass --resume to continue it, --overwrite to "
             "replace the run, or choose another --output"
         )
+    # A run stopped before its first checkpoint leaves only metrics rows that nothing can resume from.
+    stale = target.is_dir() and not is_empty_folder(target) and not _METRICS_ONLY.foreign(target)
+    if not create:
+        empty = stale or check_output(target, RUN, overwrite=cfg.overwrite, inputs=inputs)
+        return Staged(target, target if empty else staged_path(target))
+    if stale:
+        for path in target.iterdir():
+            path.unlink()
     return prepare_output(target, RUN, overwrite=cfg.overwrite, inputs=inputs)
+
+
+def first_then_rest(batches: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
+    """The same batches, the first one already read: data that cannot give one fails here, before
+    the run writes anything."""
+    first = next(batches, None)
+    return batches if first is None else itertools.chain([first], batches)
 
 
 def _run_steps(
@@ -537,7 +557,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     pairs = _pairs(cfg, data, names)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
     step_cfg = _step_config(cfg, total_steps)
-    run = open_run(cfg, rank, world)
+    run = open_run(cfg, rank, world, create=False)
     out = run.folder
     identity = {**_identity(cfg), "world_size": world}
     checkpoint = out / _rank_file(CHECKPOINT, rank, world)
@@ -576,7 +596,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     start_step = _start_step(cfg, checkpoint, identity, dicts, metrics_path)
 
     sites = sorted({s for d in dicts for s in (d.site_in, d.site_out)})
-    batches = data.batches(sites, start_step) if dicts else iter(())
+    batches = first_then_rest(data.batches(sites, start_step) if dicts else iter(()))
+    run = open_run(cfg, rank, world)  # the data gave its first batch: now the run's folder is made
     metrics = metrics_path.open("a")
     t0 = time.perf_counter()
     bar = tqdm(

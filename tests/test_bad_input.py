@@ -1,0 +1,750 @@
+"""Bad input, careless and hostile, for every command: one line, exit 2, and nothing around changed.
+
+A small world of real files is built once: the tiny model, a text file, an activation store, a trained
+dictionary, a feature database, an evaluation report, a user's own folder of files, files of the wrong
+kind (binary "text", a foreign SQLite database, a pickle), damaged stores and models, and symbolic
+links out of the world. Each case runs the command line in-process (`openscope.cli.run`) and asserts:
+
+- exit status 2 and exactly one line on stderr, `error: ...`, naming the problem (no traceback);
+- a snapshot of every file of the world (and of a folder outside it that links point to) is the
+  same afterwards: nothing was written, replaced or deleted.
+
+The safety properties that are not refusals (a replacement that fails midway keeps the old content, a
+planted link is never written through, metrics stay consistent after a resume) have tests of their own
+at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import small_store
+
+from openscope.activations import ActivationStore, HarvestConfig, harvest
+from openscope.cli import run
+from openscope.config import save_json
+from openscope.errors import OpenscopeError
+from openscope.eval import EvalConfig, evaluate
+from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.models.load import LoadedModel
+from openscope.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- the world ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """Paths of the world every case runs in (`root`; commands run in its folder `empty` unless a case
+    says otherwise), the folder outside it links point to, and the tiny model."""
+
+    root: Path
+    outside: Path
+    model: Path
+
+
+def _binary(path: Path, n: int = 4096) -> None:
+    path.write_bytes(bytes(range(256)) * (n // 256))
+
+
+def _store_variant(root: Path, store: Path, name: str, edit) -> Path:
+    """A copy of the store whose manifest `edit` changes (edit(manifest) -> manifest or raw text)."""
+    copy = root / "stores" / name
+    shutil.copytree(store, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    out = edit(manifest)
+    (copy / "manifest.json").write_text(out if isinstance(out, str) else json.dumps(out))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("world")
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.txt").write_text("outside the world")
+
+    (root / "st").mkdir()
+    store = small_store(tiny, tiny_model_dir, root / "st", "1.resid_post", "The capital of France is Paris.")
+    (root / "docs.jsonl").write_text((root / "st" / "docs.jsonl").read_text())
+    train(
+        TrainConfig(
+            store=store,
+            width=32,
+            batch_size=128,
+            tokens=512,
+            target_l0=8,
+            output=root / "dicts",
+            device="cpu",
+        ),
+        progress=False,
+    )
+    dictionary = next((root / "dicts").glob("1_resid_post*"))
+    evaluate(
+        EvalConfig(
+            dictionaries=[dictionary],
+            model=str(tiny_model_dir),
+            source=str(root / "docs.jsonl"),
+            tokens=256,
+            context_len=32,
+            output=root / "report",
+            loss_recovered=False,
+            device="cpu",
+        ),
+        loaded=tiny,
+        progress=False,
+    )
+    compute_features(
+        FeaturesConfig(
+            dictionaries=[dictionary], store=store, output=root / "features.db", tokens=512, device="cpu"
+        ),
+        loaded=tiny,
+        progress=False,
+    )
+
+    user = root / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("a user's notes")
+    (user / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    (root / "afile").write_text("just a file")
+    (root / "empty").mkdir()
+    (root / "exports" / dictionary.name).mkdir(parents=True)  # an --export folder holding a user's file
+    (root / "exports" / dictionary.name / "notes.txt").write_text("mine")
+    _binary(root / "bin.jsonl")
+    _binary(root / "bin.arrow")
+    _binary(root / "bin.parquet")
+    with sqlite3.connect(root / "other.sqlite") as conn:  # another program's database
+        conn.execute("CREATE TABLE accounts(name TEXT, balance REAL)")
+        conn.execute("INSERT INTO accounts VALUES ('alice', 10.0)")
+    conn.close()
+
+    # Models that transformers cannot load, each in its own way.
+    for name in ("badcfg", "unknown", "noweights", "truncated"):
+        shutil.copytree(tiny_model_dir, root / "models" / name)
+    (root / "models" / "badcfg" / "config.json").write_text("{not json")
+    cfg = json.loads((root / "models" / "unknown" / "config.json").read_text())
+    (root / "models" / "unknown" / "config.json").write_text(json.dumps({**cfg, "model_type": "nonexistent"}))
+    (root / "models" / "noweights" / "model.safetensors").unlink()
+    weights = root / "models" / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+
+    # Dictionaries that must be refused: truncated weights; a Gemma Scope 1 npz holding a pickle.
+    broken = root / "dictionaries" / "truncated"
+    shutil.copytree(dictionary, broken)
+    params = broken / "params.safetensors"
+    params.write_bytes(params.read_bytes()[:300])
+    pickled = root / "dictionaries" / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_9"
+    pickled.mkdir(parents=True)
+    np.savez(pickled / "params.npz", W_enc=np.array([{"run": "code"}], dtype=object))
+
+    # Stores with damaged manifests or shards, and one whose harvest never finished.
+    _store_variant(root, store, "list", lambda m: "[1, 2, 3]")
+    _store_variant(root, store, "nokeys", lambda m: {"format": m["format"]})
+    _store_variant(root, store, "badjson", lambda m: '{"format": "openscope-activations", ')
+    _store_variant(root, store, "escape", lambda m: {**m, "shards": [{**m["shards"][0], "file": "../../x"}]})
+    _store_variant(root, store, "incomplete", lambda m: {**m, "complete": False})
+    corrupt = _store_variant(root, store, "corrupt", lambda m: m)
+    shard = corrupt / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    (root / "links").mkdir()
+    os.symlink(store, root / "links" / "store")
+    os.symlink(outside, root / "links" / "outside")
+    return World(root, outside, tiny_model_dir)
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every entry under the roots: links by target, folders, files by size, mtime and content hash."""
+    seen: dict[str, tuple] = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):  # never follows links
+            for name in sorted(dirnames + filenames):
+                path = Path(dirpath) / name
+                key = str(path)
+                if path.is_symlink():
+                    seen[key] = ("link", os.readlink(path))
+                elif path.is_dir():
+                    seen[key] = ("dir",)
+                else:
+                    stat = path.stat()
+                    seen[key] = (
+                        "file",
+                        stat.st_size,
+                        stat.st_mtime_ns,
+                        hashlib.sha1(path.read_bytes()).hexdigest(),
+                    )
+    return seen
+
+
+def refused(world: World, args: list[str], expect: str, cwd: Path | None, capsys, monkeypatch) -> None:
+    """Run the CLI; it must exit 2 with one `error:` line holding `expect`, and change no file."""
+    before = snapshot(world.root, world.outside, world.model)
+    monkeypatch.chdir(cwd or world.root / "empty")
+    status = run(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert status == 2, err
+    assert len(errors) == 1, err
+    assert expect in errors[0], errors[0]
+    after = snapshot(world.root, world.outside, world.model)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"{args} changed {changed}"
+
+
+# ---- the table -------------------------------------------------------------------------------------------
+
+W = "{w}"
+"""Stands for the world's root in a case's arguments."""
+M = "{m}"
+"""Stands for the tiny model's folder."""
+DICT = "{w}/dicts/1_resid_post_sae_jumprelu_w32"
+STORE = "{w}/st/s"
+HARVEST = ["harvest", "--model", M, "--source", f"{W}/docs.jsonl", "--context-len", "32", "--tokens", "256"]
+TRAIN = ["train", "--store", STORE, "--width", "32", "--batch-size", "128", "--tokens", "256"]
+EVAL = ["eval", "--dictionaries", DICT, "--model", M, "--source", f"{W}/docs.jsonl", "--tokens", "64"]
+FEATURES = ["features", "--dictionaries", DICT, "--store", STORE, "--tokens", "256"]
+CHAT = ["--model", M, "--positive", f"{W}/docs.jsonl", "--negative", f"{W}/docs.jsonl"]
+
+CASES: list[tuple[str, list[str], str, str | None]] = [
+    # (id, arguments, text the error names, working folder below the world: None = the world itself)
+    # harvest: never empty a folder that is not a store, whatever --overwrite says
+    ("harvest-dot", [*HARVEST, "--output", "."], "holds notes.txt, sub/", "user"),
+    (
+        "harvest-dot-overwrite",
+        [*HARVEST, "--output", ".", "--overwrite"],
+        "which openscope did not write",
+        "user",
+    ),
+    ("harvest-user-overwrite", [*HARVEST, "--output", f"{W}/user", "--overwrite"], "holds notes.txt", None),
+    ("harvest-world-overwrite", [*HARVEST, "--output", W, "--overwrite"], "which this command reads", None),
+    ("harvest-output-file", [*HARVEST, "--output", f"{W}/afile"], "exists and is not a folder", None),
+    ("harvest-output-link", [*HARVEST, "--output", f"{W}/links/store"], "is a symbolic link", None),
+    (
+        "harvest-other-store",
+        [*HARVEST, "--output", STORE, "--sites", "0.mlp_out"],
+        "holds a different store",
+        None,
+    ),
+    ("harvest-corrupt-store", [*HARVEST, "--output", f"{W}/stores/corrupt"], "holds a different store", None),
+    ("harvest-binary-jsonl", [*HARVEST[:4], f"{W}/bin.jsonl", "--output", f"{W}/n"], "not UTF-8 text", None),
+    (
+        "harvest-binary-arrow",
+        [*HARVEST[:4], f"{W}/bin.arrow", "--output", f"{W}/n"],
+        "not an Arrow file",
+        None,
+    ),
+    ("harvest-binary-parquet", [*HARVEST[:4], f"{W}/bin.parquet", "--output", f"{W}/n"], "cannot read", None),
+    (
+        "harvest-no-source",
+        [*HARVEST[:4], f"{W}/missing.txt", "--output", f"{W}/n"],
+        "unknown text source",
+        None,
+    ),
+    (
+        "harvest-slice",
+        [*HARVEST[:4], f"{W}/docs.jsonl[5:5]", "--output", f"{W}/n"],
+        "selects no documents",
+        None,
+    ),
+    ("harvest-roles", [*HARVEST, "--roles", "model", "--output", f"{W}/n"], "needs a chat source", None),
+    ("harvest-cuda", [*HARVEST, "--device", "cuda", "--output", f"{W}/n"], "CUDA is not available", None),
+    ("harvest-banana", [*HARVEST, "--device", "banana", "--output", f"{W}/n"], "unknown device", None),
+    ("harvest-tokens-0", [*HARVEST, "--tokens", "0", "--output", f"{W}/n"], "must be positive", None),
+    ("harvest-tokens-abc", [*HARVEST, "--tokens", "abc", "--output", f"{W}/n"], "--tokens", None),
+    ("harvest-context-1", [*HARVEST, "--context-len", "1", "--output", f"{W}/n"], "context_len", None),
+    ("harvest-shard-mb-0", [*HARVEST, "--shard-mb", "0", "--output", f"{W}/n"], "must be positive", None),
+    ("harvest-layer", [*HARVEST, "--sites", "99.resid_post", "--output", f"{W}/n"], "out of range", None),
+    ("harvest-kind", [*HARVEST, "--sites", "1.banana", "--output", f"{W}/n"], "unknown site", None),
+    ("harvest-dtype", [*HARVEST, "--dtype", "float8", "--output", f"{W}/n"], "unknown dtype", None),
+    ("harvest-flag", [*HARVEST, "--bogus"], "No such option", None),
+    # any model that cannot be loaded
+    ("model-badcfg", ["sites", "--model", f"{W}/models/badcfg"], "cannot load the model", None),
+    ("model-unknown-type", ["sites", "--model", f"{W}/models/unknown"], "cannot load the model", None),
+    ("model-no-weights", ["sites", "--model", f"{W}/models/noweights"], "cannot load the model", None),
+    ("model-truncated", ["sites", "--model", f"{W}/models/truncated"], "cannot load the model", None),
+    ("model-not-a-model", ["sites", "--model", f"{W}/user"], "not a Hugging Face model directory", None),
+    ("model-unknown-name", ["sites", "--model", "no-such-model"], "unknown model", None),
+    # train: a run folder is replaced only with --overwrite, and only if openscope trained into it
+    ("train-again", [*TRAIN, "--output", f"{W}/dicts"], "already holds a run's checkpoint", None),
+    ("train-user-overwrite", [*TRAIN, "--output", f"{W}/user", "--overwrite"], "holds notes.txt", None),
+    ("train-dot-overwrite", [*TRAIN, "--output", ".", "--overwrite"], "openscope did not write", "user"),
+    ("train-output-file", [*TRAIN, "--output", f"{W}/afile"], "exists and is not a folder", None),
+    ("train-resume-nothing", [*TRAIN, "--output", f"{W}/empty", "--resume"], "no checkpoint", None),
+    (
+        "train-store-user",
+        ["train", "--store", f"{W}/user", "--output", f"{W}/n"],
+        "not an activation store",
+        None,
+    ),
+    (
+        "train-store-missing",
+        ["train", "--store", f"{W}/nope", "--output", f"{W}/n"],
+        "not an activation store",
+        None,
+    ),
+    (
+        "train-incomplete",
+        ["train", "--store", f"{W}/stores/incomplete", "--output", f"{W}/n"],
+        "incomplete",
+        None,
+    ),
+    (
+        "train-corrupt-shard",
+        ["train", "--store", f"{W}/stores/corrupt", "--output", f"{W}/n"],
+        "corrupt",
+        None,
+    ),
+    ("train-site", [*TRAIN, "--sites", "9.resid_post", "--output", f"{W}/n"], "holds no site", None),
+    (
+        "train-checkpoint-0",
+        [*TRAIN, "--checkpoint-every", "0", "--output", f"{W}/n"],
+        "--checkpoint-every",
+        None,
+    ),
+    ("train-log-0", [*TRAIN, "--log-every", "0", "--output", f"{W}/n"], "--log-every must be positive", None),
+    ("train-matryoshka", [*TRAIN, "--matryoshka", "a,b", "--output", f"{W}/n"], "--matryoshka", None),
+    ("train-width-0", [*TRAIN, "--width", "0", "--output", f"{W}/n"], "--width must be positive", None),
+    ("train-lr-nan", [*TRAIN, "--lr", "nan", "--output", f"{W}/n"], "--lr must be a finite number", None),
+    ("train-lr-inf", [*TRAIN, "--lr", "inf", "--output", f"{W}/n"], "--lr must be a finite number", None),
+    (
+        "train-target-l0",
+        [*TRAIN, "--target-l0", "-1", "--output", f"{W}/n"],
+        "--target-l0 must be positive",
+        None,
+    ),
+    ("train-fire-rate", [*TRAIN, "--max-fire-rate", "2", "--output", f"{W}/n"], "between 0 and 1", None),
+    ("train-cuda", [*TRAIN, "--device", "cuda", "--output", f"{W}/n"], "CUDA is not available", None),
+    # eval
+    ("eval-output-file", [*EVAL, "--output", f"{W}/afile"], "exists and is not a folder", None),
+    ("eval-output-user", [*EVAL, "--output", f"{W}/user", "--overwrite"], "holds notes.txt", None),
+    ("eval-output-dot", [*EVAL, "--output", "."], "holds notes.txt", "user"),
+    ("eval-into-cwd", [*EVAL, "--output", ".", "--overwrite"], "is the current folder", "report"),
+    ("eval-again", [*EVAL, "--output", f"{W}/report"], "holds a report already", None),
+    (
+        "eval-no-dictionary",
+        ["eval", "--dictionaries", f"{W}/nope", "--output", f"{W}/n"],
+        "no dictionary folder",
+        None,
+    ),
+    (
+        "eval-user-dictionary",
+        ["eval", "--dictionaries", f"{W}/user", "--output", f"{W}/n"],
+        "holds no dictionary",
+        None,
+    ),
+    (
+        "eval-truncated",
+        ["eval", "--dictionaries", f"{W}/dictionaries/truncated", "--output", f"{W}/n"],
+        "truncated or corrupt",
+        None,
+    ),
+    (
+        "eval-pickle",
+        ["eval", "--dictionaries", f"{W}/dictionaries/gemma-scope-2b-pt-res", "--output", f"{W}/n"],
+        "unpickling",
+        None,
+    ),
+    ("eval-tokens-0", [*EVAL, "--tokens", "0", "--output", f"{W}/n"], "must be positive", None),
+    ("eval-roles", [*EVAL, "--roles", "model", "--output", f"{W}/n"], "needs a chat source", None),
+    # features: never write into a file that is not our database
+    (
+        "features-foreign-sqlite",
+        [*FEATURES, "--output", f"{W}/other.sqlite"],
+        "not an openscope feature database",
+        None,
+    ),
+    ("features-not-sqlite", [*FEATURES, "--output", f"{W}/afile"], "not an openscope feature database", None),
+    ("features-folder", [*FEATURES, "--output", f"{W}/user"], "is a folder", None),
+    (
+        "features-store-user",
+        ["features", "--dictionaries", DICT, "--store", f"{W}/user", "--output", f"{W}/n.db"],
+        "not an activation store",
+        None,
+    ),
+    (
+        "features-export-user",
+        [*FEATURES, "--output", f"{W}/features.db", "--export", f"{W}/exports"],
+        "holds notes.txt",
+        None,
+    ),
+    (
+        "features-tokens-0",
+        [*FEATURES, "--tokens", "0", "--output", f"{W}/n.db"],
+        "tokens must be at least 1",
+        None,
+    ),
+    # export: never delete a folder holding its own inputs, the current folder, or a user's files
+    (
+        "export-dot",
+        ["export", DICT, "--to", "saelens", "--out", ".", "--overwrite"],
+        "which this command reads",
+        "dicts",
+    ),
+    (
+        "export-parent",
+        ["export", DICT, "--to", "saelens", "--out", f"{W}/dicts", "--overwrite"],
+        "which this command reads",
+        None,
+    ),
+    (
+        "export-user",
+        ["export", DICT, "--to", "saelens", "--out", f"{W}/user", "--overwrite"],
+        "holds notes.txt",
+        None,
+    ),
+    (
+        "export-link",
+        ["export", DICT, "--to", "saelens", "--out", f"{W}/links/outside"],
+        "is a symbolic link",
+        None,
+    ),
+    ("export-format", ["export", DICT, "--to", "banana", "--out", f"{W}/n"], "unknown export format", None),
+    ("export-missing", ["export", f"{W}/nope", "--to", "saelens", "--out", f"{W}/n"], "no folder at", None),
+    (
+        "export-pickle",
+        ["export", f"{W}/dictionaries/gemma-scope-2b-pt-res", "--to", "saelens", "--out", f"{W}/n"],
+        "unpickling",
+        None,
+    ),
+    # show: damaged manifests
+    ("show-user", ["show", f"{W}/user"], "not an activation store", None),
+    ("show-list", ["show", f"{W}/stores/list"], "not an openscope activation store manifest", None),
+    ("show-nokeys", ["show", f"{W}/stores/nokeys"], "is damaged", None),
+    ("show-badjson", ["show", f"{W}/stores/badjson"], "is corrupt", None),
+    ("show-escape", ["show", f"{W}/stores/escape"], "is damaged: shard entry 0 names '../../x'", None),
+    # serve: settings refused before anything starts
+    ("serve-port", ["serve", "--db", f"{W}/features.db", "--port", "99999"], "--port must be between", None),
+    (
+        "serve-db-foreign",
+        ["serve", "--db", f"{W}/other.sqlite", "--dictionaries", DICT],
+        "not an openscope feature database",
+        None,
+    ),
+    ("serve-db-missing", ["serve", "--db", f"{W}/none.db"], "no feature database", None),
+    (
+        "serve-max-tokens",
+        ["serve", "--db", f"{W}/features.db", "--max-new-tokens", "0"],
+        "must be positive",
+        None,
+    ),
+    # attribution: a graph file is replaced only if it is a graph, and only with --overwrite
+    (
+        "attribute-output-file",
+        ["attribute", "hi", "--dictionaries", DICT, "--output", f"{W}/afile"],
+        "not a graph file",
+        None,
+    ),
+    (
+        "attribute-output-dir",
+        ["attribute", "hi", "--dictionaries", DICT, "--output", f"{W}/user"],
+        "is a folder",
+        None,
+    ),
+    (
+        "attribute-user",
+        ["attribute", "hi", "--dictionaries", f"{W}/user", "--output", f"{W}/g.json"],
+        "holds no dictionary",
+        None,
+    ),
+    ("intervene-not-graph", ["intervene", f"{W}/afile", "--zero", "1_2_3"], "afile", None),
+    ("intervene-missing", ["intervene", f"{W}/none.json", "--zero", "1_2_3"], "no graph file", None),
+    # chat: reports go only where a report may go
+    (
+        "chat-contrast-user",
+        ["chat", "contrast", *CHAT, "--output", f"{W}/user", "--overwrite"],
+        "holds notes.txt",
+        None,
+    ),
+    ("chat-contrast-dot", ["chat", "contrast", *CHAT, "--output", "."], "holds notes.txt", "user"),
+    (
+        "chat-contrast-nan",
+        ["chat", "contrast", *CHAT, "--alpha", "nan", "--output", f"{W}/n"],
+        "finite number",
+        None,
+    ),
+    ("chat-ablate-user", ["chat", "ablate", "--model", M, "--output", f"{W}/user"], "holds notes.txt", None),
+    (
+        "chat-jailbreak-report",
+        ["chat", "jailbreak", "--model", M, "--output", f"{W}/report"],
+        "holds a report already",
+        None,
+    ),
+    (
+        "chat-sweep-file",
+        ["chat", "sweep", "--model", M, "--output", f"{W}/afile"],
+        "exists and is not a folder",
+        None,
+    ),
+    ("chat-cot-dot", ["chat", "cot", "--model", M, "--output", "."], "holds notes.txt", "user"),
+    (
+        "chat-cot-questions",
+        ["chat", "cot", "--model", M, "--questions", f"{W}/bin.jsonl", "--output", f"{W}/n"],
+        "bin.jsonl",
+        None,
+    ),
+    (
+        "chat-diff-user",
+        ["chat", "diff", "--dictionary", DICT, "--model-a", M, "--model-b", M, "--output", f"{W}/user"],
+        "holds notes.txt",
+        None,
+    ),
+    (
+        "chat-tokens-binary",
+        ["chat", "tokens", "--model", M, "--source", f"chat:{W}/bin.jsonl"],
+        "not UTF-8",
+        None,
+    ),
+    (
+        "chat-tokens-output",
+        ["chat", "tokens", "--model", M, "--source", f"chat:{W}/docs.jsonl", "--output", f"{W}/afile"],
+        "not a role count",
+        None,
+    ),
+    (
+        "chat-roles-output",
+        [
+            "chat",
+            "roles",
+            "--dictionary",
+            DICT,
+            "--model",
+            M,
+            "--source",
+            f"chat:{W}/docs.jsonl",
+            "--output",
+            f"{W}/user",
+        ],
+        "holds notes.txt",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "expect", "cwd"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(
+    world: World, args: list[str], expect: str, cwd: str | None, capsys, monkeypatch
+) -> None:
+    argv = [a.replace(W, str(world.root)).replace(M, str(world.model)) for a in args]
+    if argv[0] in ("harvest", "train", "eval", "features"):
+        argv += ["--device", "cpu"] if "--device" not in argv else []
+    refused(world, argv, expect, world.root / cwd if cwd else None, capsys, monkeypatch)
+
+
+def test_the_table_covers_every_command() -> None:
+    from openscope.cli import app, chat_app
+
+    commands = {c.name for c in app.registered_commands} | {
+        f"chat {c.name}" for c in chat_app.registered_commands
+    }
+    tried = {c[1][0] if c[1][0] != "chat" else f"chat {c[1][1]}" for c in CASES}
+    # `models` reads nothing a user gives; the demo writes only its own folder (tests/test_demo.py).
+    assert commands - tried <= {"models", "demo"}
+
+
+# ---- safety that is not a refusal ------------------------------------------------------------------------
+
+
+def _harvest_cfg(world: World, out: Path, **kw) -> HarvestConfig:
+    base = dict(
+        model=str(world.model),
+        sites="*.resid_post,*.mlp_out",
+        source=str(world.root / "docs.jsonl"),
+        tokens=2000,
+        context_len=32,
+        batch_size=4,
+        output=out,
+        shard_mb=1,
+        device="cpu",
+    )
+    return HarvestConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_a_planted_link_is_never_written_through(world: World, tiny: LoadedModel, tmp_path: Path) -> None:
+    clean = tmp_path / "clean"
+    harvest(_harvest_cfg(world, clean), loaded=tiny, progress=False)
+    n = len(ActivationStore(clean).shards)
+    assert n >= 3
+    # An interrupted store: its last two shards missing, and links planted where the resumed harvest
+    # writes its temporary files (shards and manifest), pointing at a file outside the store.
+    store = tmp_path / "s"
+    shutil.copytree(clean, store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    for shard in manifest["shards"][-2:]:
+        (store / shard["file"]).unlink()
+    manifest.update(shards=manifest["shards"][:-2], complete=False)
+    save_json(store / "manifest.json", manifest)
+    (store / "stats.safetensors").unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("must stay")
+    for name in (f"shard_{n - 2:05d}.safetensors.tmp", "manifest.json.tmp", "stats.safetensors.tmp"):
+        os.symlink(victim, store / name)
+    harvest(_harvest_cfg(world, store), loaded=tiny, progress=False)
+    assert victim.read_text() == "must stay"
+    assert not [p for p in store.iterdir() if p.is_symlink()]
+    assert _bytes(store) == _bytes(clean)  # resumed equals uninterrupted, byte for byte
+
+
+def test_a_replacement_that_fails_midway_keeps_the_old_store(
+    world: World, tiny: LoadedModel, tmp_path: Path, monkeypatch
+) -> None:
+    import importlib
+
+    h = importlib.import_module("openscope.activations.harvest")  # the module, not the function
+
+    store = tmp_path / "s"
+    harvest(_harvest_cfg(world, store, sites="1.resid_post"), loaded=tiny, progress=False)
+    before = snapshot(tmp_path)
+    real, calls = h._harvest_shard, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(h, "_harvest_shard", failing)
+    replacement = _harvest_cfg(world, store, overwrite=True)  # other sites, three shards
+    with pytest.raises(OSError, match="No space left"):
+        harvest(replacement, loaded=tiny, progress=False)
+    staged = tmp_path / ".s.openscope-new"
+    assert {k: v for k, v in snapshot(tmp_path).items() if ".s.openscope-new" not in k} == before
+    assert staged.is_dir()  # the replacement so far, kept to resume
+    monkeypatch.setattr(h, "_harvest_shard", real)
+    result = harvest(replacement, loaded=tiny, progress=False)
+    assert result.resumed_shards == 1  # the replacement resumed where it stopped
+    assert len(ActivationStore(store).sites) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no staged or old folder left
+
+
+def test_a_swap_cut_between_its_renames_is_finished(world: World, tiny: LoadedModel, tmp_path: Path) -> None:
+    from openscope.files import recover
+
+    store = tmp_path / "s"
+    harvest(_harvest_cfg(world, store, sites="1.resid_post"), loaded=tiny, progress=False)
+    expected = _bytes(store)
+    # kill -9 after the old store was moved aside and before the new one was moved in:
+    store.rename(tmp_path / ".s.openscope-old")
+    shutil.copytree(tmp_path / ".s.openscope-old", tmp_path / ".s.openscope-new")
+    recover(store)
+    assert _bytes(store) == expected and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    # ... or before the new one was whole: the old one goes back.
+    store.rename(tmp_path / ".s.openscope-old")
+    recover(store)
+    assert _bytes(store) == expected and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def _train_cfg(world: World, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        store=world.root / "st" / "s",
+        width=32,
+        batch_size=64,
+        tokens=64 * 12,
+        lr=3e-3,
+        target_l0=8,
+        output=out,
+        checkpoint_every=4,
+        log_every=1,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_train_replaces_a_run_only_with_overwrite(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(_train_cfg(world, out), progress=False)
+    fresh_metrics = (out / "metrics.jsonl").read_text()
+    (out / "checkpoint.pt").unlink()  # what used to let a second run replace the first silently
+    before = snapshot(tmp_path)
+    with pytest.raises(OpenscopeError, match="holds a training run already; pass --overwrite"):
+        train(_train_cfg(world, out, seed=1), progress=False)
+    assert snapshot(tmp_path) == before
+    train(_train_cfg(world, out, overwrite=True), progress=False)
+    assert (out / "metrics.jsonl").read_text() == fresh_metrics  # replaced, not appended to
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_metrics_match_the_checkpoint_after_a_kill(world: World, tmp_path: Path, monkeypatch) -> None:
+    import openscope.train.trainer as trainer
+
+    whole = tmp_path / "whole"
+    train(_train_cfg(world, whole), progress=False)
+    killed = tmp_path / "killed"
+    real = trainer._save_checkpoint
+
+    def kill_at_step_8(path, step, *args, **kwargs):
+        if step == 8:  # metrics rows of steps 4-7 are on disk; the checkpoint of step 8 never is
+            raise KeyboardInterrupt
+        return real(path, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", kill_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(_train_cfg(world, killed), progress=False)
+    rows = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows][-1] == 7
+    monkeypatch.setattr(trainer, "_save_checkpoint", real)
+    train(_train_cfg(world, killed, resume=True), progress=False)
+    assert (killed / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+
+
+def test_a_dictionary_named_dotdot_exports_inside_the_export_folder(
+    world: World, tiny: LoadedModel, tmp_path: Path
+) -> None:
+    folder = tmp_path / "d"
+    shutil.copytree(world.root / "dicts" / "1_resid_post_sae_jumprelu_w32", folder)
+    (folder / "sub").mkdir()
+    exports = tmp_path / "a" / "exports"
+    cfg = FeaturesConfig(
+        dictionaries=[folder / "sub" / ".."],  # the dictionary's name is now ".."
+        store=world.root / "st" / "s",
+        output=tmp_path / "f.db",
+        tokens=256,
+        export=exports,
+        export_latents="0-2",
+        device="cpu",
+    )
+    result = compute_features(cfg, loaded=tiny, progress=False)
+    assert result.exported and all(p.resolve().is_relative_to(exports.resolve()) for p in result.exported)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["exports"]  # nothing above it
+
+
+def test_of_two_writers_of_one_name_exactly_one_wins(tmp_path: Path) -> None:
+    import threading
+
+    from openscope.files import write_new
+
+    target = tmp_path / "graph.json"
+    wins: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        wins.append(write_new(target, f"writer {i}".encode()))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(wins) == 1 and target.read_text().startswith("writer ")
+    assert [p.name for p in tmp_path.iterdir()] == ["graph.json"]  # no temporary files left
+
+
+def test_stores_reject_a_damaged_manifest_before_reading_shards(world: World) -> None:
+    with pytest.raises(OpenscopeError, match="names '../../x'"):
+        ActivationStore(world.root / "stores" / "escape")
