@@ -364,7 +364,8 @@ def prepare_output(
     target = absolute(target)
     recover(target)
     empty = check_output(target, owner, overwrite=overwrite, inputs=inputs, flag=flag)
-    if empty and not stage_always:
+    holds_cwd = target.exists() and Path.cwd().resolve().is_relative_to(target.resolve())
+    if empty and (not stage_always or holds_cwd):  # (renaming the current folder would strand the shell)
         target.mkdir(parents=True, exist_ok=True)
         return Staged(target, target)
     if not empty:
