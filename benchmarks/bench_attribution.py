@@ -33,10 +33,10 @@ from openscope.attribution.commands import load_attribution_dictionaries
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
+from openscope.interventions.steer import prompt_ids
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, load_model
 from openscope.models.sites import Site
-from openscope.steer import prompt_ids
 
 log = logging.getLogger("bench_attribution")
 

@@ -14,8 +14,9 @@ from typing import cast
 
 import torch
 
-from openscope.coders import CoderConfig, SparseCoder, StepConfig, make_optimizer, train_step
+from openscope.coders import CoderConfig, SparseCoder
 from openscope.coders.coder import Activation, Path
+from openscope.train.steps import StepConfig, make_optimizer, train_step
 
 log = logging.getLogger("bench_coder_step")
 

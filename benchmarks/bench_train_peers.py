@@ -240,14 +240,8 @@ def floor_step(x: torch.Tensor, w_dec: torch.Tensor) -> Callable[[], float]:
 def openscope_step(
     case: dict[str, Any], x: torch.Tensor, w_dec: torch.Tensor, theta: float
 ) -> Callable[[], float]:
-    from openscope.coders import (
-        CoderConfig,
-        DeadLatentTracker,
-        SparseCoder,
-        StepConfig,
-        make_optimizer,
-        train_step,
-    )
+    from openscope.coders import CoderConfig, SparseCoder
+    from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
 
     width, d = w_dec.shape
     if case["kind"] == "topk":

@@ -321,7 +321,7 @@ def export_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ) -> None:
     """Export dictionaries (ours, Gemma Scope 1 or 2) for SAELens or circuit-tracer."""
-    from openscope.export import export_folders
+    from openscope.coders.export import export_folders
 
     target, written = export_folders(sources, to, out, model_name=model_name, overwrite=overwrite)
     for d in written:
@@ -417,9 +417,9 @@ def chat_tokens_command(
 
     from rich.text import Text
 
-    from openscope.chat.data import ChatSource, count_roles
-    from openscope.chat.template import ROLES, render_many
     from openscope.config import save_json
+    from openscope.data.chat import ROLES, render_many
+    from openscope.data.conversations import ChatSource, count_roles
     from openscope.models.load import load_model
 
     if output is not None:
@@ -447,7 +447,7 @@ def chat_tokens_command(
 
 
 def _run_chat_roles(cfg: Any) -> None:
-    from openscope.chat.roles import role_report
+    from openscope.analysis.roles import role_report
 
     result = role_report(cfg)
     for role, rows in result.ranked.items():
@@ -457,7 +457,7 @@ def _run_chat_roles(cfg: Any) -> None:
 
 
 def _run_chat_diff(cfg: Any) -> None:
-    from openscope.chat.diff import chat_diff
+    from openscope.analysis.diff import chat_diff
 
     result = chat_diff(cfg)
     table = Table(
@@ -474,8 +474,8 @@ def _run_chat_diff(cfg: Any) -> None:
 
 
 def _add_chat_commands() -> None:
-    from openscope.chat.diff import DiffConfig
-    from openscope.chat.roles import RolesConfig
+    from openscope.analysis.diff import DiffConfig
+    from openscope.analysis.roles import RolesConfig
 
     chat_app.command(
         "roles",
@@ -498,7 +498,7 @@ def _chat_done(kind: str, output: Path | None, headline: str) -> None:
 
 
 def _run_chat_contrast(cfg: Any) -> None:
-    from openscope.chat.contrast import run_contrast
+    from openscope.analysis.contrast import run_contrast
 
     r = run_contrast(cfg)
     b = r.best.auroc
@@ -510,7 +510,7 @@ def _run_chat_contrast(cfg: Any) -> None:
 
 
 def _run_chat_ablate(cfg: Any) -> None:
-    from openscope.chat.ablate import run_ablate
+    from openscope.analysis.ablate import run_ablate
 
     r = run_ablate(cfg)
     lines = [
@@ -521,7 +521,7 @@ def _run_chat_ablate(cfg: Any) -> None:
 
 
 def _run_chat_jailbreak(cfg: Any) -> None:
-    from openscope.chat.jailbreak import run_jailbreak
+    from openscope.analysis.jailbreak import run_jailbreak
 
     r = run_jailbreak(cfg)
     top = ", ".join(f"{t.name} ({t.shift:+.2f})" for t in r.templates[:3])
@@ -531,7 +531,7 @@ def _run_chat_jailbreak(cfg: Any) -> None:
 
 
 def _run_chat_sweep(cfg: Any) -> None:
-    from openscope.chat.sweep import run_sweep
+    from openscope.analysis.sweep import run_sweep
 
     r = run_sweep(cfg)
     pts = "; ".join(f"{p.strength:g}: eff {p.efficacy:.3g}, loss {p.loss:.2f}" for p in r.points)
@@ -539,7 +539,7 @@ def _run_chat_sweep(cfg: Any) -> None:
 
 
 def _run_chat_cot(cfg: Any) -> None:
-    from openscope.chat.cot import run_cot
+    from openscope.analysis.cot import run_cot
 
     r = run_cot(cfg)
     i = r.best
@@ -552,11 +552,11 @@ def _run_chat_cot(cfg: Any) -> None:
 
 
 def _add_chat_analysis_commands() -> None:
-    from openscope.chat.ablate import AblateConfig
-    from openscope.chat.contrast import ContrastConfig
-    from openscope.chat.cot import CotConfig
-    from openscope.chat.jailbreak import JailbreakConfig
-    from openscope.chat.sweep import SweepConfig
+    from openscope.analysis.ablate import AblateConfig
+    from openscope.analysis.contrast import ContrastConfig
+    from openscope.analysis.cot import CotConfig
+    from openscope.analysis.jailbreak import JailbreakConfig
+    from openscope.analysis.sweep import SweepConfig
 
     # Help text: each config's class docstring, on one line.
     for name, cls, run in (

@@ -348,7 +348,11 @@ def pipeline(work: Path) -> Path:
     for args in steps:
         if args == "intervene":
             graph = out / "graphs" / "paris.json"
-            node = next(n for n in json.loads(graph.read_text())["nodes"] if n["feature_type"] == "cross layer transcoder")
+            node = next(
+                n
+                for n in json.loads(graph.read_text())["nodes"]
+                if n["feature_type"] == "cross layer transcoder"
+            )
             args = [
                 "intervene",
                 str(graph),

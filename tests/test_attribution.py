@@ -31,10 +31,10 @@ from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.coders.io import save_coder
 from openscope.errors import OpenscopeError
+from openscope.interventions.steer import prompt_ids
 from openscope.models.hooks import hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
-from openscope.steer import prompt_ids
 
 PROMPT = "The capital of France is"
 
@@ -457,7 +457,7 @@ def test_zeroing_a_latent_equals_removing_it_by_hand(case, tiny):
 def test_steering_a_cross_layer_transcoder_during_generation(tiny, threads):
     """steer.py's CLT path also runs KV-cached generation: a large add changes the continuation, and
     multiply by 1 (the identity edit) leaves it as it was."""
-    from openscope.steer import Intervention, generate
+    from openscope.interventions.steer import Intervention, generate
 
     d = clt()
     plain = generate(tiny, PROMPT, [], max_new_tokens=4)

@@ -10,19 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from openscope.chat import stats
-from openscope.chat.ablate import (
+from openscope.analysis import stats
+from openscope.analysis.ablate import (
     AblateConfig,
-    DirectionEdit,
     ablation_edits,
-    direction_edits,
     mean_ablation_edits,
     residual_sites,
     restore_edits,
     run_ablate,
 )
-from openscope.chat.common import last_token_activations
-from openscope.chat.contrast import (
+from openscope.analysis.common import last_token_activations
+from openscope.analysis.contrast import (
     ContrastConfig,
     contrast_site,
     encode_prompts,
@@ -32,9 +30,12 @@ from openscope.chat.contrast import (
     split,
     top_effects,
 )
-from openscope.chat.cot import CotConfig, build_sequence, control_choices, logit_lens, run_cot
-from openscope.chat.jailbreak import JailbreakConfig, run_jailbreak
-from openscope.chat.prompts import (
+from openscope.analysis.cot import CotConfig, build_sequence, control_choices, logit_lens, run_cot
+from openscope.analysis.jailbreak import JailbreakConfig, run_jailbreak
+from openscope.analysis.sweep import SteerTarget, sweep, token_nll
+from openscope.coders.coder import CoderConfig, SparseCoder
+from openscope.coders.dictionary import Dictionary, in_memory
+from openscope.data.prompts import (
     CotQuestion,
     Template,
     check_template,
@@ -45,10 +46,8 @@ from openscope.chat.prompts import (
     load_prompts,
     load_templates,
 )
-from openscope.chat.sweep import SteerTarget, sweep, token_nll
-from openscope.coders.coder import CoderConfig, SparseCoder
-from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.errors import OpenscopeError
+from openscope.interventions.directions import DirectionEdit, direction_edits
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
@@ -265,7 +264,7 @@ def test_coherence_of_unsteered_generation_is_its_own_loss(tiny: LoadedModel, on
     seq = encode(tiny.tokenizer, "Shall I compare thee")
     (p0,) = sweep(tiny, SteerTarget("r", SITE, r), [seq], [0.0], max_new_tokens=5)
     gen = tiny.tokenizer(p0.texts[0], add_special_tokens=False)["input_ids"]
-    from openscope.steer import generate_ids
+    from openscope.interventions.steer import generate_ids
 
     ids = [*seq, *generate_ids(tiny, torch.tensor([seq]), (), 5)]
     labels = torch.tensor([[-100] * len(seq) + ids[len(seq) :]])

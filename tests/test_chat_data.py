@@ -12,20 +12,16 @@ import torch
 
 from openscope.activations.harvest import HarvestConfig, harvest
 from openscope.activations.store import ActivationStore
-from openscope.chat.data import (
-    ChatSource,
-    chat_contexts,
-    count_roles,
-    json_objects,
-    source_contexts,
-)
-from openscope.chat.roles import (
+from openscope.analysis.roles import (
     RoleCounter,
     most_specific,
     role_statistics,
     specificity,
 )
-from openscope.chat.template import (
+from openscope.coders.coder import CoderConfig, SparseCoder
+from openscope.coders.dictionary import load_dictionary
+from openscope.coders.io import save_coder
+from openscope.data.chat import (
     MODEL,
     ROLES,
     SYSTEM,
@@ -36,9 +32,13 @@ from openscope.chat.template import (
     render,
     role_ids,
 )
-from openscope.coders.coder import CoderConfig, SparseCoder
-from openscope.coders.dictionary import load_dictionary
-from openscope.coders.io import save_coder
+from openscope.data.conversations import (
+    ChatSource,
+    chat_contexts,
+    count_roles,
+    json_objects,
+    source_contexts,
+)
 from openscope.data.packing import keep_mask, pack_labelled
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites
@@ -520,7 +520,7 @@ def test_explorer_shows_roles_in_a_browser(tiny, indexed, tmp_path):
 
 
 def test_role_report_command(tiny, chat_file, tmp_path):
-    from openscope.chat.roles import RolesConfig, role_report
+    from openscope.analysis.roles import RolesConfig, role_report
 
     folder = _dictionary(tiny, tmp_path / "sae")
     cfg = RolesConfig(

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from openscope.chat.data import chat_contexts
-from openscope.chat.diff import DiffConfig, architecture_differences, chat_diff
-from openscope.chat.template import MODEL
+from openscope.analysis.diff import DiffConfig, architecture_differences, chat_diff
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import load_dictionary
 from openscope.coders.io import save_coder
+from openscope.data.chat import MODEL
+from openscope.data.conversations import chat_contexts
 from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites

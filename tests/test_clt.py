@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from openscope.activations import ActivationStore
 from openscope.cli import app
-from openscope.coders import CoderConfig, SparseCoder, StepConfig, make_optimizer, train_step
+from openscope.coders import CoderConfig, SparseCoder
 from openscope.coders.clt import CLTConfig, CrossLayerCoder, clt_from_transcoders
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.coders.io import save_clt
@@ -27,6 +27,7 @@ from openscope.models.hooks import capture
 from openscope.models.sites import Site
 from openscope.train import TrainConfig, train
 from openscope.train.clt import clt_layers, clt_train_step, load_transcoders
+from openscope.train.steps import StepConfig, make_optimizer, train_step
 from tests.conftest import small_store
 
 D = 64  # the tiny model's d_model (= mlp_in and mlp_out width)

@@ -14,15 +14,12 @@ import torch
 
 from openscope.coders import (
     CoderConfig,
-    DeadLatentTracker,
     SparseCoder,
-    StepConfig,
     ThresholdEstimator,
     batchtopk,
     jumprelu,
     l0_quadratic_loss,
     load_coder,
-    make_optimizer,
     normalisation_scale,
     read_coder_config,
     save_coder,
@@ -30,9 +27,9 @@ from openscope.coders import (
     threshold_for_l0,
     topk,
     topk_to_jumprelu,
-    train_step,
 )
 from openscope.errors import OpenscopeError
+from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
 
 
 @pytest.fixture(autouse=True)

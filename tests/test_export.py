@@ -25,10 +25,10 @@ from openscope.cli import app
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory, load_dictionary
+from openscope.coders.export import export_circuit_tracer, export_folders, export_saelens
+from openscope.coders.export.target import staged_folder
 from openscope.coders.io import save_clt, save_coder
 from openscope.errors import OpenscopeError
-from openscope.export import export_circuit_tracer, export_folders, export_saelens
-from openscope.export.target import staged_folder
 from openscope.models.sites import Site
 
 D, F = 64, 24

@@ -9,9 +9,7 @@ from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.errors import OpenscopeError
 from openscope.features.schema import SteerIntervention, SteerRequest
-from openscope.models.hooks import run_to_sites
-from openscope.models.sites import SITE_KINDS, Site
-from openscope.steer import (
+from openscope.interventions.steer import (
     Intervention,
     StepState,
     generate,
@@ -22,6 +20,8 @@ from openscope.steer import (
     steering,
     top_latents,
 )
+from openscope.models.hooks import run_to_sites
+from openscope.models.sites import SITE_KINDS, Site
 
 SITE = Site(1, "resid_post")
 PROMPT = "The capital of France is"

@@ -38,9 +38,9 @@ from openscope.activations.store import (
     tokens_digest,
     write_tensors,
 )
-from openscope.chat.data import is_chat_source, source_contexts
-from openscope.chat.template import ROLES, role_ids
 from openscope.config import to_jsonable
+from openscope.data.chat import ROLES, role_ids
+from openscope.data.conversations import is_chat_source, source_contexts
 from openscope.data.packing import keep_mask, to_batch
 from openscope.data.sources import split_slice
 from openscope.errors import OpenscopeError

@@ -47,8 +47,8 @@ from openscope.attribution.replacement import (
 )
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
+from openscope.interventions.steer import prompt_ids
 from openscope.models.load import LoadedModel
-from openscope.steer import prompt_ids
 
 log = logging.getLogger(__name__)
 

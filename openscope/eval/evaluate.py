@@ -24,8 +24,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openscope.chat.data import LabelledContext, is_chat_source, source_contexts
-from openscope.chat.template import role_ids
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import (
     Dictionary,
@@ -36,6 +34,8 @@ from openscope.coders.dictionary import (
     unique_names,
     validate_dictionary,
 )
+from openscope.data.chat import role_ids
+from openscope.data.conversations import LabelledContext, is_chat_source, source_contexts
 from openscope.data.packing import keep_mask, to_batch
 from openscope.data.sources import split_slice
 from openscope.errors import OpenscopeError

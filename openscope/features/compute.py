@@ -15,7 +15,7 @@ For every latent of each dictionary, over a token budget:
   what the dashboard shows; values are in logit units per unit of direction;
 - **neighbours**: the latents with the most similar decoder directions (cosine);
 - **roles** (chat data, whose tokens carry roles): per role, the firing frequency and mean activation,
-  and how specific the latent is to that role (`openscope.chat.roles`). `--roles model` indexes only
+  and how specific the latent is to that role (`openscope.analysis.roles`). `--roles model` indexes only
   the tokens of those roles.
 
 Data: rows of an activation store (`--store`: every shard keeps the token ids of its contexts, so
@@ -59,11 +59,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from openscope.activations.store import ActivationStore, shard_checksum
-from openscope.chat.data import is_chat_source, source_contexts
-from openscope.chat.roles import RoleCounter, frequency_elsewhere, specificity
-from openscope.chat.template import ROLES, role_ids
+from openscope.analysis.roles import RoleCounter, frequency_elsewhere, specificity
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, load_dictionary, validate_dictionary
+from openscope.data.chat import ROLES, role_ids
+from openscope.data.conversations import is_chat_source, source_contexts
 from openscope.data.packing import keep_mask, to_batch
 from openscope.errors import OpenscopeError
 from openscope.features import db as fdb

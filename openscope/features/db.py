@@ -24,7 +24,7 @@ Tables (one database holds many dictionaries; every row is keyed by the dictiona
              a running computation's checkpoint (state: safetensors bytes); deleted when done
     role_stats(dictionary, latent, role, n_tokens, n_fired, frequency, mean_activation,
              frequency_elsewhere, specificity)   PRIMARY KEY (dictionary, latent, role)
-             chat data only (openscope.chat.roles); absent from databases made before it existed
+             chat data only (openscope.analysis.roles); absent from databases made before it existed
 
 Indexes: examples(max_token_id) for search by token, logits(token_id) for search by logit,
 vocab(key) to turn a word into token ids.
@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from openscope.chat.template import ROLES
+from openscope.data.chat import ROLES
 from openscope.errors import OpenscopeError
 from openscope.features.schema import (
     SCHEMA_VERSION,

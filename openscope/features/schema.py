@@ -17,9 +17,9 @@ Python entry points that produce these models (stable names):
   `feature(name, latent) -> FeatureDetail`, `search_by_token(token, dictionary=None, limit=20)` and
   `search_by_logit(word, dictionary=None, limit=20) -> list[FeatureSummary]` (with `score`).
   Bad names / latents raise `OpenscopeError` with a one-line message (map it to HTTP 404/400).
-- `openscope.steer.steer_request(loaded, dictionaries, request: SteerRequest) -> SteerResult`, where
+- `openscope.interventions.steer.steer_request(loaded, dictionaries, request: SteerRequest) -> SteerResult`, where
   `dictionaries` maps DictionaryInfo.name to a loaded `Dictionary`.
-- `openscope.steer.top_latents(loaded, dictionary, text, k=5) -> InspectResult` (alias `inspect_text`).
+- `openscope.interventions.steer.top_latents(loaded, dictionary, text, k=5) -> InspectResult` (alias `inspect_text`).
 - `openscope.features.compute.export_features(db_path, dictionary, latents=None, out=folder)` writes
   `<out>/<dictionary>/<latent>.json` (FeatureDetail JSON).
 
@@ -154,7 +154,7 @@ class RoleStat(_Model):
     frequency_elsewhere: float = Field(description="Firing frequency on the tokens of every other role.")
     specificity: float = Field(
         description="frequency / (frequency + frequency_elsewhere): 1 = fires only in this role, "
-        "0.5 = indifferent to it (openscope.chat.roles)."
+        "0.5 = indifferent to it (openscope.analysis.roles)."
     )
 
 

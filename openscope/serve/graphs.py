@@ -42,10 +42,10 @@ from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.features.schema import RequestModel
 from openscope.files import inside, write_new
+from openscope.interventions.steer import prompt_ids
 from openscope.models.sites import Site
 from openscope.serve.config import ServeConfig
 from openscope.serve.state import BadInput, NotFound, ServerState, Unavailable, check_prompt
-from openscope.steer import prompt_ids
 
 log = logging.getLogger(__name__)
 

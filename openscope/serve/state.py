@@ -40,9 +40,9 @@ from openscope.features.schema import (
     SteerRequest,
     SteerResult,
 )
+from openscope.interventions.steer import steer_request, top_latents
 from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.serve.config import ServeConfig, check_serve_config
-from openscope.steer import steer_request, top_latents
 
 log = logging.getLogger(__name__)
 

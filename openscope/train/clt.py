@@ -46,11 +46,11 @@ from openscope.coders.clt import CLTConfig, CrossLayerCoder, clt_from_transcoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_clt
-from openscope.coders.train import DeadLatentTracker, StepConfig, _check_sparsity, make_optimizer
 from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.models.load import resolve_device
 from openscope.models.sites import Site, parse_sites
+from openscope.train.steps import DeadLatentTracker, StepConfig, _check_sparsity, make_optimizer
 from openscope.train.trainer import (
     CHECKPOINT,
     TrainConfig,

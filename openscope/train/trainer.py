@@ -29,20 +29,11 @@ from tqdm.auto import tqdm
 
 from openscope.activations.live import LiveActivations
 from openscope.activations.store import ActivationBatch, ActivationStore
-from openscope.chat.template import role_ids
-from openscope.coders import (
-    CoderConfig,
-    DeadLatentTracker,
-    SparseCoder,
-    StepConfig,
-    ThresholdEstimator,
-    make_optimizer,
-    topk_to_jumprelu,
-    train_step,
-)
+from openscope.coders import CoderConfig, SparseCoder, ThresholdEstimator, topk_to_jumprelu
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import read_coder_config, save_coder
 from openscope.config import check_numbers, parse_ints, save_json, to_jsonable
+from openscope.data.chat import role_ids
 from openscope.errors import OpenscopeError
 from openscope.files import (
     Ownership,
@@ -58,6 +49,7 @@ from openscope.files import (
 )
 from openscope.models.load import load_model, resolve_device
 from openscope.models.sites import Site, locate, parse_sites, site_width
+from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"

@@ -34,15 +34,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.chat.common import ChatRunConfig, load_for, write_report
-from openscope.chat.prompts import CotQuestion, encode, format_user_prompt, load_cot
+from openscope.analysis.common import ChatRunConfig, load_for, write_report
 from openscope.coders.dictionary import Dictionary, load_dictionary
+from openscope.data.prompts import CotQuestion, encode, format_user_prompt, load_cot
 from openscope.errors import OpenscopeError
+from openscope.interventions.steer import coder_of, output_direction
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, text_config
 from openscope.models.sites import Site, parse_sites
 from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
-from openscope.steer import coder_of, output_direction
 
 log = logging.getLogger(__name__)
 

@@ -26,16 +26,16 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from openscope.chat.common import ChatRunConfig, last_token_activations, load_for, write_report
-from openscope.chat.contrast import (
+from openscope.analysis.common import ChatRunConfig, last_token_activations, load_for, write_report
+from openscope.analysis.contrast import (
     SiteDirection,
     encode_latents,
     encode_prompts,
     load_direction,
     top_latents_from_report,
 )
-from openscope.chat.prompts import Template, fill_template, load_prompts, load_templates, sample
 from openscope.coders.dictionary import Dictionary, load_dictionary
+from openscope.data.prompts import Template, fill_template, load_prompts, load_templates, sample
 from openscope.errors import OpenscopeError
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site

@@ -16,7 +16,7 @@ through `importlib.util.find_spec`; pyrit itself is never imported). Anything el
 `.txt` file (one prompt per line), a `.jsonl` file (objects with a `prompt` or `text` field, or
 strings) or a `.json` list. A set spec may carry a slice, `advbench[:100]`.
 
-The chain-of-thought questions shipped with openscope live in `openscope/chat/data/cot_arithmetic.json`.
+The chain-of-thought questions shipped with openscope live in `openscope/data/cot_arithmetic.json`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ import torch
 import yaml
 from torch import Tensor
 
-from openscope.chat.data import sharegpt_conversations
-from openscope.chat.template import GEMMA_END, GEMMA_START
+from openscope.data.chat import GEMMA_END, GEMMA_START
+from openscope.data.conversations import sharegpt_conversations
 from openscope.data.sources import _package_dir, iter_jsonl
 from openscope.errors import OpenscopeError
 from openscope.files import read_json, read_text
 
 log = logging.getLogger(__name__)
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent
 """Data files shipped with openscope (package data)."""
 COT_FILE = DATA / "cot_arithmetic.json"
 """The shipped chain-of-thought questions (question, worked reasoning, answer, answer choices)."""
@@ -60,7 +60,7 @@ def format_user_prompt(tokenizer: Any, text: str) -> str:
 
     The tokenizer's own chat template when it has one (a chat checkpoint), else Gemma's template
     (the base checkpoints store none). A leading BOS is dropped: openscope adds BOS when encoding.
-    `openscope.chat.template` renders whole conversations with role labels; this renders one user
+    `openscope.data.chat` renders whole conversations with role labels; this renders one user
     turn plus the generation prompt (the opening of the model's turn), which that module does not.
     """
     if getattr(tokenizer, "chat_template", None):

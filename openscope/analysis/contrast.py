@@ -29,21 +29,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from openscope.chat import stats
-from openscope.chat.common import (
+from openscope.analysis import stats
+from openscope.analysis.common import (
     ChatRunConfig,
     last_token_activations,
     load_dictionaries,
     load_for,
     write_report,
 )
-from openscope.chat.prompts import encode, load_prompts, render
 from openscope.coders.dictionary import Dictionary
+from openscope.data.prompts import encode, load_prompts, render
 from openscope.errors import OpenscopeError
+from openscope.interventions.steer import coder_of
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
 from openscope.reports import REPORT_JSON, check_report_output, figure, fmt, md_table, report_folder
-from openscope.steer import coder_of
 
 log = logging.getLogger(__name__)
 

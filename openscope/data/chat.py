@@ -17,7 +17,7 @@ Two ways to the text, one way to the labels:
 The whole text is then tokenised in one call (so the ids are exactly those the model sees in a chat)
 and each token takes the role of its first character, found through the tokenizer's offset mapping.
 A slow tokenizer without offsets tokenises piece by piece instead. BOS is not part of the text: the
-packer puts it in front (`openscope.chat.data`), as it does for documents.
+packer puts it in front (`openscope.data.conversations`), as it does for documents.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ from torch import Tensor
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
+from openscope.coders.export.saelens import model_name_of
+from openscope.coders.export.target import CIRCUIT_TRACER_CONFIG, staged_folder, write_tensors
 from openscope.errors import OpenscopeError
-from openscope.export.saelens import model_name_of
-from openscope.export.target import CIRCUIT_TRACER_CONFIG, staged_folder, write_tensors
 from openscope.files import write_text
 from openscope.models.sites import Site
 

@@ -2,7 +2,7 @@
 
 A target is a direction at a site (from a contrast run: strength s adds s·(μ_pos − μ_neg), so s = 1
 moves a negative prompt's mean onto the positive mean) or a dictionary latent (s adds s times its
-decoder direction, in the latent's own units, through `openscope.steer`). Every position is
+decoder direction, in the latent's own units, through `openscope.interventions.steer`). Every position is
 steered, generated ones too. For each strength and prompt the model continues greedily, and then:
 
 - **efficacy** — the target measure over the generated text:
@@ -31,18 +31,18 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.chat import stats
-from openscope.chat.ablate import DirectionEdit, direction_edits
-from openscope.chat.common import ChatRunConfig, load_for, write_report
-from openscope.chat.contrast import encode_prompts, load_direction
-from openscope.chat.prompts import first_tokens, load_prompts
+from openscope.analysis import stats
+from openscope.analysis.common import ChatRunConfig, load_for, write_report
+from openscope.analysis.contrast import encode_prompts, load_direction
 from openscope.coders.dictionary import Dictionary, load_dictionary
+from openscope.data.prompts import first_tokens, load_prompts
 from openscope.errors import OpenscopeError
+from openscope.interventions.directions import DirectionEdit, direction_edits
+from openscope.interventions.steer import Intervention, coder_of, generate_ids, steering
 from openscope.models.hooks import reading
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
 from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
-from openscope.steer import Intervention, coder_of, generate_ids, steering
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Source specs (every command that takes `--source` understands them; slices count
   a bare list of messages works too.
 - Slices as for text: `sharegpt[:200]`, `chat:talks.jsonl[100:]`.
 
-Conversations are normalised (`openscope.chat.template.normalise`): empty turns dropped, model turns
+Conversations are normalised (`openscope.data.chat.normalise`): empty turns dropped, model turns
 before the first user turn dropped (ShareGPT's split conversations), and a conversation that still
 does not alternate user/model is skipped with a warning (chat templates refuse them). Each one is
 rendered with the model's chat template and packed like documents (`pack_labelled`): `<bos>` then
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from openscope.chat.template import (
+from openscope.data.chat import (
     ROLES,
     TEMPLATE,
     Message,

@@ -15,7 +15,7 @@ one wants to know how far the base dictionary carries over. `chat_diff` runs the
 The two checkpoints must share the architecture (hidden size, layers, heads, vocabulary...):
 anything else is an OpenscopeError naming the first difference; their tokenizers must have the same
 size (each model reads the data through its own). Writes report.json, report.md and diff.png (the
-`openscope.chat.common` report format), and each model's full evaluation under eval_a/ and eval_b/.
+`openscope.analysis.common` report format), and each model's full evaluation under eval_a/ and eval_b/.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.chat.roles import RoleStats, measure_roles, one_dictionary
-from openscope.chat.template import ROLES, role_ids
+from openscope.analysis.roles import RoleStats, measure_roles, one_dictionary
 from openscope.coders.dictionary import Dictionary, validate_dictionary
+from openscope.data.chat import ROLES, role_ids
 from openscope.errors import OpenscopeError
 from openscope.models.load import DEFAULT_MODEL, LoadedModel, load_model, text_config
 
@@ -261,7 +261,7 @@ def chat_diff(
     dictionary: Dictionary | None = None,
 ) -> DiffReport:
     """Apply one dictionary to two checkpoints on the same data and write the comparison (module docstring)."""
-    from openscope.chat.data import is_chat_source
+    from openscope.data.conversations import is_chat_source
     from openscope.models.load import resolve_device
     from openscope.reports import check_report_output, report_folder
 
@@ -307,7 +307,7 @@ def _write(
     changed: int,
     output: Path,
 ) -> list[Path]:
-    from openscope.chat.common import write_report
+    from openscope.analysis.common import write_report
     from openscope.reports import figure, fmt, md_table
 
     sa, sb = measured["a"], measured["b"]

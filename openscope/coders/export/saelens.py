@@ -36,9 +36,9 @@ from torch import Tensor
 
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
+from openscope.coders.export.target import SAELENS_CFG, SAELENS_WEIGHTS, staged_folder, write_tensors
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
-from openscope.export.target import SAELENS_CFG, SAELENS_WEIGHTS, staged_folder, write_tensors
 from openscope.models.hookpoints import gemma_scope_hook_point, site_for_hook_point, tl_hook_name, with_side
 
 log = logging.getLogger(__name__)

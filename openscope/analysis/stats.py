@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from openscope.errors import OpenscopeError
+from openscope.interventions.directions import unit
 
 
 def _f64(x: Tensor) -> Tensor:
@@ -39,15 +40,6 @@ def mean_difference(a: Tensor, b: Tensor) -> Tensor:
     """μ_a − μ_b [d] of two sets of rows [n, d] and [m, d]."""
     _check_rows(a, b, 1, "a difference of means")
     return _f64(a).mean(0) - _f64(b).mean(0)
-
-
-def unit(v: Tensor) -> Tensor:
-    """v / ‖v‖ (float64); a zero vector is an error: it has no direction."""
-    v = _f64(v)
-    norm = v.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise OpenscopeError("the direction is zero (the two sets have the same mean): nothing to follow")
-    return v / norm
 
 
 def cosine_alignment(rows: Tensor, direction: Tensor) -> Tensor:

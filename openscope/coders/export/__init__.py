@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dictionary
+from openscope.coders.export.circuit_tracer import circuit_tracer_files, export_circuit_tracer
+from openscope.coders.export.saelens import export_saelens, saelens_files
 from openscope.errors import OpenscopeError
-from openscope.export.circuit_tracer import circuit_tracer_files, export_circuit_tracer
-from openscope.export.saelens import export_saelens, saelens_files
 
 FORMATS = ("saelens", "circuit-tracer")
 """The formats `export_folders` (and `openscope export --to`) writes."""

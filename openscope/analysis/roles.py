@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.chat.template import ROLES
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dictionary, validate_dictionary
+from openscope.data.chat import ROLES
 from openscope.errors import OpenscopeError
 from openscope.models.load import LoadedModel, load_model
 
@@ -288,9 +288,9 @@ def role_report(
     cfg: RolesConfig, loaded: LoadedModel | None = None, dictionary: Dictionary | None = None
 ) -> RolesReport:
     """Measure a dictionary's latents per chat role and write report.json, report.md and roles.png."""
-    from openscope.chat.common import write_report
-    from openscope.chat.data import is_chat_source
+    from openscope.analysis.common import write_report
     from openscope.coders.dictionary import model_of
+    from openscope.data.conversations import is_chat_source
     from openscope.models.load import resolve_device
     from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 
@@ -353,7 +353,7 @@ def role_report(
             ]
         notes = [
             "specificity = f_in / (f_in + f_out): firing frequency on the role's tokens against every other "
-            "token; 1 = only in that role, 0.5 = indifferent (openscope.chat.roles).",
+            "token; 1 = only in that role, 0.5 = indifferent (openscope.analysis.roles).",
         ]
         results = {
             "dictionary": d.name,

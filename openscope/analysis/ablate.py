@@ -15,7 +15,7 @@ through `openscope.models.hooks.hook_site`, at every position, generated ones to
 - **set**: x ← x − (x·r̂) r̂ + c r̂, the projection set to c (a number, or a [batch, seq] tensor such as
   the projections recorded in a clean run, which restores the clean forward exactly).
 
-Latents go through `openscope.steer`: ablating clamps them to 0, adding clamps them to their mean
+Latents go through `openscope.interventions.steer`: ablating clamps them to 0, adding clamps them to their mean
 activation on the positive prompts.
 
 On the positive prompts the command ablates (direction: to zero and to the mean; latents) and, as a check, ablates then
@@ -28,103 +28,41 @@ greedy continuations of a few prompts side by side.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from openscope.chat import stats
-from openscope.chat.common import (
+from openscope.analysis.common import (
     ChatRunConfig,
     last_token_activations,
     load_for,
     next_token_logits,
     write_report,
 )
-from openscope.chat.contrast import (
+from openscope.analysis.contrast import (
     encode_latents,
     encode_prompts,
     load_direction,
     load_directions,
     top_latents_from_report,
 )
-from openscope.chat.prompts import first_tokens, load_prompts
 from openscope.coders.dictionary import Dictionary, load_dictionary
+from openscope.data.prompts import first_tokens, load_prompts
 from openscope.errors import OpenscopeError
 from openscope.eval.metrics import next_token_kl
+from openscope.interventions.directions import DirectionEdit, direction_edits, unit
+from openscope.interventions.steer import Intervention, generate_ids, steering
 from openscope.models.hooks import hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
 from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
-from openscope.steer import Intervention, generate_ids, steering
 
 log = logging.getLogger(__name__)
-
-EditMode = Literal["ablate", "add", "set"]
-
-
-class DirectionEdit(NamedTuple):
-    """One edit of the activation at one site along one direction, at every position."""
-
-    site: Site
-    """Where to edit."""
-    direction: Tensor
-    """r [d]. ablate and set use r̂ = r/‖r‖; add adds value·r as given."""
-    mode: EditMode = "ablate"
-    """ablate: remove the component along r̂; add: add value·r; set: set the component along r̂ to value."""
-    value: float | Tensor = 1.0
-    """add: the multiple of r; set: the projection to write (a number or a [batch, seq] tensor)."""
-
-
-# ---- the math (pure) ---------------------------------------------------------------------------------
-
-
-def project_out(x: Tensor, u: Tensor) -> Tensor:
-    """x − (x·u) u for a unit u [d] and x [..., d] (out of place)."""
-    u = u.to(x.device, x.dtype)
-    return x - (x @ u).unsqueeze(-1) * u
-
-
-def set_projection(x: Tensor, u: Tensor, value: float | Tensor) -> Tensor:
-    """x with its component along the unit u replaced by value (a number or a tensor of x's leading shape)."""
-    u = u.to(x.device, x.dtype)
-    c = (
-        value.to(x.device, x.dtype)
-        if isinstance(value, Tensor)
-        else torch.tensor(value, dtype=x.dtype, device=x.device)
-    )
-    if c.ndim and tuple(c.shape) != tuple(x.shape[:-1]):
-        raise OpenscopeError(
-            f"the projection to set has shape {list(c.shape)}, the activation {list(x.shape[:-1])}"
-        )
-    return project_out(x, u) + c.unsqueeze(-1) * u
-
-
-def apply_edit(x: Tensor, edit: DirectionEdit) -> Tensor:
-    """The activation after one edit."""
-    if edit.mode == "add":
-        if isinstance(edit.value, Tensor):
-            raise OpenscopeError("an add edit takes a number (the multiple of the direction)")
-        return x + edit.value * edit.direction.to(x.device, x.dtype)
-    u = stats.unit(edit.direction)
-    if edit.mode == "ablate":
-        return project_out(x, u)
-    if edit.mode == "set":
-        return set_projection(x, u, edit.value)
-    raise OpenscopeError(f"unknown direction edit {edit.mode!r}; choose ablate, add or set")
-
-
-@contextmanager
-def direction_edits(loaded: LoadedModel, edits: Sequence[DirectionEdit]) -> Iterator[None]:
-    """Apply the edits in every forward inside the block (edits at one site apply in the given order)."""
-    with ExitStack() as stack:
-        for edit in edits:
-            stack.enter_context(hook_site(loaded, edit.site, lambda x, e=edit: apply_edit(x, e)))
-        yield
 
 
 def residual_sites(loaded: LoadedModel, layers: str = "*") -> list[Site]:
@@ -149,7 +87,7 @@ def mean_ablation_edits(direction: Tensor, means: dict[Site, Tensor]) -> list[Di
     Gemma's residual stream carries a large component shared by all prompts; a difference-of-means
     direction overlaps it, and zeroing the projection removes that shared part too.
     """
-    u = stats.unit(direction)
+    u = unit(direction)
     return [
         DirectionEdit(s, direction, "set", float(m.double() @ u))
         for s, m in sorted(means.items(), key=lambda kv: kv[0].order)
@@ -161,7 +99,7 @@ def clean_projections(
     loaded: LoadedModel, ids: Tensor, sites: Sequence[Site], direction: Tensor
 ) -> dict[Site, Tensor]:
     """x·r̂ [batch, seq] at each site in a clean forward of ids (what `set` edits write back to restore it)."""
-    u = stats.unit(direction)
+    u = unit(direction)
     out: dict[Site, Tensor] = {}
     with ExitStack() as stack:
         for s in sites:
