@@ -33,10 +33,10 @@ from openscope.attribution.commands import load_attribution_dictionaries
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
-from openscope.interventions.steer import prompt_ids
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, load_model
 from openscope.models.sites import Site
+from openscope.models.tokens import prompt_ids
 
 log = logging.getLogger("bench_attribution")
 
@@ -145,7 +145,7 @@ def main() -> None:
     if not args.dictionaries and not args.random:
         parser.error("give --dictionaries DIR (trained) or --random transcoders|clt")
     lm = load_model(args.model)
-    ids = prompt_ids(lm, args.prompt)
+    ids = prompt_ids(lm.tokenizer, args.prompt)
     print(
         f"{args.model}: prompt {args.prompt!r} is {ids.shape[1]} tokens with BOS; torch threads {torch.get_num_threads()}"
     )

@@ -5,11 +5,11 @@ from openscope.interventions.steer import (
     Intervention,
     generate,
     generate_ids,
-    prompt_ids,
     steer_request,
     steering,
     top_latents,
 )
+from openscope.models.tokens import prompt_ids
 
 __all__ = [
     "Intervention",

@@ -31,10 +31,10 @@ from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.coders.io import save_coder
 from openscope.errors import OpenscopeError
-from openscope.interventions.steer import prompt_ids
 from openscope.models.hooks import hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
+from openscope.models.tokens import prompt_ids
 
 PROMPT = "The capital of France is"
 
@@ -60,7 +60,7 @@ def case(request, tiny, threads) -> tuple[list[Dictionary], AttributionGraph]:
 @pytest.mark.parametrize("kind", ["transcoders", "clt"])
 def test_replacement_reproduces_the_clean_logits(tiny, threads, kind):
     dicts = transcoders(tiny) if kind == "transcoders" else [clt()]
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     with torch.no_grad():
         clean = tiny.model(input_ids=ids).logits[0]
     rm = ReplacementModel(tiny, dicts, ids)

@@ -39,7 +39,6 @@ from openscope.data.prompts import (
     CotQuestion,
     Template,
     check_template,
-    encode,
     fill_template,
     format_user_prompt,
     load_cot,
@@ -51,6 +50,7 @@ from openscope.interventions.directions import DirectionEdit, direction_edits
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
+from openscope.models.tokens import encode
 
 SITE = Site(1, "resid_post")
 POSITIVE = [

@@ -39,10 +39,11 @@ from openscope.data.conversations import (
     json_objects,
     source_contexts,
 )
-from openscope.data.packing import keep_mask, pack_labelled
+from openscope.data.packing import pack_labelled
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites
 from openscope.models.sites import Site, locate
+from openscope.models.tokens import keep_mask
 from tests.conftest import CORPUS, make_tokenizer
 
 T, S, U, M = TEMPLATE, SYSTEM, USER, MODEL

@@ -15,11 +15,12 @@ from openscope.coders.dictionary import load_dictionary
 from openscope.coders.io import save_coder
 from openscope.data.chat import MODEL
 from openscope.data.conversations import chat_contexts
-from openscope.data.packing import keep_mask, to_batch
+from openscope.data.packing import to_batch
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, load_model
 from openscope.models.sites import Site, locate
+from openscope.models.tokens import keep_mask
 from tests.conftest import CORPUS, make_tiny_gemma, make_tokenizer
 
 SITE = Site(1, "resid_post")

@@ -19,12 +19,13 @@ from openscope.coders import CoderConfig, SparseCoder
 from openscope.coders.clt import CLTConfig, CrossLayerCoder, clt_from_transcoders
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.coders.io import save_clt
-from openscope.data.packing import iter_contexts, keep_mask, to_batch
+from openscope.data.packing import iter_contexts, to_batch
 from openscope.data.sources import open_source
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
 from openscope.models.hooks import capture
 from openscope.models.sites import Site
+from openscope.models.tokens import keep_mask
 from openscope.train import TrainConfig, train
 from openscope.train.clt import clt_layers, clt_train_step, load_transcoders
 from openscope.train.steps import StepConfig, make_optimizer, train_step

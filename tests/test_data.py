@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from openscope.data import iter_contexts, keep_mask, open_source
+from openscope.data import iter_contexts, open_source
 from openscope.data.packing import to_batch
 from openscope.errors import OpenscopeError
+from openscope.models.tokens import keep_mask
 from tests.conftest import make_tokenizer
 
 

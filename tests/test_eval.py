@@ -16,7 +16,7 @@ from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.coders.io import save_coder
-from openscope.data.packing import iter_contexts, keep_mask, to_batch
+from openscope.data.packing import iter_contexts, to_batch
 from openscope.data.sources import open_source
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, ablated, evaluate, spliced
@@ -25,6 +25,7 @@ from openscope.eval.splice import decode_layer, encode_layer
 from openscope.models.hooks import capture, hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, locate
+from openscope.models.tokens import keep_mask
 
 D = 64  # the tiny model's d_model (and n_heads·head_dim)
 

@@ -16,9 +16,9 @@ import torch
 
 from openscope.activations import ActivationStore, HarvestConfig, harvest
 from openscope.activations.store import sha256_file
-from openscope.data.packing import keep_mask
 from openscope.errors import OpenscopeError
 from openscope.models import Site, run_to_sites
+from openscope.models.tokens import keep_mask
 
 # The package exports the function `harvest`, which hides the module of the same name.
 harvest_module = importlib.import_module("openscope.activations.harvest")

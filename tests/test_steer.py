@@ -15,13 +15,13 @@ from openscope.interventions.steer import (
     generate,
     generate_ids,
     output_direction,
-    prompt_ids,
     steer_request,
     steering,
     top_latents,
 )
 from openscope.models.hooks import run_to_sites
 from openscope.models.sites import SITE_KINDS, Site
+from openscope.models.tokens import prompt_ids
 
 SITE = Site(1, "resid_post")
 PROMPT = "The capital of France is"
@@ -56,7 +56,7 @@ def run_all(tiny, ids, interventions=()) -> dict[Site, torch.Tensor]:
 
 
 def test_add_changes_the_site_by_exactly_s_times_the_direction_and_nothing_before(tiny, sae):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     clean = run_all(tiny, ids)
     s, pos = 3.5, 4
     steered = run_all(tiny, ids, [Intervention(sae, 7, "add", s, (pos,))])
@@ -76,7 +76,7 @@ def test_add_changes_the_site_by_exactly_s_times_the_direction_and_nothing_befor
 
 
 def test_add_at_every_position(tiny, sae):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     clean = run_all(tiny, ids)[SITE]
     steered = run_all(tiny, ids, [Intervention(sae, 2, "add", -1.25)])[SITE]
     want = -1.25 * output_direction(sae.coder, 2)  # type: ignore[arg-type]
@@ -84,7 +84,7 @@ def test_add_at_every_position(tiny, sae):
 
 
 def test_clamp_changes_only_that_latent(tiny, sae):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     x = run_all(tiny, ids)[SITE][0]
     c = sae.coder
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_clamp_changes_only_that_latent(tiny, sae):
 
 
 def test_clamps_of_one_dictionary_share_one_encoding(tiny, sae):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     x = run_all(tiny, ids)[SITE][0]
     c = sae.coder
     f = c.encode(x)
@@ -114,7 +114,7 @@ def test_clamps_of_one_dictionary_share_one_encoding(tiny, sae):
 
 
 def test_transcoder_clamp_reads_its_input_site_and_edits_its_output_site(tiny, transcoder):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     clean = run_all(tiny, ids)
     steered = run_all(tiny, ids, [Intervention(transcoder, 4, "clamp", 1.5)])
     c = transcoder.coder
@@ -125,7 +125,7 @@ def test_transcoder_clamp_reads_its_input_site_and_edits_its_output_site(tiny, t
 
 
 def test_generation_is_deterministic_and_unsteered_is_plain_greedy(tiny, sae):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     ivs = [Intervention(sae, 3, "add", 8.0)]
     a = generate(tiny, PROMPT, ivs, max_new_tokens=8)
     b = generate(tiny, PROMPT, ivs, max_new_tokens=8)
@@ -142,7 +142,7 @@ def test_generation_is_deterministic_and_unsteered_is_plain_greedy(tiny, sae):
 
 def test_cached_steps_edit_the_same_positions_as_a_full_forward(tiny, sae):
     """With a KV cache each step sees one token; positions must still be absolute."""
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     ivs = [Intervention(sae, 3, "add", 6.0, (ids.shape[1] + 1,))]  # the second generated token
     cached = generate_ids(tiny, ids, ivs, max_new_tokens=5)
     # The same tokens, fed whole, with the same edit: the last logits pick the same next token.
@@ -155,7 +155,7 @@ def test_cached_steps_edit_the_same_positions_as_a_full_forward(tiny, sae):
 
 def test_top_latents_are_the_largest_activations_per_token(tiny, sae):
     result = top_latents(tiny, sae, PROMPT, k=3)
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     x = run_to_sites(tiny, ids, [SITE])[SITE][0]
     with torch.no_grad():
         f = sae.coder.encode(x)
@@ -196,7 +196,7 @@ def test_steer_request_and_errors(tiny, sae):
 
 
 def test_hooks_are_removed_after_steering(tiny, sae):
-    ids = prompt_ids(tiny, PROMPT)
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
     before = run_to_sites(tiny, ids, [Site(2, "resid_post")])
     with steering(tiny, [Intervention(sae, 1, "add", 5.0)]) as state:
         assert isinstance(state, StepState)

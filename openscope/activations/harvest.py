@@ -41,7 +41,7 @@ from openscope.activations.store import (
 from openscope.config import to_jsonable
 from openscope.data.chat import ROLES, role_ids
 from openscope.data.conversations import is_chat_source, source_contexts
-from openscope.data.packing import keep_mask, to_batch
+from openscope.data.packing import to_batch
 from openscope.data.sources import split_slice
 from openscope.errors import OpenscopeError
 from openscope.files import (
@@ -63,6 +63,7 @@ from openscope.models.load import (
     resolve_device,
 )
 from openscope.models.sites import Site, SitePoint, locate, parse_sites, site_width
+from openscope.models.tokens import keep_mask
 
 log = logging.getLogger(__name__)
 

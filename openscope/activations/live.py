@@ -16,12 +16,13 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from openscope.activations.store import ActivationBatch
-from openscope.data.packing import iter_contexts, keep_mask, to_batch
+from openscope.data.packing import iter_contexts, to_batch
 from openscope.data.sources import open_source
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
+from openscope.models.tokens import keep_mask
 
 
 class LiveActivations:

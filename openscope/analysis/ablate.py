@@ -52,7 +52,7 @@ from openscope.analysis.contrast import (
     top_latents_from_report,
 )
 from openscope.coders.dictionary import Dictionary, load_dictionary
-from openscope.data.prompts import first_tokens, load_prompts
+from openscope.data.prompts import load_prompts
 from openscope.errors import OpenscopeError
 from openscope.eval.metrics import next_token_kl
 from openscope.interventions.directions import DirectionEdit, direction_edits, unit
@@ -60,6 +60,7 @@ from openscope.interventions.steer import Intervention, generate_ids, steering
 from openscope.models.hooks import hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
+from openscope.models.tokens import first_tokens
 from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 
 log = logging.getLogger(__name__)

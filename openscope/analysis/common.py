@@ -97,7 +97,7 @@ def last_token_activations(
     padding after them); one forward per batch, stopped after the last site it needs. Each reader
     copies out only the rows of the last tokens, so the layer's memory is reused at once.
     """
-    from openscope.data.prompts import pad_batch
+    from openscope.models.tokens import pad_batch
 
     if not seqs:
         raise OpenscopeError("no prompts to run")

@@ -38,11 +38,12 @@ from openscope.analysis.common import (
     write_report,
 )
 from openscope.coders.dictionary import Dictionary
-from openscope.data.prompts import encode, load_prompts, render
+from openscope.data.prompts import load_prompts, render
 from openscope.errors import OpenscopeError
 from openscope.interventions.steer import coder_of
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
+from openscope.models.tokens import encode
 from openscope.reports import REPORT_JSON, check_report_output, figure, fmt, md_table, report_folder
 
 log = logging.getLogger(__name__)

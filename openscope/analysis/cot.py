@@ -36,12 +36,13 @@ from torch import Tensor
 
 from openscope.analysis.common import ChatRunConfig, load_for, write_report
 from openscope.coders.dictionary import Dictionary, load_dictionary
-from openscope.data.prompts import CotQuestion, encode, format_user_prompt, load_cot
+from openscope.data.prompts import CotQuestion, format_user_prompt, load_cot
 from openscope.errors import OpenscopeError
 from openscope.interventions.steer import coder_of, output_direction
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, text_config
 from openscope.models.sites import Site, parse_sites
+from openscope.models.tokens import encode
 from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 
 log = logging.getLogger(__name__)

@@ -35,13 +35,14 @@ from openscope.analysis import stats
 from openscope.analysis.common import ChatRunConfig, load_for, write_report
 from openscope.analysis.contrast import encode_prompts, load_direction
 from openscope.coders.dictionary import Dictionary, load_dictionary
-from openscope.data.prompts import first_tokens, load_prompts
+from openscope.data.prompts import load_prompts
 from openscope.errors import OpenscopeError
 from openscope.interventions.directions import DirectionEdit, direction_edits
 from openscope.interventions.steer import Intervention, coder_of, generate_ids, steering
 from openscope.models.hooks import reading
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
+from openscope.models.tokens import first_tokens
 from openscope.reports import check_report_output, figure, fmt, md_table, report_folder
 
 log = logging.getLogger(__name__)

@@ -47,8 +47,8 @@ from openscope.attribution.replacement import (
 )
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
-from openscope.interventions.steer import prompt_ids
 from openscope.models.load import LoadedModel
+from openscope.models.tokens import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def attribute(
     if isinstance(prompt, str):
         if not prompt:
             raise OpenscopeError("the prompt is empty")
-        text, ids = prompt, prompt_ids(loaded, prompt)[0]
+        text, ids = prompt, prompt_ids(loaded.tokenizer, prompt)[0]
     else:
         ids = prompt.reshape(-1)
         text = loaded.tokenizer.decode(ids.tolist(), skip_special_tokens=True)

@@ -30,9 +30,9 @@ from openscope.attribution.schema import (
 )
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
-from openscope.features.compute import token_pieces
-from openscope.interventions.steer import Intervention, prompt_ids, steering
+from openscope.interventions.steer import Intervention, steering
 from openscope.models.load import LoadedModel
+from openscope.models.tokens import prompt_ids, token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def intervene(
     ids = (
         torch.tensor([meta.openscope.prompt_token_ids])
         if meta.openscope is not None
-        else prompt_ids(loaded, meta.prompt)
+        else prompt_ids(loaded.tokenizer, meta.prompt)
     ).to(loaded.device)
     interventions, applied = [], []
     for edit in edits:

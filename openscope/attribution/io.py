@@ -34,8 +34,8 @@ from openscope.attribution.schema import (
 )
 from openscope.coders.clt import CrossLayerCoder
 from openscope.errors import OpenscopeError
-from openscope.features.compute import token_pieces
 from openscope.files import write_text
+from openscope.models.tokens import token_pieces
 
 log = logging.getLogger(__name__)
 

@@ -43,12 +43,12 @@ from torch import Tensor, nn
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
-from openscope.data.packing import keep_mask
 from openscope.errors import OpenscopeError
 from openscope.eval.splice import check_dictionaries, decode_layer, encode_layer
 from openscope.models.hooks import StopForward, hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, locate
+from openscope.models.tokens import keep_mask
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,11 @@ from openscope.data.chat import (
     render_many,
     role_name,
 )
-from openscope.data.packing import bos_and_pad, iter_contexts, pack_labelled
+from openscope.data.packing import iter_contexts, pack_labelled
 from openscope.data.sources import _package_dir, iter_jsonl, open_source, split_slice
 from openscope.errors import OpenscopeError
 from openscope.files import read_json
+from openscope.models.tokens import bos_and_pad
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from openscope.models.tokens import bos_and_pad
+
 
 class Contexts(NamedTuple):
     """A batch of packed contexts."""
@@ -22,18 +24,6 @@ class Contexts(NamedTuple):
     """Token ids [n, context_len] (int64)."""
     attention_mask: Tensor
     """1 for real tokens, 0 for padding [n, context_len]."""
-
-
-def special_ids(tokenizer: Any) -> list[int]:
-    """The ids never stored or measured: BOS, EOS, pad."""
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return sorted(i for i in ids if i is not None)
-
-
-def keep_mask(input_ids: Tensor, tokenizer: Any) -> Tensor:
-    """True where a position holds a real text token (not BOS/EOS/pad)."""
-    specials = torch.tensor(special_ids(tokenizer), dtype=input_ids.dtype, device=input_ids.device)
-    return ~torch.isin(input_ids, specials)
 
 
 def _token_stream(
@@ -82,15 +72,6 @@ def pack_labelled(
     if len(current) > 1:
         n_pad = context_len - len(current)
         yield current + [pad] * n_pad, labels + [fill] * n_pad
-
-
-def bos_and_pad(tokenizer: Any) -> tuple[int, int]:
-    """The BOS id and the pad id (EOS when there is no pad) packing uses."""
-    bos = tokenizer.bos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if bos is None or pad is None:
-        raise ValueError("the tokenizer needs a BOS token and a pad (or EOS) token")
-    return bos, pad
 
 
 def iter_contexts(docs: Iterable[str], tokenizer: Any, context_len: int) -> Iterator[list[int]]:

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 import yaml
-from torch import Tensor
 
 from openscope.data.chat import GEMMA_END, GEMMA_START
 from openscope.data.conversations import sharegpt_conversations
@@ -76,37 +74,6 @@ def format_user_prompt(tokenizer: Any, text: str) -> str:
 def render(tokenizer: Any, text: str, chat_template: bool) -> str:
     """The text the model reads for a user prompt: the chat rendering, or the prompt as it is."""
     return format_user_prompt(tokenizer, text) if chat_template else text
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of text as openscope feeds it: BOS, then the text's tokens (no other special tokens)."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-
-
-def first_tokens(tokenizer: Any, words: Sequence[str], spaced: bool = False) -> list[int]:
-    """The first token of each word as the start of an answer (spaced: also of " word", as inside a
-    sentence), without repeats."""
-    ids: list[int] = []
-    for w in words:
-        for form in (w, " " + w.lstrip()) if spaced else (w,):
-            toks = tokenizer(form, add_special_tokens=False)["input_ids"]
-            if toks and int(toks[0]) not in ids:
-                ids.append(int(toks[0]))
-    return ids
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded [B, T] ids, their attention mask, and the index of each row's last real token [B]."""
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise OpenscopeError("cannot batch an empty token sequence")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask, torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
 
 
 # ---- package files ---------------------------------------------------------------------------------

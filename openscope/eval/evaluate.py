@@ -36,7 +36,7 @@ from openscope.coders.dictionary import (
 )
 from openscope.data.chat import role_ids
 from openscope.data.conversations import LabelledContext, is_chat_source, source_contexts
-from openscope.data.packing import keep_mask, to_batch
+from openscope.data.packing import to_batch
 from openscope.data.sources import split_slice
 from openscope.errors import OpenscopeError
 from openscope.eval import metrics as m
@@ -44,6 +44,7 @@ from openscope.eval.splice import ablated, check_dictionaries, spliced
 from openscope.models.hooks import reading
 from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.models.sites import Site
+from openscope.models.tokens import keep_mask
 from openscope.reports import check_report_output
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ attribution graphs' error nodes. `record=True` keeps the latents, ŷ and ε of t
 `ablated(loaded, sites)` zero-ablates sites instead (the baseline of "loss recovered").
 
 Only kept positions are replaced: set `handle.keep = mask` ([batch, seq] bool, e.g.
-`openscope.data.packing.keep_mask`) before each forward, and BOS/EOS/pad positions pass through
+`openscope.models.tokens.keep_mask`) before each forward, and BOS/EOS/pad positions pass through
 unchanged. Gemma Scope dictionaries are not trained on BOS, whose residual norm is huge, so splicing
 it would swamp every metric. Default (keep None): every position is replaced.
 

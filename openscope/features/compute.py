@@ -64,7 +64,7 @@ from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, load_dictionary, validate_dictionary
 from openscope.data.chat import ROLES, role_ids
 from openscope.data.conversations import is_chat_source, source_contexts
-from openscope.data.packing import keep_mask, to_batch
+from openscope.data.packing import to_batch
 from openscope.errors import OpenscopeError
 from openscope.features import db as fdb
 from openscope.features.schema import DictionaryInfo
@@ -72,6 +72,7 @@ from openscope.files import Ownership, absolute, check_output, child, replacing,
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel, load_model, resolve_device
 from openscope.models.sites import Site, locate
+from openscope.models.tokens import keep_mask, token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -290,17 +291,6 @@ def parse_latents(spec: str, width: int) -> list[int]:
             raise OpenscopeError(f"latents {part} are out of range for width {width} (0..{width - 1})")
         out.extend(range(lo, hi + 1))
     return list(dict.fromkeys(out))
-
-
-def token_pieces(tokenizer: Any, ids: Sequence[int]) -> dict[int, str]:
-    """The text piece of each token id, as it reads inside a text (leading spaces kept)."""
-    out: dict[int, str] = {}
-    for i, tok in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=True):
-        try:
-            out[int(i)] = tokenizer.convert_tokens_to_string([tok]) if tok is not None else ""
-        except Exception:  # some tokenizers cannot render a lone byte piece; show the raw piece
-            out[int(i)] = str(tok)
-    return out
 
 
 # ---- data: batches of whole contexts --------------------------------------------------------------

@@ -41,7 +41,6 @@ from torch import Tensor
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, validate_dictionary
-from openscope.data.packing import keep_mask
 from openscope.errors import OpenscopeError
 from openscope.eval.splice import encode_layer
 from openscope.features.schema import (
@@ -54,6 +53,7 @@ from openscope.features.schema import (
 )
 from openscope.models.hooks import SiteFn, hook_site, run_to_sites
 from openscope.models.load import LoadedModel
+from openscope.models.tokens import keep_mask, prompt_ids, token_pieces
 
 Mode = Literal["add", "clamp", "multiply"]
 
@@ -268,14 +268,6 @@ class Generation(NamedTuple):
     """Their decoded text."""
 
 
-def prompt_ids(loaded: LoadedModel, prompt: str) -> Tensor:
-    """[1, n] token ids: BOS, then the prompt's tokens (how openscope packs text, see data.packing)."""
-    tok = loaded.tokenizer
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return torch.tensor([bos + list(ids)], dtype=torch.long)
-
-
 def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """Greedy (temperature 0) or seeded nucleus sampling of one token from logits [vocab]."""
     if temperature <= 0:
@@ -338,7 +330,7 @@ def generate(
         raise OpenscopeError("max_new_tokens must be at least 1")
     for iv in interventions:
         check_intervention(iv, loaded)
-    ids = prompt_ids(loaded, prompt)
+    ids = prompt_ids(loaded.tokenizer, prompt)
     plain = generate_ids(loaded, ids, (), max_new_tokens, temperature, top_p, seed)
     steered = generate_ids(loaded, ids, interventions, max_new_tokens, temperature, top_p, seed)
     decode = loaded.tokenizer.decode
@@ -399,12 +391,10 @@ def top_latents(loaded: LoadedModel, dictionary: Dictionary, text: str, k: int =
 
     BOS/EOS/pad positions are listed with no latents: dictionaries are not trained on them.
     """
-    from openscope.features.compute import token_pieces
-
     if k < 1:
         raise OpenscopeError("k must be at least 1")
     validate_dictionary(dictionary, loaded)
-    ids = prompt_ids(loaded, text)
+    ids = prompt_ids(loaded.tokenizer, text)
     acts = latents_of(loaded, dictionary, ids)
     k = min(k, acts.shape[1])
     values, latents = acts.topk(k, dim=1)

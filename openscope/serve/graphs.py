@@ -42,8 +42,8 @@ from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.features.schema import RequestModel
 from openscope.files import inside, write_new
-from openscope.interventions.steer import prompt_ids
 from openscope.models.sites import Site
+from openscope.models.tokens import prompt_ids
 from openscope.serve.config import ServeConfig
 from openscope.serve.state import BadInput, NotFound, ServerState, Unavailable, check_prompt
 
@@ -372,7 +372,7 @@ class GraphService:
         dictionaries = self._replacement(request.dictionaries)
         loaded = self.state.loaded
         assert loaded is not None  # _replacement checked
-        n_tokens = prompt_ids(loaded, request.prompt).shape[1]
+        n_tokens = prompt_ids(loaded.tokenizer, request.prompt).shape[1]
         if n_tokens > cfg.max_graph_tokens:
             raise BadInput(
                 f"the prompt is {n_tokens} tokens (with BOS); this server computes graphs for at most "
