@@ -2,7 +2,7 @@
 # torch is pinned for CI and this machine (its CPU wheel is on disk); users may install any torch >= 2.4 first.
 PYTHON ?= python3
 
-.PHONY: install demo test lint browser
+.PHONY: install demo test lint browser saelens-venv
 
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[dev]"
@@ -28,5 +28,22 @@ browser:
 	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "chromium unavailable: the browser tests will skip"
 
-test: install lint browser
-	$(PYTHON) -m pytest -q
+# SAELens in an environment of its own, for tests/test_export.py's round trip through SAELens itself (its
+# dependencies are not openscope's). torch is installed first at the pinned version (the CPU wheel) and held
+# there by a constraints file, so no range in SAELens's dependencies pulls another torch. The folder is
+# git-ignored; when it already imports sae_lens on that torch nothing is done, so reruns are fast.
+SAELENS_VENV ?= .venv-peers/saelens
+SAELENS_PYTHON = $(abspath $(SAELENS_VENV))/bin/python
+SAELENS_CHECK = "import sae_lens, torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
+
+saelens-venv:
+	@$(SAELENS_PYTHON) -c $(SAELENS_CHECK) 2>/dev/null || { \
+	  echo "building $(SAELENS_VENV): torch 2.13.0 and sae-lens 6.54.12 (minutes, once)" && \
+	  $(PYTHON) -m venv --clear $(SAELENS_VENV) && \
+	  echo "torch==2.13.0" > $(SAELENS_VENV)/constraints.txt && \
+	  $(SAELENS_PYTHON) -m pip install --quiet -c $(SAELENS_VENV)/constraints.txt torch==2.13.0 && \
+	  $(SAELENS_PYTHON) -m pip install --quiet -c $(SAELENS_VENV)/constraints.txt sae-lens==6.54.12 && \
+	  $(SAELENS_PYTHON) -c $(SAELENS_CHECK); }
+
+test: install lint browser saelens-venv
+	OPENSCOPE_SAELENS_PYTHON=$(SAELENS_PYTHON) $(PYTHON) -m pytest -q

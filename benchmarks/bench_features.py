@@ -24,15 +24,11 @@ from pathlib import Path
 
 import torch
 
+from openscope.activations.batches import TokenBatch
 from openscope.coders.coder import CoderConfig, SparseCoder
-from openscope.features.compute import (
-    FeaturesConfig,
-    LatentStats,
-    TokenBatch,
-    compute_features,
-    decoder_neighbours,
-    logit_effects,
-)
+from openscope.features import FeaturesConfig, compute_features
+from openscope.features.directions import decoder_neighbours, logit_effects
+from openscope.features.streaming import LatentStats
 from openscope.models.sites import Site
 
 log = logging.getLogger("bench_features")

@@ -26,7 +26,7 @@ from openscope.config import check_numbers, field_docs
 from openscope.demo import DemoConfig, demo
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
-from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.features import FeaturesConfig, compute_features
 from openscope.files import check_file_output, json_with
 from openscope.serve import ServeConfig
 from openscope.train import TrainConfig, train

@@ -41,7 +41,7 @@ from openscope.activations.store import MANIFEST, ActivationStore, sha256_file
 from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
-from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.features import FeaturesConfig, compute_features
 from openscope.features.db import FeatureDB
 from openscope.files import absolute, staged_path
 from openscope.models.load import (
@@ -55,7 +55,7 @@ from openscope.models.load import (
 from openscope.reports import REPORT_JSON, REPORT_MD
 from openscope.serve.config import ServeConfig
 from openscope.train import TrainConfig, train
-from openscope.train.trainer import CHECKPOINT
+from openscope.train.loop import CHECKPOINT
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.coders.io import save_coder
-from openscope.features.db import ExampleRow, FeatureRow, connect, write_results
+from openscope.features.index import ExampleRow, FeatureRow, connect, write_results
 from openscope.features.schema import DictionaryInfo
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, locate

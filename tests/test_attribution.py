@@ -24,9 +24,8 @@ from openscope.attribution.graph import (
     prune,
 )
 from openscope.attribution.intervene import intervene, node_id_of, parse_edit
-from openscope.attribution.replacement import ReplacementModel, decoder_vectors, pre_activations
+from openscope.attribution.replacement import ReplacementModel
 from openscope.attribution.schema import GraphFile, LatentEdit
-from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.coders.io import save_coder
@@ -87,7 +86,7 @@ def _targets(rm: ReplacementModel, graph: AttributionGraph, run) -> tuple[torch.
     pre = []
     for layer, slot in enumerate(rm.slots):
         x = run.mlp_in[layer][0].to(slot.coder.w_enc.dtype)
-        pre.append(pre_activations(slot.coder, slot.index, x))
+        pre.append(slot.coder.pre_activations_at(slot.index, x))
     f = graph.features
     z = torch.stack([pre[layer][pos, lat] for layer, pos, lat in f.tolist()])
     logits = run.logits[0, -1]
@@ -405,10 +404,10 @@ def _manual_logits(
     coder = d.coder
     first = d.site_out.layer
     i = layer - first
-    writes = range(i, d.n_layers) if isinstance(coder, CrossLayerCoder) else range(1)
+    writes = range(i, d.n_layers)
 
     def edit(m: int):
-        row = decoder_vectors(coder, i, m, torch.tensor([latent]))[0].detach()
+        row = coder.decoder_vectors(i, m, torch.tensor([latent]))[0].detach()
 
         def fn(y: torch.Tensor) -> torch.Tensor:
             y = y.clone()

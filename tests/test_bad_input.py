@@ -33,7 +33,7 @@ from openscope.cli import run
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate
-from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.features import FeaturesConfig, compute_features
 from openscope.models.load import LoadedModel
 from openscope.train import TrainConfig, train
 
@@ -680,24 +680,24 @@ def test_train_replaces_a_run_only_with_overwrite(world: World, tmp_path: Path) 
 
 
 def test_metrics_match_the_checkpoint_after_a_kill(world: World, tmp_path: Path, monkeypatch) -> None:
-    import openscope.train.trainer as trainer
+    import openscope.train.trainer as trainer  # where the trainer looks up save_checkpoint
 
     whole = tmp_path / "whole"
     train(_train_cfg(world, whole), progress=False)
     killed = tmp_path / "killed"
-    real = trainer._save_checkpoint
+    real = trainer.save_checkpoint
 
     def kill_at_step_8(path, step, *args, **kwargs):
         if step == 8:  # metrics rows of steps 4-7 are on disk; the checkpoint of step 8 never is
             raise KeyboardInterrupt
         return real(path, step, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", kill_at_step_8)
+    monkeypatch.setattr(trainer, "save_checkpoint", kill_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         train(_train_cfg(world, killed), progress=False)
     rows = (killed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows][-1] == 7
-    monkeypatch.setattr(trainer, "_save_checkpoint", real)
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
     train(_train_cfg(world, killed, resume=True), progress=False)
     assert (killed / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
 

@@ -3,7 +3,9 @@ role statistics, and their place in the feature index and the explorer's API."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -11,13 +13,8 @@ import pytest
 import torch
 
 from openscope.activations.harvest import HarvestConfig, harvest
+from openscope.activations.live import LiveActivations
 from openscope.activations.store import ActivationStore
-from openscope.analysis.roles import (
-    RoleCounter,
-    most_specific,
-    role_statistics,
-    specificity,
-)
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import load_dictionary
 from openscope.coders.io import save_coder
@@ -32,15 +29,13 @@ from openscope.data.chat import (
     render,
     role_ids,
 )
-from openscope.data.conversations import (
-    ChatSource,
-    chat_contexts,
-    count_roles,
-    json_objects,
-    source_contexts,
-)
+from openscope.data.contexts import chat_contexts, source_contexts
+from openscope.data.conversations import ChatSource, count_roles, json_objects
 from openscope.data.packing import pack_labelled
+from openscope.data.prompts import format_user_prompt
+from openscope.data.sources import open_source
 from openscope.errors import OpenscopeError
+from openscope.features.roles import RoleCounter, most_specific, role_statistics, specificity
 from openscope.models.hooks import run_to_sites
 from openscope.models.sites import Site, locate
 from openscope.models.tokens import keep_mask
@@ -155,6 +150,41 @@ def test_tokenizer_chat_template_gives_the_same_ids_and_roles():
     assert content == [(ROLES.index(m.role), m.content) for m in CONVERSATION]
 
 
+def _user_prompt_by_hand(tok, text: str) -> str:
+    """How a user prompt was rendered before it went through the chat renderer (the reference)."""
+    if getattr(tok, "chat_template", None):
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        rendered = f"<start_of_turn>user\n{text.strip()}<end_of_turn>\n<start_of_turn>model\n"
+    bos = getattr(tok, "bos_token", None)
+    return rendered.removeprefix(bos) if bos else rendered
+
+
+def test_user_prompt_with_generation_prompt_is_the_renderers_text():
+    chatml = make_tokenizer()
+    chatml.chat_template = (
+        CHATML_TEMPLATE + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with_gemma_template = gemma_tokenizer()
+    with_gemma_template.chat_template = GEMMA_TEMPLATE
+    texts = ["Hi there", "  padded, with a newline\n", "", "two\nlines {{ prompt }}", "Ünïcödé ✓"]
+    for tok in (gemma_tokenizer(), with_gemma_template, chatml):
+        for text in texts:
+            expected = _user_prompt_by_hand(tok, text)
+            assert format_user_prompt(tok, text) == expected  # byte for byte what it was
+            r = render(tok, [Message("user", text)], generation_prompt=True)
+            assert r.text == expected
+            # The generation prompt is template; the user's words are the only user tokens.
+            assert r.text.endswith(("<start_of_turn>model\n", "<|im_start|>assistant\n"))
+            assert r.roles[-1] == T and set(r.roles) <= {T, U}
+            user_ids = [i for i, role in zip(r.input_ids, r.roles, strict=True) if role == U]
+            assert tok.decode(user_ids) in (text, text.strip())
+    # Without a template, the hand-written format is the template's output exactly.
+    assert format_user_prompt(gemma_tokenizer(), "Hi") == format_user_prompt(with_gemma_template, "Hi")
+
+
 def test_normalise_drops_leading_model_turns_and_rejects_broken_order():
     u, m = Message("user", "hi"), Message("model", "hello")
     assert normalise([m, u, m]) == [u, m]  # a ShareGPT continuation starts with the model
@@ -266,6 +296,58 @@ def chat_store(tiny, chat_file, tmp_path_factory: pytest.TempPathFactory) -> Act
 def _store_rows(store: ActivationStore, keys: list[str]) -> dict[str, torch.Tensor]:
     parts = [store.read_shard(i, keys) for i in range(len(store.shards))]
     return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
+def test_live_training_and_harvest_see_the_same_chat_tokens_and_roles(
+    tiny_model_dir, tiny, chat_file, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    # A chat checkpoint: the tiny model with a ChatML template, so Gemma's hand-written format would differ.
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.chat_template = CHATML_TEMPLATE
+    chat_model = dataclasses.replace(tiny, tokenizer=tok)
+    spec, n_ctx = f"chat:{chat_file}", 16
+    cfg = HarvestConfig(
+        model=tiny.name,
+        sites=SITE.name,
+        source=spec,
+        tokens=n_ctx * CONTEXT_LEN,
+        context_len=CONTEXT_LEN,
+        batch_size=4,
+        output=tmp_path / "s",
+        shard_mb=1,
+        device="cpu",
+    )
+    harvest(cfg, chat_model, progress=False)
+    rows = _store_rows(ActivationStore(tmp_path / "s"), ["token_ids", "role", "position"])
+    live = LiveActivations(
+        chat_model, [SITE], spec, CONTEXT_LEN, forward_batch=4, block_tokens=n_ctx * CONTEXT_LEN
+    )
+
+    # Live training's contexts, at the positions it trains on, are the store's rows in order.
+    contexts = list(itertools.islice(live.contexts(), n_ctx))
+    ids = torch.tensor([c.input_ids for c in contexts])
+    roles = torch.tensor([c.roles for c in contexts])
+    keep = keep_mask(ids, tok)
+    assert torch.equal(rows["token_ids"].long(), ids[keep])
+    assert torch.equal(rows["role"].long(), roles[keep])
+    assert tok.decode(ids[0]).startswith("<bos><|im_start|>system\nRule 0.")  # the model's own template
+    assert set(rows["role"].tolist()) == {T, S, U, M}
+
+    # Its first block, one row a batch, serves exactly those rows (shuffled), each with its role.
+    served = list(itertools.islice(live.batches(1), len(rows["role"])))
+    got = sorted((int(b.position), int(b.token_ids), int(b.role)) for b in served if b.role is not None)
+    assert len(got) == len(served)  # every row carries its role
+    want = sorted(
+        zip(rows["position"].tolist(), rows["token_ids"].tolist(), rows["role"].tolist(), strict=True)
+    )
+    assert got == want
+
+    # A chat source is not plain text: open_source refuses it in one line.
+    for bad in (spec, "sharegpt[:5]"):
+        with pytest.raises(OpenscopeError, match="is a chat source, not plain text"):
+            list(open_source(bad).documents())
 
 
 def test_role_filter_keeps_exactly_those_positions(tiny, chat_file, chat_store, tmp_path):
@@ -397,7 +479,7 @@ def test_streaming_role_counts_equal_the_dense_reference_and_specificity_ranks()
 @pytest.fixture(scope="module")
 def indexed(tiny, chat_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(feature database, dictionary folder): a random SAE's dashboards built on the chat store."""
-    from openscope.features.compute import FeaturesConfig, compute_features
+    from openscope.features import FeaturesConfig, compute_features
 
     root = tmp_path_factory.mktemp("indexed")
     folder = _dictionary(tiny, root / "sae")
@@ -411,7 +493,7 @@ def indexed(tiny, chat_store, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_features_store_role_stats_shown_on_the_feature_page(tiny, chat_store, indexed, tmp_path):
     from fastapi.testclient import TestClient
 
-    from openscope.features.compute import FeaturesConfig, compute_features
+    from openscope.features import FeaturesConfig, compute_features
     from openscope.features.db import FeatureDB
     from openscope.serve import ServeConfig
     from openscope.serve.app import create_app

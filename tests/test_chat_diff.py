@@ -14,7 +14,7 @@ from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import load_dictionary
 from openscope.coders.io import save_coder
 from openscope.data.chat import MODEL
-from openscope.data.conversations import chat_contexts
+from openscope.data.contexts import chat_contexts
 from openscope.data.packing import to_batch
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites

@@ -27,8 +27,9 @@ from openscope.models.hooks import capture
 from openscope.models.sites import Site
 from openscope.models.tokens import keep_mask
 from openscope.train import TrainConfig, train
-from openscope.train.clt import clt_layers, clt_train_step, load_transcoders
-from openscope.train.steps import StepConfig, make_optimizer, train_step
+from openscope.train.clt import clt_layers, load_transcoders
+from openscope.train.steps import StepConfig, clt_train_step, make_optimizer, train_step
+from tests.coder_checks import check_coder_interface
 from tests.conftest import small_store
 
 D = 64  # the tiny model's d_model (= mlp_in and mlp_out width)
@@ -91,6 +92,40 @@ def test_a_one_layer_clt_is_a_transcoder(skip: bool) -> None:
             folded(x[None]).reconstruction[0], coder.fold().decode(coder.fold().encode(x), x)
         )
         torch.testing.assert_close(folded.encode(x[None])[0], coder.fold().encode(x))
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_clt_interface_all_layers_at_once_equal_layer_by_layer(activation: str, skip: bool) -> None:
+    clt = perturbed_clt(activation=activation, skip=skip)
+    assert clt.n_layers == 3 and clt.kind == "clt"
+    x = torch.randn(3, 30, 12, generator=torch.Generator().manual_seed(4))
+    check_coder_interface(clt, list(x))
+    with torch.no_grad():  # reconstruct is the stacked forward
+        torch.testing.assert_close(clt.reconstruct(list(x)).reconstruction, clt(x).reconstruction)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_one_layer_clt_runs_inside_a_model_like_its_transcoder(skip: bool) -> None:
+    clt = perturbed_clt(n_layers=1, skip=skip)
+    coder = transcoder_like(clt)
+    x = torch.randn(40, 12)
+    j = torch.tensor([1, 4, 9])
+    with torch.no_grad():
+        f = coder.encode_at(0, x)
+        torch.testing.assert_close(clt.encode_at(0, x), f)
+        torch.testing.assert_close(clt.decode_into(0, [f], x), coder.decode_into(0, [f], x))
+        torch.testing.assert_close(clt.decoder_vectors(0, 0, j), coder.decoder_vectors(0, 0, j))
+        torch.testing.assert_close(clt.encoder_vectors(0, j), coder.encoder_vectors(0, j))
+        assert (clt.skip_at(0, x) is None) == (coder.skip_at(0, x) is None) == (not skip)
+        # Built from an unfolded transcoder, the CLT takes its fold: latents scaled by C_out, same ŷ.
+        coder.set_scales(3.0, 0.5)
+        built, folded = clt_from_transcoders([coder]), coder.fold()
+        torch.testing.assert_close(built.encode_at(0, x), folded.encode_at(0, x))
+        torch.testing.assert_close(built.decoder_vectors(0, 0, j), folded.decoder_vectors(0, 0, j))
+        torch.testing.assert_close(
+            built.decode_into(0, [built.encode_at(0, x)], x), coder.decode_into(0, [coder.encode_at(0, x)], x)
+        )
 
 
 def test_a_one_layer_clt_trains_exactly_like_a_transcoder() -> None:

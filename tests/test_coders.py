@@ -30,6 +30,7 @@ from openscope.coders import (
 )
 from openscope.errors import OpenscopeError
 from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
+from tests.coder_checks import check_coder_interface
 
 
 @pytest.fixture(autouse=True)
@@ -252,6 +253,24 @@ def test_sparse_path_with_no_active_latent() -> None:
     assert out.latents.values.numel() == 0
     torch.testing.assert_close(out.reconstruction, coder.b_dec.expand(3, 6).detach())
     out.reconstruction.sum().backward()
+
+
+# ---- running inside a model (the Coder interface) -----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("activation", ["jumprelu", "relu", "topk"])
+def test_a_sparse_coder_is_the_one_layer_case_of_the_interface(kind: str, activation: str) -> None:
+    coder = randomised(cfg_for(kind, activation))  # unfolded: C_in = 2, C_out = 0.5 must be honoured
+    assert coder.n_layers == 1 and coder.kind == kind
+    check_coder_interface(coder, [torch.randn(30, 12, generator=torch.Generator().manual_seed(3)) * 3])
+    # The per-layer methods are the dense API's, exactly (splicing and eval keep their numbers).
+    x = torch.randn(30, 12) * 3
+    with torch.no_grad():
+        f = coder.encode(x)
+        assert torch.equal(coder.encode_at(0, x), f)
+        assert torch.equal(coder.decode_into(0, [f], x), coder.decode(f, x))
+        assert torch.equal(coder.reconstruct([x]).reconstruction[0], coder.decode(f, x))
 
 
 # ---- folding ------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from openscope.data.sources import open_source
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, ablated, evaluate, spliced
 from openscope.eval import metrics as m
-from openscope.eval.splice import decode_layer, encode_layer
 from openscope.models.hooks import capture, hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, locate
@@ -245,12 +244,12 @@ def test_clt_layer_by_layer_equals_the_stacked_coder():
     coder = random_clt()
     x = torch.randn(3, 10, D)
     a = coder.encode(x)
-    latents = [encode_layer(coder, i, x[i]) for i in range(3)]
+    latents = [coder.encode_at(i, x[i]) for i in range(3)]
     for i in range(3):
         torch.testing.assert_close(latents[i], a[i])
     y = coder.decode(a, x)
     for layer in range(3):
-        torch.testing.assert_close(decode_layer(coder, layer, latents[: layer + 1], x[layer]), y[layer])
+        torch.testing.assert_close(coder.decode_into(layer, latents[: layer + 1], x[layer]), y[layer])
 
 
 def test_clt_splices_all_its_layers_at_once(tiny):
@@ -321,9 +320,15 @@ def test_missing_layer_and_double_writers_are_named(tiny):
         pass
 
 
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward hooks and pre-hooks registered anywhere in the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def test_nan_activations_or_logits_are_a_clear_error(tiny, text_file, tmp_path):
     cfg = EvalConfig(source=str(text_file), tokens=64, context_len=32, output=tmp_path / "e", device="cpu")
     dicts = [in_memory(perfect_sae(), Site(1, "resid_post"))]
+    n_hooks = hook_count(tiny.model)
 
     def poison(x: torch.Tensor) -> torch.Tensor:
         return torch.full_like(x, math.nan)
@@ -340,6 +345,7 @@ def test_nan_activations_or_logits_are_a_clear_error(tiny, text_file, tmp_path):
             evaluate(cfg, tiny, dicts, progress=False)
     finally:
         handle.remove()
+    assert hook_count(tiny.model) == n_hooks  # evaluation's hooks are gone although it failed midway
 
 
 # ---- metrics -------------------------------------------------------------------------------------

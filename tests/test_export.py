@@ -3,11 +3,14 @@ names and shapes give our encode/decode exactly; SAELens itself loads them (wher
 exports never lose data and refuse what the target tool cannot represent.
 
 SAELens runs in-process when importable, else through the Python named by $OPENSCOPE_SAELENS_PYTHON
-(a separate environment, e.g. benchmarks/out/envs/saelens/bin/python), else its test is skipped.
+(a separate environment: `make saelens-venv` builds .venv-peers/saelens, and `make test` points this
+variable at it), else its test is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -170,13 +173,14 @@ def _run_saelens(jobs: list[tuple[Path, Path, Path]]) -> str:
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
-    argv = sys.argv
+    argv, printed = sys.argv, io.StringIO()
     try:
         sys.argv = ["saelens", *args]
-        exec(compile(_SAELENS_SCRIPT, "saelens_check", "exec"), {})
+        with contextlib.redirect_stdout(printed):
+            exec(compile(_SAELENS_SCRIPT, "saelens_check", "exec"), {})
     finally:
         sys.argv = argv
-    return ""
+    return printed.getvalue()
 
 
 def test_saelens_loads_our_export_and_agrees(tmp_path: Path) -> None:
@@ -199,8 +203,14 @@ def test_saelens_loads_our_export_and_agrees(tmp_path: Path) -> None:
         assert isinstance(d.coder, SparseCoder)
         if d.coder.cfg.kind != "skip_transcoder":
             torch.testing.assert_close(got["decode"].reshape(30, -1), y_ref, rtol=1e-5, atol=1e-5)
-    for name in ("JumpReLUSAE", "TopKSAE", "JumpReLUTranscoder", "JumpReLUSkipTranscoder"):
-        assert not stdout or name in stdout
+    # SAELens loaded each folder as the class its cfg.json names (one printed line per folder, in job
+    # order; a ReLU coder is exported as JumpReLU with θ = 0).
+    classes = {"sae": "SAE", "transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder"}
+    expected_classes = [
+        ("TopK" if activation == "topk" else "JumpReLU") + classes[kind]
+        for kind, activation, _ in SAELENS_CASES
+    ]
+    assert [line.split()[-1] for line in stdout.splitlines()] == expected_classes
 
 
 # ---- circuit-tracer -----------------------------------------------------------------------------

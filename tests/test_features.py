@@ -19,18 +19,11 @@ from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.coders.io import save_coder
 from openscope.errors import OpenscopeError
-from openscope.features.compute import (
-    FeaturesConfig,
-    compute_features,
-    decoder_neighbours,
-    export_features,
-    hist_bin,
-    hist_edges,
-    parse_latents,
-    segmented_topk,
-)
-from openscope.features.db import FeatureDB
+from openscope.features import FeatureDB, FeaturesConfig, compute_features, export_features
+from openscope.features.directions import decoder_neighbours
+from openscope.features.export import parse_latents
 from openscope.features.schema import FeatureDetail
+from openscope.features.streaming import hist_bin, hist_edges, segmented_topk
 from openscope.models.sites import Site, locate
 
 CONTEXT_LEN = 32

@@ -119,9 +119,19 @@ def test_load_errors(tmp_path: Path):
         load_model(str(tmp_path))
 
 
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward hooks and pre-hooks registered anywhere in the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def test_stop_forward_is_swallowed_only_by_run_to_sites(tiny):
+    n_hooks = hook_count(tiny.model)
     with capture(tiny, [Site(0, "resid_post")]), pytest.raises(StopForward), torch.no_grad():
+        assert hook_count(tiny.model) == n_hooks + 1
         tiny.model(input_ids=_ids(tiny))
+    assert hook_count(tiny.model) == n_hooks  # removed although the forward ended in an exception
+    run_to_sites(tiny, _ids(tiny), [Site(0, "attn_out"), Site(1, "mlp_in")])
+    assert hook_count(tiny.model) == n_hooks
 
 
 def test_multimodal_gemma3_layers_are_found(tiny):

@@ -190,15 +190,21 @@ def test_inspector_returns_top_latents_per_token(client: TestClient) -> None:
 
 
 def test_steering_returns_both_texts(client: TestClient) -> None:
-    body = {
-        "prompt": "The capital of France is",
-        "interventions": [{"dictionary": NAME, "latent": 3, "mode": "add", "value": 8.0}],
-        "max_new_tokens": 4,
-    }
-    r = ok(client.post("/api/steer", json=body))
-    assert r["prompt"] == body["prompt"]
-    assert isinstance(r["unsteered"], str) and isinstance(r["steered"], str)
-    assert r["interventions"][0]["latent"] == 3
+    def steer(value: float) -> Any:
+        body = {
+            "prompt": "The capital of France is",
+            "interventions": [{"dictionary": NAME, "latent": 3, "mode": "add", "value": value}],
+            "max_new_tokens": 4,
+        }
+        r = ok(client.post("/api/steer", json=body))
+        assert r["prompt"] == body["prompt"] and r["interventions"][0]["latent"] == 3
+        return r
+
+    # Greedy decoding: strength 0 changes nothing; a high strength changes the continuation.
+    off, on = steer(0.0), steer(200.0)
+    assert off["steered"] == off["unsteered"] and off["steered_ids"] == off["unsteered_ids"]
+    assert on["unsteered"] == off["unsteered"]
+    assert on["steered"] != on["unsteered"] and on["steered_ids"] != on["unsteered_ids"]
 
 
 # ---- bad input: 4xx with a message, never 500 -------------------------------------------------------

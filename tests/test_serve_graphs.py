@@ -27,7 +27,7 @@ from openscope.attribution import intervene, load_graph, run_attribute, save_gra
 from openscope.attribution.commands import AttributeConfig
 from openscope.attribution.schema import GraphFile, LatentEdit
 from openscope.coders.dictionary import load_dictionary
-from openscope.features.compute import FeaturesConfig, compute_features
+from openscope.features import FeaturesConfig, compute_features
 from openscope.models.load import LoadedModel
 from openscope.serve import ServeConfig
 from openscope.serve.app import create_app

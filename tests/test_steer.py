@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.dictionary import Dictionary, in_memory
 from openscope.errors import OpenscopeError
@@ -124,6 +125,30 @@ def test_transcoder_clamp_reads_its_input_site_and_edits_its_output_site(tiny, t
     assert torch.equal(steered[Site(2, "mlp_in")], clean[Site(2, "mlp_in")])
 
 
+def test_a_one_layer_clt_steers_exactly_like_its_transcoder(tiny, transcoder):
+    """One steering class for every coder: the same weights as a CLT give the same edits, bit for bit."""
+    c = transcoder.coder
+    clt = CrossLayerCoder(CLTConfig(n_layers=1, d_in=64, d_out=64, width=24, activation="relu"))
+    with torch.no_grad():
+        clt.w_enc[0].copy_(c.w_enc)
+        clt.b_enc[0].copy_(c.b_enc)
+        clt.w_dec[0][:, 0].copy_(c.w_dec)
+        clt.b_dec[0].copy_(c.b_dec)
+    as_clt = Dictionary(clt.eval(), transcoder.site_in, transcoder.site_out, "clt")
+    ids = prompt_ids(tiny.tokenizer, PROMPT)
+    edits = [
+        ("add", 2, 1.5, (3,)),
+        ("clamp", 4, 0.5, None),
+        ("multiply", 7, 0.0, (1, 2)),
+        ("add", 4, -2.0, None),
+    ]
+    want = run_all(tiny, ids, [Intervention(transcoder, j, mode, v, pos) for mode, j, v, pos in edits])  # type: ignore[arg-type]
+    got = run_all(tiny, ids, [Intervention(as_clt, j, mode, v, pos) for mode, j, v, pos in edits])  # type: ignore[arg-type]
+    assert not torch.equal(want[transcoder.site_out], run_all(tiny, ids)[transcoder.site_out])
+    for site in want:
+        assert torch.equal(got[site], want[site]), site
+
+
 def test_generation_is_deterministic_and_unsteered_is_plain_greedy(tiny, sae):
     ids = prompt_ids(tiny.tokenizer, PROMPT)
     ivs = [Intervention(sae, 3, "add", 8.0)]
@@ -195,10 +220,21 @@ def test_steer_request_and_errors(tiny, sae):
         generate(tiny, PROMPT, [Intervention(wide, 1, "add", 1.0)], max_new_tokens=2)
 
 
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward hooks and pre-hooks registered anywhere in the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def test_hooks_are_removed_after_steering(tiny, sae):
     ids = prompt_ids(tiny.tokenizer, PROMPT)
     before = run_to_sites(tiny, ids, [Site(2, "resid_post")])
+    n_hooks = hook_count(tiny.model)
     with steering(tiny, [Intervention(sae, 1, "add", 5.0)]) as state:
         assert isinstance(state, StepState)
+        assert hook_count(tiny.model) > n_hooks
+    assert hook_count(tiny.model) == n_hooks
+    with pytest.raises(RuntimeError, match="boom"), steering(tiny, [Intervention(sae, 1, "add", 5.0)]):
+        raise RuntimeError("boom")
+    assert hook_count(tiny.model) == n_hooks
     after = run_to_sites(tiny, ids, [Site(2, "resid_post")])
     assert torch.equal(before[Site(2, "resid_post")], after[Site(2, "resid_post")])

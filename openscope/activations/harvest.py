@@ -40,9 +40,9 @@ from openscope.activations.store import (
 )
 from openscope.config import to_jsonable
 from openscope.data.chat import ROLES, role_ids
-from openscope.data.conversations import is_chat_source, source_contexts
+from openscope.data.contexts import source_contexts
 from openscope.data.packing import to_batch
-from openscope.data.sources import split_slice
+from openscope.data.sources import is_chat_source, split_slice
 from openscope.errors import OpenscopeError
 from openscope.files import (
     Staged,

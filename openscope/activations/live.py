@@ -6,6 +6,9 @@ contexts captures every site it trains on. Rows are gathered into blocks of abou
 batches; the rows that don't fill a last batch are dropped. Because a block depends only on
 its index, a resumed run recomputes just the block it stopped in and skips the batches it had
 already used, and sees exactly the batches an uninterrupted run would.
+
+The contexts come from `openscope.data.contexts.source_contexts`, as for a harvest: a chat source
+is rendered with the model's chat template and every row carries its token's role.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from openscope.activations.store import ActivationBatch
-from openscope.data.packing import iter_contexts, to_batch
-from openscope.data.sources import open_source
+from openscope.activations.batches import ActivationBatch
+from openscope.data.contexts import LabelledContext, source_contexts
+from openscope.data.packing import to_batch
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel
@@ -45,14 +48,14 @@ class LiveActivations:
         self.block_contexts = max(forward_batch, block_tokens // context_len // forward_batch * forward_batch)
         self.seed = seed
 
-    def contexts(self) -> Iterator[list[int]]:
-        """The packed contexts of the text source, from the start."""
-        docs = open_source(self.source, self.text_field).documents()
-        return iter_contexts(docs, self.loaded.tokenizer, self.context_len)
+    def contexts(self) -> Iterator[LabelledContext]:
+        """The packed contexts of the source (with roles for a chat source), from the start."""
+        return source_contexts(self.source, self.text_field, self.loaded.tokenizer, self.context_len)
 
-    def block(self, contexts: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Activations of every kept position of `contexts`, per site name (plus token ids)."""
-        ctx = torch.tensor(contexts, dtype=torch.long)
+    def block(self, contexts: Sequence[LabelledContext]) -> dict[str, torch.Tensor]:
+        """Activations of every kept position of `contexts`, per site name (plus token ids, positions
+        and, for a chat source, roles)."""
+        ctx = torch.tensor([c.input_ids for c in contexts], dtype=torch.long)
         keep = keep_mask(ctx, self.loaded.tokenizer)
         device = self.loaded.device
         parts: dict[str, list[torch.Tensor]] = {s.name: [] for s in self.sites}
@@ -68,6 +71,8 @@ class LiveActivations:
         positions = torch.arange(ctx.shape[1]).expand_as(ctx)
         out["token_ids"] = ctx[keep]
         out["position"] = positions[keep]
+        if contexts and contexts[0].roles is not None:
+            out["role"] = torch.tensor([c.roles for c in contexts], dtype=torch.uint8)[keep]
         return out
 
     def batches(self, batch_size: int, start_batch: int = 0) -> Iterator[ActivationBatch]:
@@ -99,9 +104,11 @@ class LiveActivations:
                         data["token_ids"][idx],
                         torch.full((len(idx),), -1),
                         data["position"][idx],
+                        data["role"][idx] if "role" in data else None,
                     )
                 served += 1
             block_index += 1
 
-    def _rows_in(self, chunk: list[list[int]]) -> int:
-        return int(keep_mask(torch.tensor(chunk, dtype=torch.long), self.loaded.tokenizer).sum())
+    def _rows_in(self, chunk: list[LabelledContext]) -> int:
+        ids = torch.tensor([c.input_ids for c in chunk], dtype=torch.long)
+        return int(keep_mask(ids, self.loaded.tokenizer).sum())

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from openscope.activations.batches import ActivationBatch
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
 from openscope.files import Ownership, atomic_file
@@ -148,7 +149,7 @@ class SiteStats(NamedTuple):
     mean_sq_norm: float
     """E‖x‖² over rows."""
     norm_scale: float
-    """C = sqrt(E‖x‖²): dividing by C gives E‖x‖² = 1 (DESIGN §3)."""
+    """C = sqrt(E‖x‖²): dividing by C gives E‖x‖² = 1, the units dictionaries train in."""
 
 
 def site_stats(shards: Sequence[dict[str, Any]], site: str) -> SiteStats:
@@ -161,21 +162,6 @@ def site_stats(shards: Sequence[dict[str, Any]], site: str) -> SiteStats:
         ) from None
     mean_sq = sq / n if n else 0.0
     return SiteStats(n, mean_sq, math.sqrt(mean_sq))
-
-
-class ActivationBatch(NamedTuple):
-    """A batch of stored rows."""
-
-    acts: dict[str, Tensor]
-    """Activations per site name, [batch, width], in float32."""
-    token_ids: Tensor
-    """Token id of each row [batch]."""
-    context: Tensor
-    """Global context index of each row [batch]."""
-    position: Tensor
-    """Position of each row inside its context [batch]."""
-    role: Tensor | None = None
-    """Role of each row's token [batch] (chat stores; index into the manifest's `roles`), else None."""
 
 
 _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {

@@ -45,6 +45,7 @@ from openscope.analysis.common import (
     write_report,
 )
 from openscope.analysis.contrast import (
+    SiteDirection,
     encode_latents,
     encode_prompts,
     load_direction,
@@ -246,29 +247,43 @@ class AblateResult(NamedTuple):
     """Report folder (None when not written)."""
 
 
-def run_ablate(
+class PromptSet(NamedTuple):
+    """One prompt set of the command, as text and as token ids."""
+
+    which: str
+    """positive or negative."""
+    prompts: list[str]
+    """The prompts."""
+    seqs: list[list[int]]
+    """Their token ids (BOS + rendered prompt)."""
+
+
+def _measure(
     cfg: AblateConfig,
-    loaded: LoadedModel | None = None,
-    dictionary: Dictionary | None = None,
-    *,
-    write: bool = True,
-) -> AblateResult:
-    """Ablate / add the contrast direction (and top latents); writes the report unless write=False."""
-    if write:
-        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
-    sd = load_direction(cfg.contrast, cfg.site)
-    positive = load_prompts(cfg.positive, cfg.n, cfg.max_chars)
-    negative = load_prompts(cfg.negative, cfg.n, cfg.max_chars)
-    loaded = load_for(cfg, loaded)
-    if sd.direction.numel() != loaded.d_model:
-        raise OpenscopeError(
-            f"the direction at {sd.site.name} has width {sd.direction.numel()}, the model's residual stream {loaded.d_model}"
-        )
-    if dictionary is None and cfg.dictionary is not None:
-        dictionary = load_dictionary(cfg.dictionary, loaded, device=str(loaded.device))
-    pos_seqs = encode_prompts(loaded, positive, cfg.chat_template)
-    neg_seqs = encode_prompts(loaded, negative, cfg.chat_template)
-    watch = first_tokens(loaded.tokenizer, cfg.watch)
+    loaded: LoadedModel,
+    name: str,
+    ps: PromptSet,
+    make_edit: EditFactory,
+    watch: Sequence[int],
+    generate: bool = True,
+) -> Condition:
+    """`measure_condition` on one prompt set (continuations only when `generate`)."""
+    n_generate, max_new = (cfg.n_generate, cfg.max_new_tokens) if generate else (0, 0)
+    return measure_condition(
+        loaded, name, ps.which, ps.prompts, ps.seqs, make_edit, watch, n_generate, max_new
+    )
+
+
+def direction_conditions(
+    cfg: AblateConfig,
+    loaded: LoadedModel,
+    sd: SiteDirection,
+    pos: PromptSet,
+    neg: PromptSet,
+    watch: Sequence[int],
+) -> list[Condition]:
+    """The direction's edits: ablation (projection to zero, to the negative mean) and the restore check
+    on the positive prompts, addition at its site on the negative prompts."""
     direction = sd.direction.double()
 
     def ablate(_ids: Tensor) -> AbstractContextManager[object]:
@@ -290,106 +305,116 @@ def run_ablate(
     def add(_ids: Tensor) -> AbstractContextManager[object]:
         return direction_edits(loaded, [DirectionEdit(sd.site, direction, "add", cfg.add_strength)])
 
-    args = (watch, cfg.n_generate, cfg.max_new_tokens)
-    conditions = [
-        measure_condition(
+    layers = cfg.ablate_layers
+    return [
+        _measure(cfg, loaded, f"ablate direction (projection to 0, layers {layers})", pos, ablate, watch),
+        _measure(
+            cfg,
             loaded,
-            f"ablate direction (projection to 0, layers {cfg.ablate_layers})",
-            "positive",
-            positive,
-            pos_seqs,
-            ablate,
-            *args,
-        ),
-        measure_condition(
-            loaded,
-            f"ablate direction (projection to the negative mean, layers {cfg.ablate_layers})",
-            "positive",
-            positive,
-            pos_seqs,
+            f"ablate direction (projection to the negative mean, layers {layers})",
+            pos,
             to_mean,
-            *args,
-        ),
-        measure_condition(
-            loaded,
-            "ablate + restore clean projection (check: KL ≈ 0)",
-            "positive",
-            positive,
-            pos_seqs,
-            restore,
             watch,
-            0,
-            0,
         ),
-        measure_condition(
+        _measure(
+            cfg, loaded, "ablate + restore clean projection (check: KL ≈ 0)", pos, restore, watch, False
+        ),
+        _measure(cfg, loaded, f"add {cfg.add_strength:g}×direction at {sd.site.name}", neg, add, watch),
+    ]
+
+
+def latent_conditions(
+    cfg: AblateConfig,
+    loaded: LoadedModel,
+    dictionary: Dictionary,
+    pos: PromptSet,
+    neg: PromptSet,
+    watch: Sequence[int],
+) -> tuple[list[int], list[Condition]]:
+    """(latents edited, conditions): the latents clamped to 0 on the positive prompts and to their mean
+    positive activation on the negative prompts (--latents, else the contrast report's top latents)."""
+    latents = list(cfg.latents) or top_latents_from_report(cfg.contrast, dictionary.name, cfg.n_latents)
+    if not latents:
+        log.warning(
+            "the contrast report lists no significant latents for %s: no latent edits", dictionary.name
+        )
+        return [], []
+    # Target of "adding the latents": their mean activation at the last token of the positive prompts.
+    x = last_token_activations(loaded, pos.seqs, [dictionary.site_in], cfg.batch_size)[dictionary.site_in]
+    means = encode_latents(dictionary, x)[:, latents].mean(0).tolist()
+    zero = [Intervention(dictionary, j, "clamp", 0.0) for j in latents]
+    to_pos = [Intervention(dictionary, j, "clamp", m) for j, m in zip(latents, means, strict=True)]
+    return latents, [
+        _measure(cfg, loaded, f"ablate latents {latents}", pos, lambda _i: steering(loaded, zero), watch),
+        _measure(
+            cfg,
             loaded,
-            f"add {cfg.add_strength:g}×direction at {sd.site.name}",
-            "negative",
-            negative,
-            neg_seqs,
-            add,
-            *args,
+            f"clamp latents {latents} to their positive mean",
+            neg,
+            lambda _i: steering(loaded, to_pos),
+            watch,
         ),
     ]
+
+
+def run_ablate(
+    cfg: AblateConfig,
+    loaded: LoadedModel | None = None,
+    dictionary: Dictionary | None = None,
+    *,
+    write: bool = True,
+) -> AblateResult:
+    """Ablate / add the contrast direction (and top latents); writes the report unless write=False."""
+    if write:
+        check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
+    sd = load_direction(cfg.contrast, cfg.site)
+    positive = load_prompts(cfg.positive, cfg.n, cfg.max_chars)
+    negative = load_prompts(cfg.negative, cfg.n, cfg.max_chars)
+    loaded = load_for(cfg, loaded)
+    if sd.direction.numel() != loaded.d_model:
+        raise OpenscopeError(
+            f"the direction at {sd.site.name} has width {sd.direction.numel()}, the model's residual stream {loaded.d_model}"
+        )
+    if dictionary is None and cfg.dictionary is not None:
+        dictionary = load_dictionary(cfg.dictionary, loaded, device=str(loaded.device))
+    pos = PromptSet("positive", positive, encode_prompts(loaded, positive, cfg.chat_template))
+    neg = PromptSet("negative", negative, encode_prompts(loaded, negative, cfg.chat_template))
+    watch = first_tokens(loaded.tokenizer, cfg.watch)
+    conditions = direction_conditions(cfg, loaded, sd, pos, neg, watch)
     latents: list[int] = []
     if dictionary is not None:
-        latents = list(cfg.latents) or top_latents_from_report(cfg.contrast, dictionary.name, cfg.n_latents)
-        if not latents:
-            log.warning(
-                "the contrast report lists no significant latents for %s: no latent edits", dictionary.name
-            )
-        else:
-            # Target of "adding the latents": their mean activation at the last token of the positive prompts.
-            x = last_token_activations(loaded, pos_seqs, [dictionary.site_in], cfg.batch_size)[
-                dictionary.site_in
-            ]
-            means = encode_latents(dictionary, x)[:, latents].mean(0).tolist()
-            zero = [Intervention(dictionary, j, "clamp", 0.0) for j in latents]
-            to_pos = [Intervention(dictionary, j, "clamp", m) for j, m in zip(latents, means, strict=True)]
-            conditions += [
-                measure_condition(
-                    loaded,
-                    f"ablate latents {latents}",
-                    "positive",
-                    positive,
-                    pos_seqs,
-                    lambda _i: steering(loaded, zero),
-                    *args,
-                ),
-                measure_condition(
-                    loaded,
-                    f"clamp latents {latents} to their positive mean",
-                    "negative",
-                    negative,
-                    neg_seqs,
-                    lambda _i: steering(loaded, to_pos),
-                    *args,
-                ),
-            ]
+        latents, edited = latent_conditions(cfg, loaded, dictionary, pos, neg, watch)
+        conditions += edited
     result = AblateResult(sd.site, conditions, latents, None)
     if write:
         result = result._replace(output=write_ablate(cfg, loaded, result))
     return result
 
 
+def _plot_ablate(path: Path, result: AblateResult, watch: Sequence[str]) -> None:
+    """KL per condition, and the watched tokens' probability clean and edited."""
+    with figure(path, 8.0, 4.0) as fig:
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        labels = [f"{c.name[:28]}\n({c.prompts})" for c in result.conditions]
+        ys = range(len(labels))
+        ax1.barh(list(ys), [c.kl for c in result.conditions])
+        ax1.set_yticks(list(ys), labels, fontsize=7)
+        ax1.set_xlabel("KL(clean ‖ edited), last prompt token")
+        ax1.invert_yaxis()
+        w = 0.4
+        ax2.barh([y - w / 2 for y in ys], [c.watch_clean for c in result.conditions], w, label="clean")
+        ax2.barh([y + w / 2 for y in ys], [c.watch_edited for c in result.conditions], w, label="edited")
+        ax2.set_yticks(list(ys), [""] * len(labels))
+        ax2.set_xlabel(f"P(first token in {', '.join(watch)})")
+        ax2.invert_yaxis()
+        ax2.legend(fontsize=7)
+
+
 def write_ablate(cfg: AblateConfig, loaded: LoadedModel, result: AblateResult) -> Path:
+    """The report folder: report.json, report.md and ablate.png."""
     with report_folder(cfg.output, cfg.overwrite) as out:
         rows = [c._asdict() for c in result.conditions]
-        with figure(out / "ablate.png", 8.0, 4.0) as fig:
-            ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-            labels = [f"{c.name[:28]}\n({c.prompts})" for c in result.conditions]
-            ys = range(len(labels))
-            ax1.barh(list(ys), [c.kl for c in result.conditions])
-            ax1.set_yticks(list(ys), labels, fontsize=7)
-            ax1.set_xlabel("KL(clean ‖ edited), last prompt token")
-            ax1.invert_yaxis()
-            w = 0.4
-            ax2.barh([y - w / 2 for y in ys], [c.watch_clean for c in result.conditions], w, label="clean")
-            ax2.barh([y + w / 2 for y in ys], [c.watch_edited for c in result.conditions], w, label="edited")
-            ax2.set_yticks(list(ys), [""] * len(labels))
-            ax2.set_xlabel(f"P(first token in {', '.join(cfg.watch)})")
-            ax2.invert_yaxis()
-            ax2.legend(fontsize=7)
+        _plot_ablate(out / "ablate.png", result, cfg.watch)
         md = [
             f"# Ablation and addition of the contrast direction at {result.site.name} on {loaded.name}",
             "",

@@ -9,6 +9,7 @@ reads these folders.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from openscope.coders.dictionary import Dictionary, find_dictionaries, load_dict
 from openscope.config import to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import run_with_readers
-from openscope.models.load import DEFAULT_MODEL, LoadedModel, load_model
+from openscope.models.load import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from openscope.models.sites import Site
+from openscope.models.tokens import pad_batch
 from openscope.reports import (
     REPORT_JSON,
     REPORT_MD,
@@ -60,8 +62,6 @@ def load_for(cfg: ChatRunConfig, loaded: LoadedModel | None = None) -> LoadedMod
     """The model a config names (or the one passed in, for tests and notebooks)."""
     if loaded is not None:
         return loaded
-    from openscope.models.load import resolve_device
-
     return load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device), cache_dir=cfg.cache_dir)
 
 
@@ -97,8 +97,6 @@ def last_token_activations(
     padding after them); one forward per batch, stopped after the last site it needs. Each reader
     copies out only the rows of the last tokens, so the layer's memory is reused at once.
     """
-    from openscope.models.tokens import pad_batch
-
     if not seqs:
         raise OpenscopeError("no prompts to run")
     if not sites:
@@ -123,8 +121,6 @@ def last_token_activations(
 @torch.inference_mode()
 def next_token_logits(loaded: LoadedModel, seq: Sequence[int]) -> Tensor:
     """[vocab] float32 logits after a sequence (one forward; only the last row of the LM head runs)."""
-    import inspect
-
     extra = (
         {"logits_to_keep": 1}
         if "logits_to_keep" in inspect.signature(loaded.model.forward).parameters

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from openscope.analysis import stats
@@ -40,6 +40,7 @@ from openscope.analysis.common import (
 from openscope.coders.dictionary import Dictionary
 from openscope.data.prompts import load_prompts, render
 from openscope.errors import OpenscopeError
+from openscope.files import write_bytes
 from openscope.interventions.steer import coder_of
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, parse_sites
@@ -292,9 +293,7 @@ def save_directions(path: Path, contrasts: list[SiteContrast]) -> None:
         tensors[f"direction/{name}"] = c.direction.float().contiguous()
         tensors[f"mean_pos/{name}"] = c.mean_pos.float().contiguous()
         tensors[f"mean_neg/{name}"] = c.mean_neg.float().contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    write_bytes(path, save(tensors), sync=False)
 
 
 class SiteDirection(NamedTuple):
@@ -378,6 +377,7 @@ def _latent_row(t: LatentTable, j: int) -> dict[str, float | int | None]:
 
 
 def write_contrast(cfg: ContrastConfig, loaded: LoadedModel, result: ContrastResult) -> Path:
+    """The report folder: report.json, report.md, directions.safetensors and the plots."""
     with report_folder(cfg.output, cfg.overwrite) as out:
         save_directions(out / DIRECTIONS_FILE, result.sites)
         site_rows = [
@@ -410,55 +410,7 @@ def write_contrast(cfg: ContrastConfig, loaded: LoadedModel, result: ContrastRes
             )
         figures = _plots(out, result, cfg)
         notes = _notes(loaded, result)
-        md = [
-            f"# Contrast: {cfg.positive} vs {cfg.negative} on {loaded.name}",
-            "",
-            f"{result.n_pos} positive and {result.n_neg} negative prompts"
-            + (
-                " (AUROC in-sample)"
-                if cfg.held_out == 0
-                else f", {cfg.held_out:.0%} of each held out for the AUROC"
-            )
-            + f"; last prompt token{', chat template' if cfg.chat_template else ''}.",
-            "",
-            f"Best site: **{result.best.site.name}**, AUROC {result.best.auroc.auc:.3f} "
-            f"[{result.best.auroc.low:.3f}, {result.best.auroc.high:.3f}].",
-            "",
-            *md_table(
-                ["site", "AUROC", "95% CI", "Cohen's d", "|r|"],
-                [
-                    [
-                        r["site"],
-                        fmt(r["auroc"]),
-                        f"{fmt(r['auroc_low'])}–{fmt(r['auroc_high'])}",
-                        fmt(r["separation_d"], ".2f"),
-                        fmt(r["direction_norm"], ".1f"),
-                    ]
-                    for r in site_rows
-                ],
-            ),
-        ]
-        for t in tables:
-            md += [
-                "",
-                f"## {t['name']} ({t['site_in']}): {t['n_significant']} of {t['width']} latents differ (q < {cfg.alpha})",
-                "",
-            ]
-            for title, key in (
-                ("Largest effects", "top_effects"),
-                ("Most active on the positive set", "top_positive"),
-            ):
-                md += [f"{title}:", ""]
-                md += _effect_table(t[key]) if t[key] else ["(none significant)"]
-                md += [""]
-            md += ["Decoder directions most aligned with the contrast direction:", ""]
-            md += md_table(
-                ["latent", "cos(r)", "d", "q"],
-                [
-                    [r["latent"], fmt(r["cosine"], ".3f"), fmt(r["d"], ".2f"), fmt(r["q"], ".2g")]
-                    for r in t["top_aligned"]
-                ],
-            )
+        md = _contrast_markdown(cfg, loaded, result, site_rows, tables)
         results = {
             "n_positive": result.n_pos,
             "n_negative": result.n_neg,
@@ -468,6 +420,66 @@ def write_contrast(cfg: ContrastConfig, loaded: LoadedModel, result: ContrastRes
         }
         write_report(out, "contrast", cfg, loaded.name, results, md, figures, notes)
     return cfg.output
+
+
+def _contrast_markdown(
+    cfg: ContrastConfig,
+    loaded: LoadedModel,
+    result: ContrastResult,
+    site_rows: list[dict],
+    tables: list[dict],
+) -> list[str]:
+    """The report's Markdown: the sets, the AUROC per site, and each dictionary's latent tables."""
+    md = [
+        f"# Contrast: {cfg.positive} vs {cfg.negative} on {loaded.name}",
+        "",
+        f"{result.n_pos} positive and {result.n_neg} negative prompts"
+        + (
+            " (AUROC in-sample)"
+            if cfg.held_out == 0
+            else f", {cfg.held_out:.0%} of each held out for the AUROC"
+        )
+        + f"; last prompt token{', chat template' if cfg.chat_template else ''}.",
+        "",
+        f"Best site: **{result.best.site.name}**, AUROC {result.best.auroc.auc:.3f} "
+        f"[{result.best.auroc.low:.3f}, {result.best.auroc.high:.3f}].",
+        "",
+        *md_table(
+            ["site", "AUROC", "95% CI", "Cohen's d", "|r|"],
+            [
+                [
+                    r["site"],
+                    fmt(r["auroc"]),
+                    f"{fmt(r['auroc_low'])}–{fmt(r['auroc_high'])}",
+                    fmt(r["separation_d"], ".2f"),
+                    fmt(r["direction_norm"], ".1f"),
+                ]
+                for r in site_rows
+            ],
+        ),
+    ]
+    for t in tables:
+        md += [
+            "",
+            f"## {t['name']} ({t['site_in']}): {t['n_significant']} of {t['width']} latents differ (q < {cfg.alpha})",
+            "",
+        ]
+        for title, key in (
+            ("Largest effects", "top_effects"),
+            ("Most active on the positive set", "top_positive"),
+        ):
+            md += [f"{title}:", ""]
+            md += _effect_table(t[key]) if t[key] else ["(none significant)"]
+            md += [""]
+        md += ["Decoder directions most aligned with the contrast direction:", ""]
+        md += md_table(
+            ["latent", "cos(r)", "d", "q"],
+            [
+                [r["latent"], fmt(r["cosine"], ".3f"), fmt(r["d"], ".2f"), fmt(r["q"], ".2g")]
+                for r in t["top_aligned"]
+            ],
+        )
+    return md
 
 
 def _effect_table(rows: list[dict]) -> list[str]:

@@ -1,7 +1,7 @@
 """`openscope chat cot`: is the answer readable before the reasoning that is written to reach it?
 
 Each question (the shipped set: simple arithmetic and ordering questions with worked reasoning, see
-`openscope/chat/data/cot_arithmetic.json`) is rendered as a user turn followed by the model's turn
+`openscope/data/cot_arithmetic.json`) is rendered as a user turn followed by the model's turn
 holding the worked reasoning and then "So the answer is". At every position of the reasoning and at
 every chosen layer, the residual stream is read through the **logit lens** (the model's own final
 norm and unembedding applied to that layer's output) and scored:
@@ -417,6 +417,100 @@ def _rows(t: Tensor) -> list[Any]:
     )
 
 
+def _plot_cot(path: Path, result: CotResult, centers: list[float]) -> None:
+    """Readability by layer and position, along the reasoning at the best and last layers, and by layer."""
+    last = len(result.layers) - 1
+    best = result.best
+    with figure(path, 12.0, 4.0) as fig:
+        ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+        im = ax1.imshow(
+            result.curve.numpy(),
+            aspect="auto",
+            origin="lower",
+            vmin=0,
+            vmax=1,
+            extent=(0, 1, -0.5, len(result.layers) - 0.5),
+        )
+        ax1.set_yticks(range(len(result.layers)), [str(x) for x in result.layers], fontsize=6)
+        ax1.set_xlabel("relative position in the reasoning")
+        ax1.set_ylabel("layer")
+        ax1.set_title("answer readable (logit lens)", fontsize=9)
+        fig.colorbar(im, ax=ax1)
+        for idx, style in ((best, "-"), (last, "--")):
+            ax2.plot(
+                centers, result.curve[idx].numpy(), style, marker="o", label=f"layer {result.layers[idx]}"
+            )
+            ax2.plot(
+                centers,
+                result.control_curve[idx].numpy(),
+                style,
+                color="grey",
+                alpha=0.6,
+                label=f"control, layer {result.layers[idx]}",
+            )
+        ax2.axhline(result.chance, color="red", linestyle=":", label="chance")
+        ax2.set_xlabel("relative position in the reasoning")
+        ax2.set_ylabel("share of questions")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.legend(fontsize=6)
+        ax2.set_title("readability along the reasoning", fontsize=9)
+        ax3.plot(result.layers, result.before_mention.numpy(), marker="o", label="before first mention")
+        ax3.plot(
+            result.layers,
+            result.before_mention_control.numpy(),
+            marker="x",
+            color="grey",
+            label="control",
+        )
+        ax3.plot(result.layers, result.at_answer.numpy(), marker="s", label="at the answer position")
+        ax3.axhline(result.chance, color="red", linestyle=":", label="chance")
+        ax3.set_xlabel("layer")
+        ax3.set_ylim(-0.02, 1.02)
+        ax3.legend(fontsize=6)
+        ax3.set_title("by layer", fontsize=9)
+
+
+def _cot_markdown(
+    loaded: LoadedModel, result: CotResult, mentioned: int, dictionary: Dictionary | None
+) -> list[str]:
+    """The report's Markdown: the summary, readability per layer, and the top latents."""
+    last = len(result.layers) - 1
+    md = [
+        f"# Chain-of-thought readability on {loaded.name}",
+        "",
+        f"{result.n_questions} questions; the reasoning writes the answer token before the end in {mentioned} of them. "
+        f"Chance (1/choices): {result.chance:.2f}. The model's own accuracy at the answer position: "
+        f"{result.at_answer[last]:.0%}.",
+        "",
+        *md_table(
+            [
+                "layer",
+                "readable before first mention",
+                "control",
+                "readable at answer position",
+                "mean log p(answer) (first bin)",
+            ],
+            [
+                [
+                    result.layers[i],
+                    fmt(float(result.before_mention[i]), ".2f"),
+                    fmt(float(result.before_mention_control[i]), ".2f"),
+                    fmt(float(result.at_answer[i]), ".2f"),
+                    fmt(float(result.logprob_curve[i, 0]), ".2f"),
+                ]
+                for i in range(len(result.layers))
+            ],
+        ),
+    ]
+    if result.latents and dictionary is not None:
+        md += ["", f"## Latents of {dictionary.name} predicting the answer before it is written", ""]
+        md += md_table(
+            ["latent", "mean contribution to the answer margin", "fires"],
+            [[r.latent, fmt(r.mean_contribution, ".3f"), fmt(r.fires, ".0%")] for r in result.latents],
+        )
+    return md
+
+
 def write_cot(
     cfg: CotConfig,
     loaded: LoadedModel,
@@ -424,92 +518,13 @@ def write_cot(
     seqs: list[CotSequence],
     dictionary: Dictionary | None,
 ) -> Path:
+    """The report folder: report.json, report.md and cot.png."""
     with report_folder(cfg.output, cfg.overwrite) as out:
         centers = [(i + 0.5) / cfg.bins for i in range(cfg.bins)]
-        last = len(result.layers) - 1
-        best = result.best
-        with figure(out / "cot.png", 12.0, 4.0) as fig:
-            ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
-            im = ax1.imshow(
-                result.curve.numpy(),
-                aspect="auto",
-                origin="lower",
-                vmin=0,
-                vmax=1,
-                extent=(0, 1, -0.5, len(result.layers) - 0.5),
-            )
-            ax1.set_yticks(range(len(result.layers)), [str(x) for x in result.layers], fontsize=6)
-            ax1.set_xlabel("relative position in the reasoning")
-            ax1.set_ylabel("layer")
-            ax1.set_title("answer readable (logit lens)", fontsize=9)
-            fig.colorbar(im, ax=ax1)
-            for idx, style in ((best, "-"), (last, "--")):
-                ax2.plot(
-                    centers, result.curve[idx].numpy(), style, marker="o", label=f"layer {result.layers[idx]}"
-                )
-                ax2.plot(
-                    centers,
-                    result.control_curve[idx].numpy(),
-                    style,
-                    color="grey",
-                    alpha=0.6,
-                    label=f"control, layer {result.layers[idx]}",
-                )
-            ax2.axhline(result.chance, color="red", linestyle=":", label="chance")
-            ax2.set_xlabel("relative position in the reasoning")
-            ax2.set_ylabel("share of questions")
-            ax2.set_ylim(-0.02, 1.02)
-            ax2.legend(fontsize=6)
-            ax2.set_title("readability along the reasoning", fontsize=9)
-            ax3.plot(result.layers, result.before_mention.numpy(), marker="o", label="before first mention")
-            ax3.plot(
-                result.layers,
-                result.before_mention_control.numpy(),
-                marker="x",
-                color="grey",
-                label="control",
-            )
-            ax3.plot(result.layers, result.at_answer.numpy(), marker="s", label="at the answer position")
-            ax3.axhline(result.chance, color="red", linestyle=":", label="chance")
-            ax3.set_xlabel("layer")
-            ax3.set_ylim(-0.02, 1.02)
-            ax3.legend(fontsize=6)
-            ax3.set_title("by layer", fontsize=9)
+        _plot_cot(out / "cot.png", result, centers)
         mentioned = sum(s.first_mention is not None for s in seqs)
-        md = [
-            f"# Chain-of-thought readability on {loaded.name}",
-            "",
-            f"{result.n_questions} questions; the reasoning writes the answer token before the end in {mentioned} of them. "
-            f"Chance (1/choices): {result.chance:.2f}. The model's own accuracy at the answer position: "
-            f"{result.at_answer[last]:.0%}.",
-            "",
-            *md_table(
-                [
-                    "layer",
-                    "readable before first mention",
-                    "control",
-                    "readable at answer position",
-                    "mean log p(answer) (first bin)",
-                ],
-                [
-                    [
-                        result.layers[i],
-                        fmt(float(result.before_mention[i]), ".2f"),
-                        fmt(float(result.before_mention_control[i]), ".2f"),
-                        fmt(float(result.at_answer[i]), ".2f"),
-                        fmt(float(result.logprob_curve[i, 0]), ".2f"),
-                    ]
-                    for i in range(len(result.layers))
-                ],
-            ),
-        ]
-        if result.latents and dictionary is not None:
-            md += ["", f"## Latents of {dictionary.name} predicting the answer before it is written", ""]
-            md += md_table(
-                ["latent", "mean contribution to the answer margin", "fires"],
-                [[r.latent, fmt(r.mean_contribution, ".3f"), fmt(r.fires, ".0%")] for r in result.latents],
-            )
-        notes = _cot_notes(loaded, result, best)
+        md = _cot_markdown(loaded, result, mentioned, dictionary)
+        notes = _cot_notes(loaded, result, result.best)
         if mentioned == len(seqs):
             notes.append(
                 "Every reasoning writes the answer before the lead-in, so readability at the answer position "
@@ -527,7 +542,7 @@ def write_cot(
             "chance": result.chance,
             "n_questions": result.n_questions,
             "n_mentioned": mentioned,
-            "best_layer": result.layers[best],
+            "best_layer": result.layers[result.best],
             "latents": [r._asdict() for r in result.latents],
         }
         write_report(out, "cot", cfg, loaded.name, results, md, ["cot.png"], notes)

@@ -29,11 +29,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.analysis.roles import RoleStats, measure_roles, one_dictionary
+from openscope.analysis.common import write_report
+from openscope.analysis.roles import one_dictionary
 from openscope.coders.dictionary import Dictionary, validate_dictionary
 from openscope.data.chat import ROLES, role_ids
+from openscope.data.sources import is_chat_source
 from openscope.errors import OpenscopeError
-from openscope.models.load import DEFAULT_MODEL, LoadedModel, load_model, text_config
+from openscope.eval.evaluate import EvalConfig, evaluate
+from openscope.features.roles import RoleStats, measure_roles
+from openscope.models.load import DEFAULT_MODEL, LoadedModel, load_model, resolve_device, text_config
+from openscope.reports import REPORT_MD, check_report_output, figure, fmt, md_table, report_folder
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +237,6 @@ def rank_changes(
 
 
 def _side(loaded: LoadedModel, d: Dictionary, cfg: DiffConfig, stats: RoleStats, folder: Path) -> ModelSide:
-    from openscope.eval.evaluate import EvalConfig, evaluate
-
     ecfg = EvalConfig(
         dictionaries=[],
         source=cfg.source,
@@ -261,10 +264,6 @@ def chat_diff(
     dictionary: Dictionary | None = None,
 ) -> DiffReport:
     """Apply one dictionary to two checkpoints on the same data and write the comparison (module docstring)."""
-    from openscope.data.conversations import is_chat_source
-    from openscope.models.load import resolve_device
-    from openscope.reports import check_report_output, report_folder
-
     if not cfg.model_b and model_b is None:
         raise OpenscopeError("--model-b is required: the checkpoint to compare with --model-a")
     wanted = role_ids(cfg.roles)
@@ -295,8 +294,8 @@ def chat_diff(
     return DiffReport(sides["a"], sides["b"], corr, changed, up, down, files)
 
 
-def _write(
-    cfg: DiffConfig,
+def _plot_diff(
+    path: Path,
     d: Dictionary,
     a: ModelSide,
     b: ModelSide,
@@ -304,17 +303,13 @@ def _write(
     up: list[LatentChange],
     down: list[LatentChange],
     corr: float,
-    changed: int,
-    output: Path,
-) -> list[Path]:
-    from openscope.analysis.common import write_report
-    from openscope.reports import figure, fmt, md_table
-
+) -> None:
+    """Each latent's frequency on A against B (the most changed in colour), and the splice metrics."""
     sa, sb = measured["a"], measured["b"]
     fa = smoothed_frequency(sa.n_fired.sum(0), int(sa.n_tokens.sum()))
     fb = smoothed_frequency(sb.n_fired.sum(0), int(sb.n_tokens.sum()))
     alive = (sa.n_fired.sum(0) > 0) | (sb.n_fired.sum(0) > 0)
-    with figure(output / "diff.png", 10.0, 4.2) as fig:
+    with figure(path, 10.0, 4.2) as fig:
         ax = fig.add_subplot(1, 2, 1)
         ax.scatter(fa[alive].numpy(), fb[alive].numpy(), s=4, alpha=0.5, color="#888888")
         for rows, colour in ((up, "#d62728"), (down, "#1f77b4")):
@@ -335,6 +330,19 @@ def _write(
         ax2.set_xticks(x, names)
         ax2.set_title(f"{d.name} spliced into each model")
         ax2.legend()
+
+
+def _diff_markdown(
+    cfg: DiffConfig,
+    d: Dictionary,
+    a: ModelSide,
+    b: ModelSide,
+    up: list[LatentChange],
+    down: list[LatentChange],
+    corr: float,
+    changed: int,
+) -> list[str]:
+    """The report's Markdown: both sides, then the latents firing more and less on B."""
     side_rows = [
         [
             label,
@@ -366,7 +374,7 @@ def _write(
         ]
 
     header = ["latent", "log10 f_B/f_A", "freq A", "freq B", "mean A", "mean B", *roles_shown]
-    md = [
+    return [
         f"# {d.name} on two checkpoints",
         "",
         f"A = `{a.model}`, B = `{b.model}`; source `{cfg.source}`"
@@ -385,6 +393,23 @@ def _write(
         "",
         *md_table(header, change_rows(down)),
     ]
+
+
+def _write(
+    cfg: DiffConfig,
+    d: Dictionary,
+    a: ModelSide,
+    b: ModelSide,
+    measured: dict[str, RoleStats],
+    up: list[LatentChange],
+    down: list[LatentChange],
+    corr: float,
+    changed: int,
+    output: Path,
+) -> list[Path]:
+    """report.json, report.md and diff.png into the report folder; returns their paths."""
+    _plot_diff(output / "diff.png", d, a, b, measured, up, down, corr)
+    md = _diff_markdown(cfg, d, a, b, up, down, corr, changed)
     notes = [
         "Frequencies are smoothed as (n + 1) / (N + 1) for the change, so latents dead on one model rank finitely.",
         "The dictionary was trained on A; B's FVU and delta loss against A's measure how well it carries over.",
@@ -401,7 +426,7 @@ def _write(
         "down": [r._asdict() for r in down],
     }
     report = write_report(output, "diff", cfg, f"{a.model} vs {b.model}", results, md, ["diff.png"], notes)
-    return [report, output / "report.md", output / "diff.png"]
+    return [report, output / REPORT_MD, output / "diff.png"]
 
 
 def _short(name: str) -> str:

@@ -237,30 +237,32 @@ def _finite(x: float) -> float:
     return 0.0 if math.isnan(x) else x
 
 
+def _plot_jailbreak(path: Path, result: JailbreakResult) -> None:
+    """The shift of the first 40 templates, with the harmless mean and the benign preamble marked."""
+    shown = result.templates[:40]
+    with figure(path, 7.0, max(3.0, 0.22 * len(shown) + 1.2)) as fig:
+        ax = fig.add_subplot(1, 1, 1)
+        ys = list(range(len(shown)))
+        ax.barh(
+            ys,
+            [r.shift for r in shown],
+            xerr=[0 if math.isnan(r.shift_se) else r.shift_se for r in shown],
+        )
+        ax.set_yticks(ys, [r.name[:40] for r in shown], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(-result.plain_position, color="green", linestyle=":", linewidth=1, label="harmless mean")
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.axvline(result.neutral.shift, color="orange", linestyle="--", linewidth=1, label="benign preamble")
+        ax.set_xlabel(f"shift along μ_harmful − μ_harmless at {result.site} (1 = the whole gap)")
+        ax.legend(fontsize=7)
+
+
 def write_jailbreak(
     cfg: JailbreakConfig, loaded: LoadedModel, result: JailbreakResult, top: list[int]
 ) -> Path:
+    """The report folder: report.json, report.md and jailbreak.png."""
     with report_folder(cfg.output, cfg.overwrite) as out:
-        shown = result.templates[:40]
-        with figure(out / "jailbreak.png", 7.0, max(3.0, 0.22 * len(shown) + 1.2)) as fig:
-            ax = fig.add_subplot(1, 1, 1)
-            ys = list(range(len(shown)))
-            ax.barh(
-                ys,
-                [r.shift for r in shown],
-                xerr=[0 if math.isnan(r.shift_se) else r.shift_se for r in shown],
-            )
-            ax.set_yticks(ys, [r.name[:40] for r in shown], fontsize=7)
-            ax.invert_yaxis()
-            ax.axvline(
-                -result.plain_position, color="green", linestyle=":", linewidth=1, label="harmless mean"
-            )
-            ax.axvline(0, color="grey", linewidth=0.8)
-            ax.axvline(
-                result.neutral.shift, color="orange", linestyle="--", linewidth=1, label="benign preamble"
-            )
-            ax.set_xlabel(f"shift along μ_harmful − μ_harmless at {result.site} (1 = the whole gap)")
-            ax.legend(fontsize=7)
+        _plot_jailbreak(out / "jailbreak.png", result)
         md = [
             f"# Jailbreak templates on {loaded.name}: movement along the contrast direction at {result.site}",
             "",

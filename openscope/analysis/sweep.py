@@ -328,47 +328,51 @@ def run_sweep(
     return result
 
 
+def _plot_sweep(path: Path, cfg: SweepConfig, result: SweepResult) -> None:
+    """Efficacy, coherence (loss and repetition) and their trade-off against the strength."""
+    s = [p.strength for p in result.points]
+    eff_label = f"{result.target}: read on the text"
+    if result.measure == "tokens":
+        eff_label = "P(target tokens) under steering"
+    elif cfg.direction is not None:
+        eff_label += " (axis: 0 = μ_neg, 1 = μ_pos)"
+    with figure(path, 12.0, 3.8) as fig:
+        ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+        ax1.errorbar(
+            s,
+            [p.efficacy for p in result.points],
+            yerr=[_nan0(p.efficacy_se) for p in result.points],
+            marker="o",
+        )
+        ax1.set_xlabel("strength")
+        ax1.set_ylabel("efficacy")
+        ax1.set_title(textwrap.fill(eff_label, 48), fontsize=8)
+        ax2.errorbar(
+            s,
+            [p.loss for p in result.points],
+            yerr=[_nan0(p.loss_se) for p in result.points],
+            marker="o",
+            color="C1",
+        )
+        ax2.set_xlabel("strength")
+        ax2.set_ylabel("loss under the unsteered model", color="C1")
+        twin = ax2.twinx()
+        twin.plot(s, [p.repetition for p in result.points], marker="s", color="C2")
+        twin.set_ylabel("repetition rate", color="C2")
+        twin.set_ylim(-0.02, 1.02)
+        ax2.set_title("coherence", fontsize=9)
+        ax3.plot([p.loss for p in result.points], [p.efficacy for p in result.points], marker="o", color="C3")
+        for p in result.points:
+            ax3.annotate(f"{p.strength:g}", (p.loss, p.efficacy), fontsize=7)
+        ax3.set_xlabel("loss (lower: more coherent)")
+        ax3.set_ylabel("efficacy")
+        ax3.set_title("trade-off", fontsize=9)
+
+
 def write_sweep(cfg: SweepConfig, loaded: LoadedModel, result: SweepResult, prompts: list[str]) -> Path:
+    """The report folder: report.json, report.md and sweep.png."""
     with report_folder(cfg.output, cfg.overwrite) as out:
-        s = [p.strength for p in result.points]
-        eff_label = f"{result.target}: read on the text"
-        if result.measure == "tokens":
-            eff_label = "P(target tokens) under steering"
-        elif cfg.direction is not None:
-            eff_label += " (axis: 0 = μ_neg, 1 = μ_pos)"
-        with figure(out / "sweep.png", 12.0, 3.8) as fig:
-            ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
-            ax1.errorbar(
-                s,
-                [p.efficacy for p in result.points],
-                yerr=[_nan0(p.efficacy_se) for p in result.points],
-                marker="o",
-            )
-            ax1.set_xlabel("strength")
-            ax1.set_ylabel("efficacy")
-            ax1.set_title(textwrap.fill(eff_label, 48), fontsize=8)
-            ax2.errorbar(
-                s,
-                [p.loss for p in result.points],
-                yerr=[_nan0(p.loss_se) for p in result.points],
-                marker="o",
-                color="C1",
-            )
-            ax2.set_xlabel("strength")
-            ax2.set_ylabel("loss under the unsteered model", color="C1")
-            twin = ax2.twinx()
-            twin.plot(s, [p.repetition for p in result.points], marker="s", color="C2")
-            twin.set_ylabel("repetition rate", color="C2")
-            twin.set_ylim(-0.02, 1.02)
-            ax2.set_title("coherence", fontsize=9)
-            ax3.plot(
-                [p.loss for p in result.points], [p.efficacy for p in result.points], marker="o", color="C3"
-            )
-            for p in result.points:
-                ax3.annotate(f"{p.strength:g}", (p.loss, p.efficacy), fontsize=7)
-            ax3.set_xlabel("loss (lower: more coherent)")
-            ax3.set_ylabel("efficacy")
-            ax3.set_title("trade-off", fontsize=9)
+        _plot_sweep(out / "sweep.png", cfg, result)
         md = [
             f"# Steering sweep on {loaded.name}: {result.target}",
             "",

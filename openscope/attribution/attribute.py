@@ -43,7 +43,6 @@ from openscope.attribution.replacement import (
     FrozenRun,
     LayerSlot,
     ReplacementModel,
-    decoder_vectors,
 )
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
@@ -136,7 +135,7 @@ class _Readout:
                     continue
                 first = slot.dictionary.site_out.layer
                 latents = features.latent[sel].to(slot.coder.w_enc.device)
-                rows = [decoder_vectors(slot.coder, slot.index, m - first, latents) for m in slot.writes]
+                rows = [slot.coder.decoder_vectors(slot.index, m - first, latents) for m in slot.writes]
                 scaled = (torch.cat(rows, dim=1) * features.activation[sel, None].to(rows[0])).to(
                     self.embeddings
                 )
@@ -222,6 +221,38 @@ def backward_rows(
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, run.probes, strict=True)]
 
 
+def _prompt(loaded: LoadedModel, prompt: str | Tensor, max_tokens: int) -> tuple[str, Tensor]:
+    """(text, ids [T]) of a prompt given as text (BOS is prepended) or token ids; refuses a long one."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise OpenscopeError("the prompt is empty")
+        text, ids = prompt, prompt_ids(loaded.tokenizer, prompt)[0]
+    else:
+        ids = prompt.reshape(-1)
+        text = loaded.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+    if ids.numel() > max_tokens:
+        raise OpenscopeError(
+            f"the prompt is {ids.numel()} tokens (with BOS), more than max_tokens={max_tokens}: the graph grows "
+            "with the square of its nodes; shorten the prompt or raise --max-tokens"
+        )
+    return text, ids
+
+
+def _adjacency(store: _RowStore, selected: Tensor, layout_cols: NodeLayout) -> tuple[NodeLayout, Tensor]:
+    """(layout, adjacency [N, N]) of the graph keeping the `selected` latents: the store's logit rows (its
+    first k) and the selected latents' rows, restricted to the columns of the nodes kept; `layout_cols`
+    is the layout of the store's columns (every active latent)."""
+    n, k, filled = layout_cols.n_features, layout_cols.n_logits, store.filled
+    layout = NodeLayout(len(selected), layout_cols.n_errors, layout_cols.n_tokens, k)
+    columns = torch.cat([selected, torch.arange(n, layout_cols.n_nodes)])
+    adjacency = torch.zeros(layout.n_nodes, layout.n_nodes)
+    row_of = torch.full((n,), -1, dtype=torch.long)
+    row_of[store.nodes[k:filled]] = torch.arange(k, filled)
+    adjacency[: layout.n_features] = store.rows[row_of[selected]][:, columns]
+    adjacency[layout.logits] = store.rows[:k][:, columns]
+    return layout, adjacency
+
+
 def attribute(
     loaded: LoadedModel,
     dictionaries: Sequence[Dictionary],
@@ -248,18 +279,7 @@ def attribute(
         raise OpenscopeError(f"batch_size must be at least 1, got {batch_size}")
     if max_feature_nodes is not None and max_feature_nodes < 0:
         raise OpenscopeError(f"max_feature_nodes must be non-negative, got {max_feature_nodes}")
-    if isinstance(prompt, str):
-        if not prompt:
-            raise OpenscopeError("the prompt is empty")
-        text, ids = prompt, prompt_ids(loaded.tokenizer, prompt)[0]
-    else:
-        ids = prompt.reshape(-1)
-        text = loaded.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-    if ids.numel() > max_tokens:
-        raise OpenscopeError(
-            f"the prompt is {ids.numel()} tokens (with BOS), more than max_tokens={max_tokens}: the graph grows "
-            "with the square of its nodes; shorten the prompt or raise --max-tokens"
-        )
+    text, ids = _prompt(loaded, prompt, max_tokens)
     rm = ReplacementModel(loaded, dictionaries, ids)
     n_layers, t = rm.n_layers, rm.n_tokens
     active = rm.active()
@@ -313,21 +333,13 @@ def attribute(
     bar.close()
     del run  # the autograd graph of the batched forward
     store.normalised = None
-    rows, row_nodes, filled = store.rows, store.nodes, store.filled
-
     selected = visited.nonzero().squeeze(1)
-    layout = NodeLayout(len(selected), n_layers * t, t, k)
-    columns = torch.cat([selected, torch.arange(n, layout_cols.n_nodes)])
-    adjacency = torch.zeros(layout.n_nodes, layout.n_nodes)
-    row_of = torch.full((n,), -1, dtype=torch.long)
-    row_of[row_nodes[k:filled]] = torch.arange(k, filled)
-    adjacency[: layout.n_features] = rows[row_of[selected]][:, columns]
-    adjacency[layout.logits] = rows[:k][:, columns]
+    layout, adjacency = _adjacency(store, selected, layout_cols)
     features = torch.stack(
         [active.layer[selected], active.position[selected], active.latent[selected]], dim=1
     )
     seconds = time.perf_counter() - start_time
-    log.info("attributed %d rows in %.1f s", filled, seconds)
+    log.info("attributed %d rows in %.1f s", store.filled, seconds)
     return AttributionGraph(
         prompt=text,
         input_ids=ids.cpu(),

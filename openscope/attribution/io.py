@@ -32,7 +32,6 @@ from openscope.attribution.schema import (
     PruningSettings,
     QParams,
 )
-from openscope.coders.clt import CrossLayerCoder
 from openscope.errors import OpenscopeError
 from openscope.files import write_text
 from openscope.models.tokens import token_pieces
@@ -52,11 +51,10 @@ def _dictionaries(graph: AttributionGraph) -> list[GraphDictionary]:
         if d.name in out:
             out[d.name].layers.append(layer)
             continue
-        kind = "clt" if isinstance(d.coder, CrossLayerCoder) else d.coder.cfg.kind
         out[d.name] = GraphDictionary(
             name=d.name,
             folder=str(d.folder) if d.folder is not None else None,
-            kind=kind,  # type: ignore[arg-type]
+            kind=d.coder.kind,  # type: ignore[arg-type]  # never an SAE: the replacement refuses them
             layers=[layer],
             width=slot.width,
         )

@@ -44,15 +44,13 @@ from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
-from openscope.eval.splice import check_dictionaries, decode_layer, encode_layer
+from openscope.eval.splice import check_dictionaries
 from openscope.models.hooks import StopForward, hook_site
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site, locate
 from openscope.models.tokens import keep_mask
 
 log = logging.getLogger(__name__)
-
-Coder = SparseCoder | CrossLayerCoder
 
 NORM_TOLERANCE = 1e-4
 """Largest relative misfit of y = x ⊙ g allowed when reading a norm's gain (else it is no RMSNorm)."""
@@ -70,7 +68,8 @@ class LayerSlot(NamedTuple):
     """The layer inside the coder (0 for a single-layer transcoder; model layer − first layer for a CLT)."""
 
     @property
-    def coder(self) -> Coder:
+    def coder(self) -> SparseCoder | CrossLayerCoder:
+        """The dictionary's coder (layer `index` of it replaces this model layer)."""
         return self.dictionary.coder
 
     @property
@@ -98,7 +97,7 @@ def replacement_slots(loaded: LoadedModel, dictionaries: Sequence[Dictionary]) -
             "attribution needs dictionaries: per-layer transcoders or a cross-layer transcoder"
         )
     for d in dictionaries:
-        if isinstance(d.coder, SparseCoder) and d.coder.cfg.kind == "sae":
+        if d.coder.kind == "sae":
             raise OpenscopeError(
                 f"{d.name} is an SAE ({d.site_in.name}); attribution replaces MLPs and needs transcoders "
                 "(L.mlp_in -> L.mlp_out) or a cross-layer transcoder"
@@ -122,41 +121,6 @@ def replacement_slots(loaded: LoadedModel, dictionaries: Sequence[Dictionary]) -
             f"(0-{loaded.n_layers - 1}) or a cross-layer transcoder covering them"
         )
     return tuple(slots[layer] for layer in range(loaded.n_layers))
-
-
-# ---- one layer of a coder (pure) --------------------------------------------------------------------
-
-
-def pre_activations(coder: Coder, i: int, x: Tensor) -> Tensor:
-    """Encoder pre-activations z [N, F] of the coder's layer i for raw inputs x [N, d_in]."""
-    if isinstance(coder, SparseCoder):
-        return coder.pre_activations(x)
-    return torch.addmm(coder.b_enc[i], x, coder.w_enc[i])
-
-
-def encoder_vectors(coder: Coder, i: int, latents: Tensor) -> Tensor:
-    """[n, d_in] ∂z_j/∂x for each latent j of layer i: what a target latent reads from its raw input."""
-    if isinstance(coder, SparseCoder):
-        return (coder.w_enc[:, latents] / coder.scale_in).t()
-    return coder.w_enc[i][:, latents].t()
-
-
-def decoder_vectors(coder: Coder, i: int, m: int, latents: Tensor) -> Tensor:
-    """[n, d_out] what one unit of each latent j of coder layer i adds to coder layer m's output."""
-    if isinstance(coder, SparseCoder):
-        return coder.w_dec[latents] * coder.scale_out
-    return coder.decoder(i, m)[latents]
-
-
-def skip_term(coder: Coder, m: int, x: Tensor) -> Tensor | None:
-    """The linear skip connection x_m A_m [N, d_out] of coder layer m (None without one)."""
-    if isinstance(coder, SparseCoder):
-        if coder.w_skip is None:
-            return None
-        return (x / coder.scale_in) @ coder.w_skip * coder.scale_out
-    if coder.w_skip is None:
-        return None
-    return x @ coder.w_skip[m]
 
 
 # ---- frozen norms (pure) ----------------------------------------------------------------------------
@@ -392,7 +356,7 @@ class ReplacementModel:
         out = []
         for layer, slot in enumerate(self.slots):
             x = self.clean.mlp_in[layer].to(slot.coder.w_enc.dtype)
-            z = encode_layer(slot.coder, slot.index, x)
+            z = slot.coder.encode_at(slot.index, x)
             out.append((z * self.keep[:, None].to(z.dtype)).detach())
         return out
 
@@ -406,7 +370,7 @@ class ReplacementModel:
         errors = []
         for m, slot in enumerate(self.slots):
             x = self.clean.mlp_in[m].to(slot.coder.w_enc.dtype)
-            recon = decode_layer(slot.coder, slot.index, self._coder_latents(slot, slot.index), x)
+            recon = slot.coder.decode_into(slot.index, self._coder_latents(slot, slot.index), x)
             error = (self.clean.mlp_out[m] - recon.to(self.clean.mlp_out[m].dtype)) * self.keep[:, None]
             errors.append(error)
         return torch.stack(errors)
@@ -416,7 +380,7 @@ class ReplacementModel:
         """Per layer [T, d_out] the MLP output minus its live part (the skip at kept positions)."""
         base = []
         for m, slot in enumerate(self.slots):
-            skip = skip_term(slot.coder, slot.index, self.clean.mlp_in[m].to(slot.coder.w_enc.dtype))
+            skip = slot.coder.skip_at(slot.index, self.clean.mlp_in[m].to(slot.coder.w_enc.dtype))
             out = self.clean.mlp_out[m]
             base.append(out if skip is None else out - skip.to(out.dtype) * self.keep[:, None])
         return base
@@ -441,8 +405,8 @@ class ReplacementModel:
         for layer, slot in enumerate(self.slots):
             sel = (features.layer == layer).nonzero().squeeze(1)
             if sel.numel():
-                out[sel] = encoder_vectors(
-                    slot.coder, slot.index, features.latent[sel].to(slot.coder.w_enc.device)
+                out[sel] = slot.coder.encoder_vectors(
+                    slot.index, features.latent[sel].to(slot.coder.w_enc.device)
                 ).to(out)
         return out
 
@@ -454,7 +418,7 @@ class ReplacementModel:
         out = {}
         for m in slot.writes:
             offset = torch.zeros_like(self.clean.mlp_out[m])
-            row = decoder_vectors(slot.coder, slot.index, m - first, torch.tensor([latent]))[0]
+            row = slot.coder.decoder_vectors(slot.index, m - first, torch.tensor([latent]))[0]
             offset[position] = delta * row.to(offset)
             out[m] = offset
         return out
@@ -512,8 +476,8 @@ class ReplacementModel:
 
             def write(y: Tensor) -> Tensor:
                 out = self._base[m].expand(batch, t, -1)
-                skip = skip_term(
-                    slot.coder, slot.index, live[m].reshape(batch * t, -1).to(slot.coder.w_enc.dtype)
+                skip = slot.coder.skip_at(
+                    slot.index, live[m].reshape(batch * t, -1).to(slot.coder.w_enc.dtype)
                 )
                 if skip is not None:
                     out = out + skip.reshape(batch, t, -1).to(out.dtype) * keep

@@ -33,11 +33,15 @@ from openscope.coders.losses import (
     reconstruction_loss,
     sparsity_coeff_at,
 )
+from openscope.coders.protocol import Coder, CoderKind, Reconstruction
 
 __all__ = [
     "BANDWIDTH",
+    "Coder",
     "CoderConfig",
+    "CoderKind",
     "CoderOutput",
+    "Reconstruction",
     "SparseCoder",
     "SparseLatents",
     "ThresholdEstimator",

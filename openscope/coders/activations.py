@@ -2,7 +2,7 @@
 
 JumpReLU (Gemma Scope): f = z·H(z − θ) with θ = exp(log_threshold) > 0 per latent. The step H has no
 useful derivative, so both JumpReLU and the Heaviside step used to count L0 get straight-through
-pseudo-derivatives with a rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε (DESIGN §3):
+pseudo-derivatives with a rectangle kernel K(u) = 1[|u| < 1/2] of bandwidth ε (Gemma Scope: ε = 0.001):
 
     ∂f/∂θ = −(θ/ε)·K((z − θ)/ε)        ∂H/∂θ = −(1/ε)·K((z − θ)/ε)
 
@@ -37,7 +37,7 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """f = z·H(z − θ); STE backward of DESIGN §3 (see the module docstring)."""
+    """f = z·H(z − θ), with the straight-through backward of the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

@@ -16,8 +16,9 @@ source layer, w_dec[ℓ] [F, L−ℓ, d_out] whose slice [:, m−ℓ] is W_dec^{
 stacked: x [L, B, d_in], latents [L, B, F], ŷ [L, B, d_out].
 
 Training (`openscope.train.clt`) works in normalised units: the trainer feeds x_ℓ / C_in[ℓ] and
-targets y_m / C_out[m] (DESIGN §3, one scale per layer and side), and `fold` turns the trained coder into
-one that takes raw activations, which is what gets saved. `train_forward` is the training pass: a
+targets y_m / C_out[m] (one scale per layer and side), and `fold` turns the trained coder into one that
+takes raw activations, which is what gets saved. Inside a model it runs one layer at a time through the
+`openscope.coders.protocol.Coder` methods (`encode_at`, `decode_into`, ...), which a SparseCoder shares. `train_forward` is the training pass: a
 "sparse" path that touches only the active latents (encoder backward and the decoder to every later
 layer, through the same kernels as `SparseCoder`) and its "dense" reference twin; both return per-layer
 L0 and firing rates with the JumpReLU straight-through gradient to θ.
@@ -32,8 +33,7 @@ faster log θ rate) mean the same for every latent, and any activation-valued pe
 norm-weighted automatically (all norms are 1). It also lets a latent move its mass freely between the
 layers it writes to, and matches an init from single-layer transcoders (unit rows, later blocks zero).
 `decoder_norms` gives each latent's norm over all its target layers (1 for a trained CLT before folding).
-Gemma Scope 2 initialised CLTs from Matryoshka prefixes of single-layer transcoders (DESIGN §3):
-`clt_from_transcoders`.
+Gemma Scope 2 initialised CLTs from Matryoshka prefixes of single-layer transcoders: `clt_from_transcoders`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from openscope.coders import activations as act
 from openscope.coders.coder import SparseCoder, unit_rows
-from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode
+from openscope.coders.protocol import Reconstruction
+from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode, sum_to_targets
 from openscope.errors import OpenscopeError
 
 
@@ -85,15 +86,6 @@ class CLTConfig:
             raise OpenscopeError(f"CLT activation must be jumprelu or relu, got {self.activation!r}")
 
 
-class CLTOutput(NamedTuple):
-    """One CLT forward pass over all its layers."""
-
-    reconstruction: Tensor
-    """[L, B, d_out] ŷ_m for every layer m."""
-    latents: Tensor
-    """[L, B, F] a_ℓ for every layer ℓ (dense)."""
-
-
 class CLTTrainOutput(NamedTuple):
     """One training forward pass over all layers (in the units of the inputs given)."""
 
@@ -109,39 +101,6 @@ class CLTTrainOutput(NamedTuple):
     l1: Tensor
     """[L] mean over tokens of Σ_j a_j (decoder rows are unit-norm over their target layers during
     training, so this is the norm-weighted L1)."""
-
-
-class _SumToTargets(torch.autograd.Function):
-    """ŷ_m = Σ_{ℓ≤m} c_ℓ[:, m−ℓ]: add each source layer's decoded block [B, (L−ℓ)·d] into its target layers.
-
-    Written as its own function because autograd through in-place slice additions would clone the whole
-    [L, B, d] gradient once per source layer (L²·B·d traffic); here the forward adds and the backward
-    slices, each touching every contribution once.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, d: int, *contributions: Tensor) -> Tensor:
-        n, b = len(contributions), contributions[0].shape[0]
-        ctx.shapes = [c.shape for c in contributions]
-        out = contributions[0].new_zeros(n, b, d)
-        for src, c in enumerate(contributions):
-            out[src:] += c.reshape(b, n - src, d).transpose(0, 1)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
-        (g,) = grad_outputs
-        grads = [g[src:].transpose(0, 1).reshape(shape) for src, shape in enumerate(ctx.shapes)]
-        return (None, *grads)
-
-
-def sum_to_targets(contributions: Sequence[Tensor], d: int) -> Tensor:
-    """[L, B, d] from per-source-layer blocks c_ℓ [B, (L−ℓ)·d]: layer m gets Σ_{ℓ≤m} c_ℓ[:, (m−ℓ)·d:(m−ℓ+1)·d]."""
-    n = len(contributions)
-    for src, c in enumerate(contributions):
-        if c.ndim != 2 or c.shape[1] != (n - src) * d:
-            raise OpenscopeError(f"contribution {src} must be [batch, {(n - src) * d}], got {list(c.shape)}")
-    return _SumToTargets.apply(d, *contributions)  # type: ignore[no-any-return]
 
 
 class CrossLayerCoder(nn.Module):
@@ -223,10 +182,70 @@ class CrossLayerCoder(nn.Module):
             out = out + torch.bmm(x, self.w_skip)
         return out
 
-    def forward(self, x: Tensor) -> CLTOutput:
+    def forward(self, x: Tensor) -> Reconstruction:
         """Encode and decode raw inputs x [L, B, d_in]."""
         a = self.encode(x)
-        return CLTOutput(self.decode(a, x), a)
+        return Reconstruction(self.decode(a, x), a)
+
+    # ---- running inside a model: the `Coder` interface, one layer at a time ----------------------
+
+    @property
+    def n_layers(self) -> int:
+        """Layers L the CLT reads and writes."""
+        return self.cfg.n_layers
+
+    @property
+    def kind(self) -> Literal["clt"]:
+        """Always clt."""
+        return "clt"
+
+    def _check_layer(self, i: int) -> None:  # a negative i would silently index from the end
+        if not 0 <= i < self.cfg.n_layers:
+            raise OpenscopeError(f"no layer {i} in a {self.cfg.n_layers}-layer CLT")
+
+    def pre_activations_at(self, i: int, x: Tensor) -> Tensor:
+        """Layer i's z [N, F] for its raw inputs x [N, d_in]."""
+        self._check_layer(i)
+        return torch.addmm(self.b_enc[i], x, self.w_enc[i])
+
+    def encode_at(self, i: int, x: Tensor) -> Tensor:
+        """Layer i's latents a_i [N, F] for its raw inputs x [N, d_in]."""
+        z = self.pre_activations_at(i, x)
+        if self.log_threshold is None:
+            return act.relu(z)
+        return act.jumprelu(z, self.threshold()[i], self.cfg.bandwidth)
+
+    def decode_into(self, m: int, latents: Sequence[Tensor], x: Tensor) -> Tensor:
+        """ŷ_m [N, d_out] from the latents of layers 0..m (each [N, F]) and layer m's raw input x."""
+        self._check_layer(m)
+        out = self.b_dec[m] + latents[0] @ self.decoder(0, m)
+        for j in range(1, m + 1):
+            out = out + latents[j] @ self.decoder(j, m)
+        if self.w_skip is not None:
+            out = out + x @ self.w_skip[m]
+        return out
+
+    def encoder_vectors(self, i: int, latents: Tensor) -> Tensor:
+        """[n, d_in] ∂z_j/∂x for the given latents j of layer i: their W_enc^i columns."""
+        self._check_layer(i)
+        return self.w_enc[i][:, latents].t()
+
+    def decoder_vectors(self, i: int, m: int, latents: Tensor) -> Tensor:
+        """[n, d_out] the given latents' rows of W_dec^{i→m}: what one unit of each adds to ŷ_m."""
+        return self.decoder(i, m)[latents]
+
+    def skip_at(self, m: int, x: Tensor) -> Tensor | None:
+        """Layer m's skip term x A_m [N, d_out]; None without a skip connection."""
+        self._check_layer(m)
+        if self.w_skip is None:
+            return None
+        return x @ self.w_skip[m]
+
+    def reconstruct(self, xs: Sequence[Tensor]) -> Reconstruction:
+        """Latents [L, N, F] and ŷ [L, N, d_out] of every layer from each layer's raw input [N, d_in]."""
+        x = torch.stack(list(xs))
+        latents = self.encode(x)
+        return Reconstruction(self.decode(latents, x), latents)
 
     # ---- training forward ----------------------------------------------------------------------
 

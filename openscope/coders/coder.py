@@ -1,6 +1,6 @@
 """The sparse dictionary: one `SparseCoder` class for SAEs, transcoders and skip-transcoders.
 
-The math is one (DESIGN §3); the kinds differ by flags:
+The math is one for all three; the kinds differ by flags:
 - sae: reconstructs its input (d_out = d_in); b_dec is subtracted before the encoder.
 - transcoder: predicts another activation (e.g. the MLP output) from the input.
 - skip_transcoder: a transcoder plus a linear skip x @ A (A zero-initialised, arXiv 2501.18823).
@@ -13,6 +13,10 @@ always takes and returns RAW activations, and training losses are measured in no
 `fold` bakes C_in, C_out and the pre-encoder bias into the weights (Gemma Scope's convention:
 the folded latents are C_out·f, so decoder rows stay unit-norm), which is what gets saved.
 
+Inside a model a coder runs through the `openscope.coders.protocol.Coder` methods (`encode_at`,
+`decode_into`, `decoder_vectors`, ...), which the cross-layer transcoder shares; a SparseCoder is its
+one-layer case (layer index 0).
+
 Two forward paths compute the same numbers: "dense" (plain matmuls; the reference) and "sparse"
 (decode and backward only through the active latents, see `sparse.py`); "auto" picks sparse when
 few enough latents fire.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -29,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from openscope.coders import activations as act
+from openscope.coders.protocol import Reconstruction
 from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode
 from openscope.errors import OpenscopeError
 
@@ -307,6 +313,62 @@ class SparseCoder(nn.Module):
         xs = self._normalised_input(x) if x is not None else None
         base = self._skip_and_bias(xs) if xs is not None else self.b_dec
         return (f @ self.w_dec + base) * self.scale_out
+
+    # ---- running inside a model: the `Coder` interface (one layer, so i = m = 0) ---------------
+
+    @property
+    def n_layers(self) -> int:
+        """1: a SparseCoder reads one site and writes one."""
+        return 1
+
+    @property
+    def kind(self) -> Kind:
+        """sae, transcoder or skip_transcoder."""
+        return self.cfg.kind
+
+    def _only_layer(self, *layers: int) -> None:
+        for i in layers:
+            if i != 0:
+                raise OpenscopeError(f"a {self.cfg.kind} has one layer, 0; got layer {i}")
+
+    def pre_activations_at(self, i: int, x: Tensor) -> Tensor:
+        """z [N, F] for raw input x [N, d_in] (i = 0)."""
+        self._only_layer(i)
+        return self.pre_activations(x)
+
+    def encode_at(self, i: int, x: Tensor) -> Tensor:
+        """Dense latents f [N, F] for raw input x [N, d_in] (i = 0)."""
+        self._only_layer(i)
+        return self.encode(x)
+
+    def decode_into(self, m: int, latents: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Raw ŷ [N, d_out] from latents[0] and the raw input x (m = 0)."""
+        self._only_layer(m)
+        return self.decode(latents[0], x)
+
+    def encoder_vectors(self, i: int, latents: Tensor) -> Tensor:
+        """[n, d_in] ∂z_j/∂x for the given latents j: W_enc columns over C_in (i = 0)."""
+        self._only_layer(i)
+        return (self.w_enc[:, latents] / self.scale_in).t()
+
+    def decoder_vectors(self, i: int, m: int, latents: Tensor) -> Tensor:
+        """[n, d_out] what one unit of each latent adds to ŷ: W_dec rows times C_out (i = m = 0)."""
+        self._only_layer(i, m)
+        return self.w_dec[latents] * self.scale_out
+
+    def skip_at(self, m: int, x: Tensor) -> Tensor | None:
+        """The skip term C_out·(x / C_in) A [N, d_out] (m = 0); None without a skip connection."""
+        self._only_layer(m)
+        if self.w_skip is None:
+            return None
+        return (x / self.scale_in) @ self.w_skip * self.scale_out
+
+    def reconstruct(self, xs: Sequence[Tensor]) -> Reconstruction:
+        """Latents [1, N, F] and ŷ [1, N, d_out] from the one layer's raw input xs[0] [N, d_in]."""
+        if len(xs) != 1:
+            raise OpenscopeError(f"a {self.cfg.kind} reads one layer, got inputs for {len(xs)}")
+        latents = self.encode(xs[0])
+        return Reconstruction(self.decode(latents, xs[0]).unsqueeze(0), latents.unsqueeze(0))
 
     # ---- training forward ----------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ names, Gemma Scope 2 folder names such as `resid_post/layer_12_width_16k_l0_smal
 **Cross-layer transcoders.** For a CLT covering L consecutive layers, `coder` is a `CrossLayerCoder`
 and `site_in`/`site_out` are the sites of its *first* layer; `sites_in`/`sites_out` list all L of
 them (layer i of the coder = `site_in.layer + i`). Its encode/decode take and return stacked
-activations [L, B, d]: capture every site of `sites_in`, stack them in order, and splice
-`decode(encode(x), x)[i]` into `sites_out[i]` — all layers at once (DESIGN §5). `is_multilayer` tells
-the two kinds apart. For a single-layer dictionary `sites_in == (site_in,)`.
+activations [L, B, d]; inside a model both kinds run layer by layer through the same methods
+(`openscope.coders.protocol.Coder`: `encode_at(i, x)` at `sites_in[i]`, `decode_into(m, ...)` into
+`sites_out[m]`), so splicing, steering and attribution treat them alike. `is_multilayer` tells the two
+kinds apart. For a single-layer dictionary `sites_in == (site_in,)`.
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ class Dictionary(NamedTuple):
     @property
     def is_multilayer(self) -> bool:
         """Whether the coder is a cross-layer transcoder (stacked [L, B, d] activations)."""
-        return isinstance(self.coder, CrossLayerCoder)
+        return self.coder.kind == "clt"
 
     @property
     def n_layers(self) -> int:
         """How many layers the coder reads (1 for a single-layer coder)."""
-        return self.coder.cfg.n_layers if isinstance(self.coder, CrossLayerCoder) else 1
+        return self.coder.n_layers
 
     @property
     def sites_in(self) -> tuple[Site, ...]:
@@ -380,16 +381,23 @@ def model_of(dicts: Sequence[Dictionary]) -> str:
     return name
 
 
-def unique_names(dicts: list[Dictionary]) -> list[Dictionary]:
-    """Dictionaries with distinct names (reports and frequency files key on them)."""
-    seen: dict[str, int] = {}
+def unique_names(dicts: list[Dictionary], taken: Sequence[str] = ()) -> list[Dictionary]:
+    """Dictionaries with distinct names: the one naming rule of reports, feature databases and the explorer.
+
+    A name that several dictionaries share (or one of `taken`, names already in use) becomes
+    `parent/name` (the folder's parent and its own name); a clash left after that, or of a
+    dictionary without a folder, gets a counter: `name#2`, `name#3`, ...
+    """
+    reserved = set(taken)
+    counts: dict[str, int] = {}
+    for d in dicts:
+        counts[d.name] = counts.get(d.name, 0) + 1
+    seen = dict.fromkeys(reserved, 1)
     out = []
     for d in dicts:
-        n = seen[d.name] = seen.get(d.name, 0) + 1
-        out.append(d if n == 1 else d._replace(name=f"{d.name}#{n}"))
+        name = d.name
+        if (counts[name] > 1 or name in reserved) and d.folder is not None:
+            name = f"{d.folder.parent.name}/{d.folder.name}"
+        seen[name] = seen.get(name, 0) + 1
+        out.append(d._replace(name=name if seen[name] == 1 else f"{name}#{seen[name]}"))
     return out
-
-
-def coder_kind(d: Dictionary) -> str:
-    """sae, transcoder, skip_transcoder or clt."""
-    return "clt" if isinstance(d.coder, CrossLayerCoder) else d.coder.cfg.kind

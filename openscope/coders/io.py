@@ -1,4 +1,4 @@
-"""Save and load dictionaries in the Gemma Scope 2 folder layouts (DESIGN §4), and read Gemma Scope 1.
+"""Save and load dictionaries in the Gemma Scope 2 folder layouts, and read Gemma Scope 1.
 
 A folder holds `params.safetensors` (w_enc [d_in, d_sae], w_dec [d_sae, d_out], b_enc, b_dec,
 threshold, optional affine_skip_connection [d_in, d_out]) and `config.json` (hf_hook_point_in,

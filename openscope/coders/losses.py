@@ -1,4 +1,5 @@
-"""Training losses and schedules for sparse dictionaries, as small pure functions (DESIGN §3).
+"""Training losses and schedules for sparse dictionaries, as small pure functions (the recipe they
+serve: docs/design.md, "The training recipe").
 
 All losses are measured in normalised units (activations divided by C, E‖x/C‖² = 1), so their
 coefficients carry over between layers and models.
@@ -97,12 +98,12 @@ def linear_warmup(step: int, warmup_steps: int, final: float) -> float:
 
 
 def sparsity_coeff_at(step: int, coeff: float, warmup_steps: int) -> float:
-    """λ at a step: linear warm-up over warmup_steps (DESIGN: 10k–50k), then constant."""
+    """λ at a step: linear warm-up over warmup_steps (Gemma Scope: 10k–50k steps), then constant."""
     return linear_warmup(step, warmup_steps, coeff)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int = 0, decay_steps: int = 0) -> float:
-    """Learning rate at a step: linear warm-up over warmup_steps (DESIGN: 1k), constant, then (when
+    """Learning rate at a step: linear warm-up over warmup_steps (Gemma Scope: 1k steps), constant, then (when
     decay_steps > 0) a linear decay to zero over the last decay_steps of total_steps."""
     value = linear_warmup(step, warmup_steps, lr)
     if decay_steps > 0 and step >= total_steps - decay_steps:

@@ -12,15 +12,21 @@ Two autograd functions use it:
 
 Both are exact: they equal the dense computation restricted to the entries (tests check values and
 gradients against the dense twin in `SparseCoder.forward(..., path="dense")`).
+
+`sum_to_targets` is the cross-layer transcoder's decode scatter: each source layer's decoded block goes
+into all its target layers, with a backward that slices instead of cloning the whole gradient per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from openscope.errors import OpenscopeError
 
 
 class Entries(NamedTuple):
@@ -126,3 +132,36 @@ class _SparseDecode(torch.autograd.Function):
 def sparse_decode(values: Tensor, w_dec: Tensor, e: Entries) -> Tensor:
     """Σ over each row's entries of value·W_dec[latent]  → [B, d_out] (no bias)."""
     return _SparseDecode.apply(values, w_dec, e)  # type: ignore[no-any-return]
+
+
+class _SumToTargets(torch.autograd.Function):
+    """ŷ_m = Σ_{ℓ≤m} c_ℓ[:, m−ℓ]: add each source layer's decoded block [B, (L−ℓ)·d] into its target layers.
+
+    Written as its own function because autograd through in-place slice additions would clone the whole
+    [L, B, d] gradient once per source layer (L²·B·d traffic); here the forward adds and the backward
+    slices, each touching every contribution once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, d: int, *contributions: Tensor) -> Tensor:
+        n, b = len(contributions), contributions[0].shape[0]
+        ctx.shapes = [c.shape for c in contributions]
+        out = contributions[0].new_zeros(n, b, d)
+        for src, c in enumerate(contributions):
+            out[src:] += c.reshape(b, n - src, d).transpose(0, 1)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        (g,) = grad_outputs
+        grads = [g[src:].transpose(0, 1).reshape(shape) for src, shape in enumerate(ctx.shapes)]
+        return (None, *grads)
+
+
+def sum_to_targets(contributions: Sequence[Tensor], d: int) -> Tensor:
+    """[L, B, d] from per-source-layer blocks c_ℓ [B, (L−ℓ)·d]: layer m gets Σ_{ℓ≤m} c_ℓ[:, (m−ℓ)·d:(m−ℓ+1)·d]."""
+    n = len(contributions)
+    for src, c in enumerate(contributions):
+        if c.ndim != 2 or c.shape[1] != (n - src) * d:
+            raise OpenscopeError(f"contribution {src} must be [batch, {(n - src) * d}], got {list(c.shape)}")
+    return _SumToTargets.apply(d, *contributions)  # type: ignore[no-any-return]

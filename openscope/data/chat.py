@@ -1,23 +1,27 @@
-"""Chat rendering with a role label on every token.
+"""The chat renderer: a conversation in, token ids and a role label per token out.
 
 A conversation is a list of `Message`s (role `system`, `user` or `model`). `render` turns it into the
 text the model sees and labels every token with who wrote it: `template` (turn markers, role names,
 separators: the chat format itself), `system`, `user` or `model`. Roles are small ints (`ROLES[i]`
-is the name of role i), so a store can keep one byte per token.
+is the name of role i), so a store can keep one byte per token. With `generation_prompt` the text
+ends with the opening of the model's turn (what a chat model reads before it answers; labelled
+`template`); `chat_text` gives that text alone, which is how the chat analyses render a prompt.
 
 Two ways to the text, one way to the labels:
 - the tokenizer has a chat template: it is rendered with `apply_chat_template` (model turns are
   passed as `assistant`), once with the real contents and once with a unique placeholder per
   message; the placeholders show where each message sits, everything around them is `template`;
 - it has none (the real Gemma 3 270M base has none): Gemma's own format, written by hand:
-  `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…<end_of_turn>\\n`. Gemma has no
-  system role: like its official template, the system prompt is folded into the first user turn,
+  `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…<end_of_turn>\\n`, and
+  `<start_of_turn>model\\n` as the generation prompt. Gemma has no system role: like its official
+  template, the system prompt is folded into the first user turn,
   `<start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n`; those tokens are labelled `system`.
 
 The whole text is then tokenised in one call (so the ids are exactly those the model sees in a chat)
 and each token takes the role of its first character, found through the tokenizer's offset mapping.
 A slow tokenizer without offsets tokenises piece by piece instead. BOS is not part of the text: the
-packer puts it in front (`openscope.data.conversations`), as it does for documents.
+packer (`openscope.data.contexts`) and `openscope.models.tokens.encode` put it in front, as they do
+for documents.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ TEMPLATE, SYSTEM, USER, MODEL = range(4)
 
 GEMMA_START = "<start_of_turn>"
 GEMMA_END = "<end_of_turn>"
+GEMMA_GENERATION_PROMPT = f"{GEMMA_START}model\n"
+"""The opening of the model's turn in Gemma's format (what follows a prompt the model answers)."""
 
 _ROLE_ALIASES = {
     "system": "system",
@@ -116,11 +122,12 @@ def normalise(messages: Sequence[Message]) -> list[Message] | None:
     return system + turns
 
 
-def gemma_pieces(messages: Sequence[Message]) -> list[Piece]:
+def gemma_pieces(messages: Sequence[Message], generation_prompt: bool = False) -> list[Piece]:
     """Gemma's chat format written by hand (its official template, text contents only).
 
     Message contents are trimmed, as the template does; a leading system prompt is kept as is and
-    folded into the first user turn, followed by a blank line.
+    folded into the first user turn, followed by a blank line. `generation_prompt` appends the
+    opening of the model's turn.
     """
     msgs = list(messages)
     pieces: list[Piece] = []
@@ -134,6 +141,8 @@ def gemma_pieces(messages: Sequence[Message]) -> list[Piece]:
         if i == 0 and system is not None:
             pieces += [(system, SYSTEM), ("\n\n", TEMPLATE)]
         pieces += [(m.content.strip(), ROLES.index(m.role)), (f"{GEMMA_END}\n", TEMPLATE)]
+    if generation_prompt:
+        pieces.append((GEMMA_GENERATION_PROMPT, TEMPLATE))
     return [p for p in pieces if p[0]]
 
 
@@ -142,10 +151,10 @@ def _placeholder(i: int) -> str:
     return f"\ue000{i}\ue001"
 
 
-def _apply(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
+def _apply(tokenizer: Any, messages: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
     hf = [{"role": "assistant" if r == "model" else r, "content": c} for r, c in messages]
     try:
-        text = tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=False)
+        text = tokenizer.apply_chat_template(hf, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja raises its own error types (e.g. roles that do not alternate)
         raise OpenscopeError(f"the tokenizer's chat template refused the conversation ({exc})") from None
     bos = getattr(tokenizer, "bos_token", None)
@@ -153,11 +162,13 @@ def _apply(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
     return text[len(bos) :] if bos and text.startswith(bos) else text
 
 
-def template_pieces(tokenizer: Any, messages: Sequence[Message]) -> list[Piece]:
+def template_pieces(
+    tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False
+) -> list[Piece]:
     """Pieces of the tokenizer's own chat template: where each message's content sits is found by
-    rendering placeholders in its place; the rest of the text is `template`."""
-    real = _apply(tokenizer, [(m.role, m.content) for m in messages])
-    marked = _apply(tokenizer, [(m.role, _placeholder(i)) for i, m in enumerate(messages)])
+    rendering placeholders in its place; the rest of the text (the generation prompt too) is `template`."""
+    real = _apply(tokenizer, [(m.role, m.content) for m in messages], generation_prompt)
+    marked = _apply(tokenizer, [(m.role, _placeholder(i)) for i, m in enumerate(messages)], generation_prompt)
     pieces: list[Piece] = []
     pos = 0  # in `real`
     cursor = 0  # in `marked`
@@ -192,9 +203,23 @@ def has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def pieces_of(tokenizer: Any, messages: Sequence[Message]) -> list[Piece]:
+def pieces_of(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False) -> list[Piece]:
     """The labelled text pieces of a conversation: the tokenizer's template if it has one, else Gemma's."""
-    return template_pieces(tokenizer, messages) if has_template(tokenizer) else gemma_pieces(messages)
+    if has_template(tokenizer):
+        return template_pieces(tokenizer, messages, generation_prompt)
+    return gemma_pieces(messages, generation_prompt)
+
+
+def chat_text(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+    """The text `render` tokenises (no BOS), without the role labels: the tokenizer's template if it has
+    one, else Gemma's; `generation_prompt` ends it with the opening of the model's turn.
+
+    Equal to `render(...).text`; it renders the template once and never refuses a template that
+    rewrites the contents (labelling roles needs the contents verbatim, the text alone does not).
+    """
+    if has_template(tokenizer):
+        return _apply(tokenizer, [(m.role, m.content) for m in messages], generation_prompt)
+    return "".join(text for text, _ in gemma_pieces(messages, generation_prompt))
 
 
 def char_roles(pieces: Sequence[Piece]) -> np.ndarray:
@@ -213,11 +238,13 @@ def token_roles(offsets: Sequence[tuple[int, int]], roles_of_chars: np.ndarray) 
     return out.tolist()
 
 
-def render_many(tokenizer: Any, conversations: Sequence[Sequence[Message]]) -> list[Rendered]:
+def render_many(
+    tokenizer: Any, conversations: Sequence[Sequence[Message]], generation_prompt: bool = False
+) -> list[Rendered]:
     """Render and tokenise conversations (one tokenizer call for all of them when it gives offsets)."""
     if not conversations:
         return []  # (fast tokenizers fail on an empty batch)
-    all_pieces = [pieces_of(tokenizer, c) for c in conversations]
+    all_pieces = [pieces_of(tokenizer, c, generation_prompt) for c in conversations]
     texts = ["".join(t for t, _ in p) for p in all_pieces]
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -239,6 +266,6 @@ def render_many(tokenizer: Any, conversations: Sequence[Sequence[Message]]) -> l
     return out
 
 
-def render(tokenizer: Any, messages: Sequence[Message]) -> Rendered:
+def render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool = False) -> Rendered:
     """One conversation as the model sees it, with a role per token (see the module docstring)."""
-    return render_many(tokenizer, [messages])[0]
+    return render_many(tokenizer, [messages], generation_prompt)[0]

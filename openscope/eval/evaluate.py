@@ -16,7 +16,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,10 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import (
     Dictionary,
-    coder_kind,
     dictionary_folders,
     load_dictionary,
     model_of,
@@ -35,11 +32,13 @@ from openscope.coders.dictionary import (
     validate_dictionary,
 )
 from openscope.data.chat import role_ids
-from openscope.data.conversations import LabelledContext, is_chat_source, source_contexts
+from openscope.data.contexts import LabelledContext, source_contexts
 from openscope.data.packing import to_batch
-from openscope.data.sources import split_slice
+from openscope.data.sources import is_chat_source, split_slice
 from openscope.errors import OpenscopeError
 from openscope.eval import metrics as m
+from openscope.eval.report import write_report
+from openscope.eval.results import DictionaryReport, EvalConfig, EvalReport, LMMetrics
 from openscope.eval.splice import ablated, check_dictionaries, spliced
 from openscope.models.hooks import reading
 from openscope.models.load import LoadedModel, load_model, resolve_device
@@ -48,115 +47,6 @@ from openscope.models.tokens import keep_mask
 from openscope.reports import check_report_output
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    """Which dictionaries to evaluate, on which model and text, and where to write the report."""
-
-    dictionaries: list[Path] = field(default_factory=lambda: [Path("openscope-out/dictionaries")])
-    """Dictionary folders (openscope, Gemma Scope 1 or 2), or folders to search for them; repeat the flag for several."""
-    model: str | None = None
-    """Model (name, local directory or hub id). Default: the `model_name` in the dictionaries' config.json."""
-    source: str = "wiki"
-    """Text: wiki, shakespeare, python, or a path (as for harvest); slice documents, e.g. `wiki[9000:]`, to evaluate on text the dictionaries were not trained on."""
-    text_field: str = "text"
-    """Field (jsonl) or column (parquet, saved dataset) holding the text."""
-    roles: str = ""
-    """Chat sources: measure only tokens of these roles, e.g. `model` (of template, system, user, model): reconstruction on those tokens, next-token loss where the predicted token has one of them. Dictionaries are still spliced at every token. Empty: every token."""
-    tokens: int = 32_768
-    """Token budget: contexts are evaluated until this many context positions are covered."""
-    context_len: int = 256
-    """Tokens per packed context (the first is always BOS)."""
-    batch_size: int = 4
-    """Contexts per forward. Memory grows with batch_size x context_len x vocabulary (Gemma: 262k) x 4 bytes per logits tensor; two are alive at once."""
-    all_at_once: bool = False
-    """Also splice every dictionary at once (the whole replacement) and report the joint delta loss, KL and loss recovered."""
-    loss_recovered: bool = True
-    """Measure loss recovered: one extra forward per distinct output site per batch, with that site zero-ablated (--no-loss-recovered skips it)."""
-    histogram_bins: int = 50
-    """Bins of the latent firing-frequency histograms (log10 frequency)."""
-    output: Path = Path("openscope-out/eval")
-    """Folder for report.json, report.md, frequencies.safetensors and the PNG plots."""
-    overwrite: bool = False
-    """Replace the report already in --output (only a report openscope wrote is ever replaced)."""
-    device: str = "auto"
-    """Device: auto (cuda if available), cpu, cuda, ..."""
-    cache_dir: Path | None = None
-    """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
-
-
-class LMMetrics(NamedTuple):
-    """Next-token metrics of one splice (a dictionary alone, or all at once) against the clean model."""
-
-    ce_clean: float
-    """Clean cross-entropy (nats per token) over the counted positions."""
-    ce_spliced: float
-    """Cross-entropy with the reconstruction(s) spliced in."""
-    delta_loss: float
-    """ce_spliced − ce_clean: the main quality metric (lower is better)."""
-    kl: float
-    """Mean KL(clean ‖ spliced) of the next-token distributions (nats)."""
-    ce_zero: float | None
-    """Cross-entropy with the output site(s) zero-ablated (None when not measured)."""
-    loss_recovered: float | None
-    """(ce_zero − ce_spliced) / (ce_zero − ce_clean); None when not measured."""
-
-
-class DictionaryReport(NamedTuple):
-    """Everything measured for one dictionary."""
-
-    name: str
-    """The dictionary's label."""
-    site_in: str
-    """Site it reads, e.g. `6.mlp_in`."""
-    site_out: str
-    """Site it reconstructs / replaces, e.g. `6.mlp_out`."""
-    kind: str
-    """sae, transcoder, skip_transcoder or clt."""
-    n_layers: int
-    """Layers the dictionary spans (a CLT: site_in/site_out are its first layer's; else 1)."""
-    width: int
-    """Number of latents (a CLT: over all its layers)."""
-    folder: str | None
-    """Folder it was loaded from, if any."""
-    recon: m.ReconstructionMetrics
-    """Reconstruction metrics on clean activations (L0, FVU, MSE, dead, dense, frequencies)."""
-    histogram: m.Histogram
-    """Histogram of log10 latent firing frequencies."""
-    lm: LMMetrics
-    """Next-token metrics with this dictionary alone spliced in (a CLT: all its layers at once)."""
-    layers: tuple[m.ReconstructionMetrics, ...] = ()
-    """A CLT: the reconstruction metrics of each of its layers (layer site_in's + i): L0 of that layer's
-    latents, FVU/MSE of that layer's output site. Empty for a single-layer dictionary."""
-
-
-class EvalReport(NamedTuple):
-    """The result of `evaluate`."""
-
-    model: str
-    """The model the dictionaries were spliced into."""
-    source: str
-    """The text source."""
-    n_contexts: int
-    """Contexts evaluated."""
-    n_tokens: int
-    """Kept tokens (BOS/EOS/pad excluded) the reconstruction metrics are measured on."""
-    n_ce_positions: int
-    """Positions the next-token metrics are averaged over (input and target both kept)."""
-    dictionaries: list[DictionaryReport]
-    """Per-dictionary results, in the order given."""
-    joint: LMMetrics | None
-    """Every dictionary spliced at once (all_at_once), else None."""
-    seconds: float
-    """Wall time of the evaluation loop."""
-    tokens_per_s: float
-    """Context tokens per second through the loop (all forwards included)."""
-    files: list[Path]
-    """Files written (report.json, report.md, frequencies.safetensors, PNGs)."""
-
-
-# ---- finding and loading dictionaries -----------------------------------------------------------
 
 
 # ---- the evaluation loop ------------------------------------------------------------------------
@@ -197,8 +87,6 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate dictionaries and write the report. Pass `loaded` and/or `dictionaries` to use ones
     already in memory (then cfg.dictionaries is not read)."""
-    from openscope.eval.report import write_report
-
     if cfg.tokens < 1 or cfg.context_len < 2 or cfg.batch_size < 1 or cfg.histogram_bins < 1:
         raise OpenscopeError(
             "tokens, batch_size and histogram_bins must be positive and context_len at least 2"
@@ -240,7 +128,7 @@ def evaluate(
                 name=d.name,
                 site_in=d.site_in.name,
                 site_out=d.site_out.name,
-                kind=coder_kind(d),
+                kind=d.coder.kind,
                 n_layers=d.n_layers,
                 width=d.coder.cfg.width * d.n_layers,
                 folder=str(d.folder) if d.folder is not None else None,
@@ -367,15 +255,9 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
 def clean_reconstruction(d: Dictionary, acts: dict[Site, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(target [N, L·d_out], reconstruction [N, L·d_out], latents [N, L·F]) of a dictionary on clean
     activations [N, width] per site; a CLT's L layers sit side by side, so FVU pools its layers (each
-    dimension keeps its own mean) and L0 counts its latents over all layers."""
-    if isinstance(d.coder, SparseCoder):
-        x = acts[d.site_in]
-        latents = d.coder.encode(x)
-        return acts[d.site_out], d.coder.decode(latents, x), latents
-    x = torch.stack([acts[s] for s in d.sites_in])
+    dimension keeps its own mean) and L0 counts its latents over all layers (L = 1: the plain tensors)."""
+    recon, latents = d.coder.reconstruct([acts[s] for s in d.sites_in])
     y = torch.stack([acts[s] for s in d.sites_out])
-    latents = d.coder.encode(x)
-    recon = d.coder.decode(latents, x)
 
     def side_by_side(t: Tensor) -> Tensor:
         return t.transpose(0, 1).reshape(t.shape[1], -1)

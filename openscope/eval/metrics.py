@@ -1,4 +1,4 @@
-"""Evaluation metrics for sparse dictionaries (DESIGN §5), as small pure functions plus streaming sums.
+"""Evaluation metrics for sparse dictionaries, as small pure functions plus streaming sums.
 
 Reconstruction metrics (on clean activations, kept positions only):
 - L0: mean number of non-zero latents per token.

@@ -14,17 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from openscope.activations.store import write_tensors
 from openscope.config import save_json, to_jsonable
-from openscope.eval.metrics import pareto_front
+from openscope.eval.metrics import ReconstructionMetrics, pareto_front
+from openscope.eval.results import DictionaryReport, EvalConfig, EvalReport, LMMetrics
 from openscope.files import atomic_file, write_text
+from openscope.models.sites import Site
 from openscope.reports import REPORT_JSON, REPORT_MD, finite_or_none, report_folder
-
-if TYPE_CHECKING:
-    from openscope.eval.evaluate import DictionaryReport, EvalConfig, EvalReport, LMMetrics
-    from openscope.eval.metrics import ReconstructionMetrics
 
 FREQUENCIES = "frequencies.safetensors"
 COLUMNS = (
@@ -227,7 +225,7 @@ def report_markdown(report: EvalReport) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when plots are drawn
 
     with atomic_file(path, sync=False) as fh:
         fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
@@ -237,7 +235,7 @@ def _save_figure(fig: Any, path: Path) -> None:
 def _tradeoff_plot(
     dicts: Sequence[DictionaryReport], y_of: Callable[[DictionaryReport], float], ylabel: str, path: Path
 ) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when plots are drawn
 
     xs = [d.recon.l0 for d in dicts]
     ys = [y_of(d) for d in dicts]
@@ -262,10 +260,8 @@ def _tradeoff_plot(
 
 
 def _depth_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when plots are drawn
     from matplotlib.ticker import MaxNLocator
-
-    from openscope.models.sites import Site
 
     groups: dict[str, list[tuple[int, DictionaryReport]]] = {}
     for d in dicts:
@@ -307,7 +303,7 @@ def _depth_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
 
 
 def _frequency_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when plots are drawn
 
     shown = list(dicts)[:_MAX_PANELS]
     cols = min(4, len(shown))
@@ -329,7 +325,7 @@ def _frequency_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
 
 def write_plots(report: EvalReport, output: Path) -> list[Path]:
     """The PNG plots of a report; returns the files written."""
-    import matplotlib
+    import matplotlib  # slow to import: only when plots are drawn
 
     matplotlib.use("Agg")  # files only: never needs a display
     dicts = report.dictionaries

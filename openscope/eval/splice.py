@@ -8,10 +8,12 @@ each dictionary's output site with its reconstruction:
   replaced by the coder's prediction from that input.
 
 Several dictionaries at once give the whole replacement: a dictionary downstream of another reads
-the activations that the upstream reconstruction produced (e.g. every layer's transcoders). A
-cross-layer transcoder (`Dictionary.is_multilayer`) is spliced into all its layers at once: each
-layer's latents are encoded when the forward reaches that layer's input site, and layer m's output
-site gets ŷ_m from the latents of layers ≤ m.
+the activations that the upstream reconstruction produced (e.g. every layer's transcoders). Every
+coder is spliced through the layer-by-layer `openscope.coders.protocol.Coder` methods, so a
+cross-layer transcoder goes into all its layers at once: each layer's latents are encoded
+(`encode_at`) when the forward reaches that layer's input site, and layer m's output site gets ŷ_m
+(`decode_into`) from the latents of layers ≤ m. (The input of layer m+1 depends on the spliced output
+of layer m, so a CLT is never encoded from a stack of all layers' clean inputs here.)
 
 `add_error=True` adds back the reconstruction error ε = y − ŷ, so the site's value, and thus the
 output, is unchanged for any dictionary. ε is computed as its own tensor term, ŷ + ε, rather than
@@ -40,9 +42,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from openscope.coders import activations as act
-from openscope.coders.clt import CrossLayerCoder
-from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, validate_dictionary
 from openscope.errors import OpenscopeError
 from openscope.models.hooks import SiteFn, hook_site
@@ -115,36 +114,6 @@ def _put(y: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
     return _flat(y).index_copy(0, rows, new).reshape(y.shape)
 
 
-# ---- one layer of a coder at a time --------------------------------------------------------------
-# A CLT's prediction for layer m needs the latents of layers ≤ m, and in a spliced forward the input
-# of layer m+1 depends on the spliced output of layer m: so it is encoded and decoded layer by layer,
-# as the forward reaches each site, never from a stack of all layers' (clean) inputs.
-
-
-def encode_layer(coder: SparseCoder | CrossLayerCoder, i: int, x: Tensor) -> Tensor:
-    """Latents [N, F] read at the coder's i-th input layer from raw x [N, d_in] (a SparseCoder: i = 0)."""
-    if isinstance(coder, SparseCoder):
-        return coder.encode(x)
-    z = torch.addmm(coder.b_enc[i], x, coder.w_enc[i])
-    if coder.log_threshold is None:
-        return act.relu(z)
-    return act.jumprelu(z, coder.threshold()[i], coder.cfg.bandwidth)
-
-
-def decode_layer(
-    coder: SparseCoder | CrossLayerCoder, m: int, latents: Sequence[Tensor], x: Tensor
-) -> Tensor:
-    """ŷ_m [N, d_out] from the latents of layers 0..m (each [N, F]) and layer m's raw input x."""
-    if isinstance(coder, SparseCoder):
-        return coder.decode(latents[0], x)
-    out = coder.b_dec[m] + latents[0] @ coder.decoder(0, m)
-    for j in range(1, m + 1):
-        out = out + latents[j] @ coder.decoder(j, m)
-    if coder.w_skip is not None:
-        out = out + x @ coder.w_skip[m]
-    return out
-
-
 def check_dictionaries(
     loaded: LoadedModel, dictionaries: Sequence[Dictionary], hint: str = "splice them in separate runs"
 ) -> None:
@@ -188,7 +157,7 @@ class _Splicer:
                 self.latents.clear()
             x_in = _kept(_flat(x), self.handle.rows(x)).to(coder.w_enc.dtype)
             self.inputs[i] = x_in
-            self.latents[i] = encode_layer(coder, i, x_in)
+            self.latents[i] = coder.encode_at(i, x_in)
 
         return read
 
@@ -205,7 +174,7 @@ class _Splicer:
                 )
             self._check_width(y, coder.cfg.d_out, site)
             rows = self.handle.rows(y)
-            recon = decode_layer(coder, m, [self.latents[j] for j in range(m + 1)], self.inputs[m])
+            recon = coder.decode_into(m, [self.latents[j] for j in range(m + 1)], self.inputs[m])
             error = None
             if self.add_error:
                 error = _kept(_flat(y), rows).to(recon.dtype) - recon

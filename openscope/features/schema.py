@@ -20,7 +20,7 @@ Python entry points that produce these models (stable names):
 - `openscope.interventions.steer.steer_request(loaded, dictionaries, request: SteerRequest) -> SteerResult`, where
   `dictionaries` maps DictionaryInfo.name to a loaded `Dictionary`.
 - `openscope.interventions.steer.top_latents(loaded, dictionary, text, k=5) -> InspectResult` (alias `inspect_text`).
-- `openscope.features.compute.export_features(db_path, dictionary, latents=None, out=folder)` writes
+- `openscope.features.export.export_features(db_path, dictionary, latents=None, out=folder)` writes
   `<out>/<dictionary>/<latent>.json` (FeatureDetail JSON).
 
 Conventions every model follows:

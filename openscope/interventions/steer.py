@@ -1,6 +1,6 @@
 """Steering: edit dictionary latents while the model runs, and compare generations with and without.
 
-Two kinds of edit (an `Intervention`), at a dictionary's output site, at every position or chosen ones:
+Three kinds of edit (an `Intervention`), at a dictionary's output site, at every position or chosen ones:
 
 - **add**: y ← y + s·d_l, where d_l is latent l's output direction (its decoder row, times C_out for
   an unfolded coder: what one unit of the latent adds to the reconstruction). s is in the latent's
@@ -13,8 +13,11 @@ Two kinds of edit (an `Intervention`), at a dictionary's output site, at every p
 - **multiply**: a clamp to value × the latent's own activation, y ← y + (s − 1)·f_l(x)·d_l (s = 0 removes
   the latent: the interventions of attribution graphs, `openscope.attribution.intervene`).
 
-Cross-layer transcoders steer too: latent l = i·width + j is layer i's latent j; it is read at the CLT's
-i-th input site and every edit lands at each output site m ≥ i with that layer's decoder W_dec^{i→m}[j].
+Every coder steers the same way, through the `openscope.coders.protocol.Coder` methods: latent
+l = i·width + j is coder layer i's latent j (a single-layer coder: i = 0, j = l); it is read at the
+i-th input site and every edit lands at each output site m ≥ i along its direction into ŷ_m
+(`decoder_vectors`: a cross-layer transcoder's W_dec^{i→m}[j]). Per layer the clamps and multiplies
+apply first, in the order given, then the adds.
 
 Edits of several dictionaries apply together; each dictionary reads its input as the forward
 produces it (edits upstream reach it). Positions are absolute token positions in the sequence
@@ -42,7 +45,6 @@ from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary, validate_dictionary
 from openscope.errors import OpenscopeError
-from openscope.eval.splice import encode_layer
 from openscope.features.schema import (
     InspectResult,
     InspectToken,
@@ -78,7 +80,7 @@ class Intervention(NamedTuple):
 
 
 def coder_of(d: Dictionary) -> SparseCoder:
-    """The dictionary's SparseCoder (steering does not handle cross-layer transcoders yet)."""
+    """The dictionary's SparseCoder, for the analyses that need a single-layer one (refuses a CLT)."""
     if not isinstance(d.coder, SparseCoder):
         raise OpenscopeError(
             f"dictionary {d.name} is a cross-layer transcoder; steering supports single-layer ones"
@@ -88,7 +90,7 @@ def coder_of(d: Dictionary) -> SparseCoder:
 
 def output_direction(coder: SparseCoder, latent: int) -> Tensor:
     """d_l [d_out]: what one unit of latent l adds to the coder's output (W_dec row × C_out)."""
-    return coder.w_dec[latent].detach() * coder.scale_out
+    return coder.decoder_vectors(0, 0, torch.tensor([latent], device=coder.w_dec.device))[0].detach()
 
 
 def add_direction(y: Tensor, direction: Tensor, strength: float, mask: Tensor | None) -> Tensor:
@@ -99,11 +101,17 @@ def add_direction(y: Tensor, direction: Tensor, strength: float, mask: Tensor | 
     return y + mask.unsqueeze(-1).to(y.device, y.dtype) * delta
 
 
-def latent_values(coder: SparseCoder, x: Tensor, latents: Sequence[int]) -> Tensor:
-    """f_l(x) [..., len(latents)]: the chosen latents' activations on raw input x [..., d_in]."""
+def latent_values(coder: SparseCoder | CrossLayerCoder, i: int, x: Tensor, latents: Sequence[int]) -> Tensor:
+    """f_l(x) [..., len(latents)]: the chosen latents' activations of coder layer i on its raw input x
+    [..., d_in]."""
     w = coder.w_enc
-    f = coder.encode(x.reshape(-1, x.shape[-1]).to(w.device, w.dtype))[:, list(latents)]
+    f = coder.encode_at(i, x.reshape(-1, x.shape[-1]).to(w.device, w.dtype))[:, list(latents)]
     return f.reshape(*x.shape[:-1], len(latents)).to(x.device)
+
+
+def clamp_change(iv: Intervention, f: Tensor) -> Tensor:
+    """How much a clamp or multiply moves the latent from its activation f: v − f, or (s − 1)·f."""
+    return iv.value - f if iv.mode == "clamp" else (iv.value - 1.0) * f
 
 
 def position_mask(offset: int, seq: int, batch: int, positions: Sequence[int] | None) -> Tensor | None:
@@ -141,89 +149,79 @@ def check_intervention(iv: Intervention, loaded: LoadedModel | None = None) -> S
     return coder
 
 
-class _DictionarySteer:
-    """The hooks of all interventions on one dictionary: read its input, edit its output site."""
+class _Steer:
+    """The hooks of all interventions on one dictionary (any coder): read the input at each edited layer,
+    write each edit at every output site from that layer on (a single-layer coder: its one output site).
+
+    Per layer, the clamps and multiplies apply first, in the order given, then the adds: all clamped
+    latents of a layer are read from one encoding of its unedited input, so they do not disturb each other.
+    """
 
     def __init__(self, d: Dictionary, ivs: list[Intervention], state: StepState) -> None:
-        self.d, self.ivs, self.state = d, ivs, state
-        self.coder = coder_of(d)
-        self.clamps = [iv for iv in ivs if iv.mode in ("clamp", "multiply")]
-        self.x: Tensor | None = None
-
-    def read(self, x: Tensor) -> None:
-        self.x = x
-
-    def write(self, y: Tensor) -> Tensor:
-        x = y if self.d.site_in == self.d.site_out else self.x
-        if x is None:
-            raise OpenscopeError(f"dictionary {self.d.name}: its output site ran before its input site")
-        batch, seq = y.shape[:2]
-        out = y
-        if self.clamps:
-            # One encoding of the unedited input for all clamped latents of this dictionary.
-            f = latent_values(self.coder, x, [iv.latent for iv in self.clamps])
-            for j, iv in enumerate(self.clamps):
-                mask = position_mask(self.state.offset, seq, batch, iv.positions)
-                change = clamp_change(iv, f[..., j]).to(y.dtype)
-                if mask is not None:
-                    change = change * mask.to(y.device, y.dtype)
-                direction = output_direction(self.coder, iv.latent).to(y.device, y.dtype)
-                out = out + change.unsqueeze(-1) * direction
-        for iv in self.ivs:
-            if iv.mode == "add":
-                mask = position_mask(self.state.offset, seq, batch, iv.positions)
-                out = add_direction(out, output_direction(self.coder, iv.latent), iv.value, mask)
-        self.x = None
-        return out
-
-
-def clamp_change(iv: Intervention, f: Tensor) -> Tensor:
-    """How much a clamp or multiply moves the latent from its activation f: v − f, or (s − 1)·f."""
-    return iv.value - f if iv.mode == "clamp" else (iv.value - 1.0) * f
-
-
-class _CLTSteer:
-    """The hooks of all interventions on one cross-layer transcoder: read each edited layer's input,
-    add each edit at every output site from its layer on."""
-
-    def __init__(self, d: Dictionary, ivs: list[Intervention], state: StepState) -> None:
-        assert isinstance(d.coder, CrossLayerCoder)
         self.d, self.coder, self.state = d, d.coder, state
-        width = d.coder.cfg.width
-        self.by_layer: dict[int, list[tuple[Intervention, int]]] = {}
-        for iv in ivs:
-            self.by_layer.setdefault(iv.latent // width, []).append((iv, iv.latent % width))
-        self.changes: dict[int, list[tuple[int, Tensor]]] = {}
-        """Per source layer, (latent j, [batch, seq] change of its activation) for the current forward."""
+        width, device = self.coder.cfg.width, self.coder.w_enc.device
+        self.edits: dict[int, list[tuple[Intervention, int]]] = {}
+        """Per edited coder layer, (intervention, latent within the layer): clamps first, then adds."""
+        for iv in sorted(ivs, key=lambda iv: iv.mode == "add"):  # stable: the given order within each
+            self.edits.setdefault(iv.latent // width, []).append((iv, iv.latent % width))
+        self.first = min(self.edits)
+        """The first edited layer: output sites from it on are written."""
+        self.directions = {
+            (i, m): self.coder.decoder_vectors(
+                i, m, torch.tensor([j for _, j in edits], device=device)
+            ).detach()
+            for i, edits in self.edits.items()
+            for m in range(i, d.n_layers)
+        }
+        """Per (layer i, output layer m): [edits of layer i, d_out] each edited latent's direction into ŷ_m."""
+        self.values: dict[int, Tensor | None] = {}
+        """Per layer read in this forward: [batch, seq, clamps] its clamped latents' activations."""
 
     def reader(self, i: int) -> SiteFn:
+        clamped = [j for iv, j in self.edits[i] if iv.mode != "add"]
+
         def read(x: Tensor) -> None:
-            batch, seq = x.shape[:2]
-            w = self.coder.w_enc
-            f = encode_layer(self.coder, i, x.reshape(-1, x.shape[-1]).to(w.device, w.dtype))
-            f = f.reshape(batch, seq, -1).to(x.device)
-            out = []
-            for iv, j in self.by_layer[i]:
-                if iv.mode == "add":
-                    change = torch.full((batch, seq), iv.value, dtype=x.dtype, device=x.device)
-                else:
-                    change = clamp_change(iv, f[..., j]).to(x.dtype)
-                mask = position_mask(self.state.offset, seq, batch, iv.positions)
-                out.append((j, change if mask is None else change * mask.to(x.device, x.dtype)))
-            self.changes[i] = out
+            self.values[i] = latent_values(self.coder, i, x, clamped) if clamped else None
 
         return read
 
     def writer(self, m: int) -> SiteFn:
+        same_site = m in self.edits and self.d.sites_in[m] == self.d.sites_out[m]
+
         def write(y: Tensor) -> Tensor:
+            if same_site:
+                self.reader(m)(y)
             out = y
-            for i in range(m + 1):
-                for j, change in self.changes.get(i, []):
-                    direction = self.coder.decoder(i, m)[j].detach().to(y.device, y.dtype)
-                    out = out + change.unsqueeze(-1) * direction
+            for i in range(self.first, m + 1):
+                if i in self.edits:
+                    out = self._edit(out, i, m)
+            if m == self.d.n_layers - 1:
+                self.values.clear()
             return out
 
         return write
+
+    def _edit(self, y: Tensor, i: int, m: int) -> Tensor:
+        """y plus the edits of layer i's latents, through their directions into ŷ_m."""
+        if i not in self.values:
+            raise OpenscopeError(
+                f"dictionary {self.d.name}: output site {self.d.sites_out[m].name} ran before its input "
+                f"site {self.d.sites_in[i].name}"
+            )
+        f, batch, seq = self.values[i], y.shape[0], y.shape[1]
+        out, clamps = y, 0
+        for (iv, _), direction in zip(self.edits[i], self.directions[(i, m)], strict=True):
+            mask = position_mask(self.state.offset, seq, batch, iv.positions)
+            if iv.mode == "add":
+                out = add_direction(out, direction, iv.value, mask)
+                continue
+            assert f is not None
+            change = clamp_change(iv, f[..., clamps]).to(y.dtype)
+            clamps += 1
+            if mask is not None:
+                change = change * mask.to(y.device, y.dtype)
+            out = out + change.unsqueeze(-1) * direction.to(y.device, y.dtype)
+        return out
 
 
 @contextmanager
@@ -241,31 +239,16 @@ def steering(
         dicts[id(iv.dictionary.coder)] = iv.dictionary
     with ExitStack() as stack:
         for key, ivs in by_dict.items():
-            d = dicts[key]
-            if d.is_multilayer:
-                clt = _CLTSteer(d, ivs, state)
-                for i in clt.by_layer:
-                    stack.enter_context(hook_site(loaded, d.sites_in[i], clt.reader(i)))
-                for m in range(min(clt.by_layer), d.n_layers):
-                    stack.enter_context(hook_site(loaded, d.sites_out[m], clt.writer(m)))
-                continue
-            steer = _DictionarySteer(d, ivs, state)
-            if d.site_in != d.site_out:
-                stack.enter_context(hook_site(loaded, d.site_in, steer.read))
-            stack.enter_context(hook_site(loaded, d.site_out, steer.write))
+            d, steer = dicts[key], _Steer(dicts[key], ivs, state)
+            for i in steer.edits:
+                if d.sites_in[i] != d.sites_out[i]:
+                    stack.enter_context(hook_site(loaded, d.sites_in[i], steer.reader(i)))
+            for m in range(steer.first, d.n_layers):
+                stack.enter_context(hook_site(loaded, d.sites_out[m], steer.writer(m)))
         yield state
 
 
 # ---- generation -------------------------------------------------------------------------------------
-
-
-class Generation(NamedTuple):
-    """Token ids and text of one generation."""
-
-    ids: list[int]
-    """Generated token ids (prompt excluded)."""
-    text: str
-    """Their decoded text."""
 
 
 def _pick(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from openscope.config import check_numbers
 from openscope.errors import OpenscopeError
-from openscope.features.db import DEFAULT_DB
+from openscope.features.index import DEFAULT_DB
 
 
 @dataclass

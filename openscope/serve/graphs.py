@@ -37,7 +37,6 @@ from openscope.attribution.schema import (
     InterventionRequest,
     InterventionResult,
 )
-from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.features.schema import RequestModel
@@ -178,7 +177,7 @@ def summary_of(slug: str, document: GraphFile) -> GraphSummary:
 def replaces_mlp(d: Dictionary) -> bool:
     """Whether d maps each layer's mlp_in to its mlp_out (a transcoder, skip-transcoder or CLT): a part of
     a replacement model."""
-    if isinstance(d.coder, SparseCoder) and d.coder.cfg.kind == "sae":
+    if d.coder.kind == "sae":
         return False
     return all(
         s_in.kind == "mlp_in" and s_out == Site(s_in.layer, "mlp_out")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from openscope.coders.dictionary import (
     Dictionary,
-    coder_kind,
     dictionary_folders,
     load_dictionary,
     model_of,
+    unique_names,
     validate_dictionary,
 )
 from openscope.errors import OpenscopeError
@@ -116,18 +116,19 @@ def latents_on_text(result: InspectResult) -> list[tuple[int, float]]:
 def name_dictionaries(
     dictionaries: Sequence[Dictionary], infos: Sequence[DictionaryInfo]
 ) -> dict[str, Dictionary]:
-    """Name each loaded dictionary as the database does: by its folder, else its own name, kept unique."""
+    """Name each loaded dictionary as the database does: a dictionary whose folder the database records
+    keeps the database's name; the rest are named by `unique_names` (as `openscope features` would),
+    clear of the names already taken."""
     by_folder = {Path(i.folder).resolve(): i.name for i in infos if i.folder}
-    named: dict[str, Dictionary] = {}
+    recorded: list[str | None] = []
     for d in dictionaries:
         name = by_folder.get(d.folder.resolve()) if d.folder is not None else None
-        name = name or d.name
-        base, n = name, 1
-        while name in named:
-            n += 1
-            name = f"{base}#{n}"
-        named[name] = d
-    return named
+        recorded.append(name if name not in recorded else None)  # a folder loaded twice: named once
+    kept = [name for name in recorded if name is not None]
+    rest = [d for d, name in zip(dictionaries, recorded, strict=True) if name is None]
+    names = iter([d.name for d in unique_names(rest, kept)])
+    pairs = zip(dictionaries, recorded, strict=True)
+    return {name if name is not None else next(names): d for d, name in pairs}
 
 
 def info_of(name: str, d: Dictionary, model: str) -> DictionaryInfo:
@@ -137,7 +138,7 @@ def info_of(name: str, d: Dictionary, model: str) -> DictionaryInfo:
         site=d.site_in.name,
         site_out=d.site_out.name,
         width=d.coder.cfg.width,
-        kind=coder_kind(d),
+        kind=d.coder.kind,
         model=model,
         folder=str(d.folder or ""),
         complete=False,

@@ -2,11 +2,11 @@
 
 `openscope train --kind clt` (or `skip_clt`) trains one `CrossLayerCoder` whose encoder at layer ℓ
 reads `ℓ.mlp_in` and whose latents write to `m.mlp_out` for every m ≥ ℓ. It shares the data,
-schedules, checkpoints, metrics and provenance of the single-layer trainer (`trainer.py`, whose
-helpers it uses); what differs:
+schedules, checkpoints, metrics and provenance of the single-layer trainer (both run on
+`openscope.train.loop`; the step is `openscope.train.steps.clt_train_step`); what differs:
 
 - Units: each layer's input and target are divided by their own scale C (E‖x/C‖² = 1, from the
-  store's statistics or a live sample, DESIGN §3); the saved CLT is folded (`CrossLayerCoder.fold`)
+  store's statistics or a live sample); the saved CLT is folded (`CrossLayerCoder.fold`)
   so it takes raw activations, in the Gemma Scope 2 multi-layer layout (`save_clt`).
 - Loss, per layer and summed over layers, so every coefficient means what it does for a single-layer
   dictionary (a one-layer CLT trains exactly like a transcoder): Σ_m ‖ỹ_m − ŷ_m‖² (Matryoshka: the
@@ -34,14 +34,14 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from openscope.activations.store import ActivationBatch, ActivationStore
-from openscope.coders import losses as L
+from openscope.activations.batches import ActivationBatch
+from openscope.activations.store import ActivationStore
 from openscope.coders.clt import CLTConfig, CrossLayerCoder, clt_from_transcoders
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
@@ -50,119 +50,27 @@ from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.models.load import resolve_device
 from openscope.models.sites import Site, parse_sites
-from openscope.train.steps import DeadLatentTracker, StepConfig, _check_sparsity, make_optimizer
-from openscope.train.trainer import (
+from openscope.train.config import TrainConfig, TrainResult
+from openscope.train.loop import (
     CHECKPOINT,
-    TrainConfig,
-    TrainResult,
-    _Data,
-    _dist,
-    _from_store,
-    _identity,
-    _live,
-    _run_steps,
-    _save_checkpoint,
-    _start_step,
-    _step_config,
+    METRICS,
+    TrainingData,
     first_then_rest,
+    from_store,
+    init_distributed,
+    live,
     open_run,
+    run_identity,
+    run_steps,
+    save_checkpoint,
+    start_step,
+    step_config,
 )
+from openscope.train.steps import CLTStepStats, DeadLatentTracker, clt_train_step, make_optimizer
 
 log = logging.getLogger(__name__)
 
 CLT_KINDS = ("clt", "skip_clt")
-
-
-class CLTStepStats(NamedTuple):
-    """What one CLT step measured (normalised units); per-layer lists are in layer order."""
-
-    loss: float
-    """Total loss that was minimised."""
-    reconstruction: float
-    """Reconstruction (or Matryoshka) loss, summed over layers."""
-    sparsity: float
-    """Sparsity loss (λ included), summed over layers."""
-    frequency: float
-    """Frequency penalty (λ_f included)."""
-    l0: list[float]
-    """Mean firing latents per token, per layer."""
-    fvu: list[float]
-    """Fraction of variance unexplained of each layer's target by the full reconstruction."""
-    dead: list[int]
-    """Latents per layer that have not fired for the tracker's window (0s without a tracker)."""
-    lr: float
-    """Learning rate used."""
-    sparsity_coeff: float
-    """λ used (after warm-up)."""
-
-
-def clt_train_step(
-    clt: CrossLayerCoder,
-    optimizer: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    cfg: StepConfig,
-    step: int,
-    tracker: DeadLatentTracker | None = None,
-) -> CLTStepStats:
-    """One optimisation step on normalised inputs x [L, B, d_in] and targets y [L, B, d_out]."""
-    ccfg = clt.cfg
-    _check_sparsity(cfg, ccfg.activation)
-    if cfg.sparsity == "none":
-        raise OpenscopeError("a CLT (jumprelu or relu) needs a sparsity loss; sparsity none is for topk")
-    n = ccfg.n_layers
-    if y.shape != (n, x.shape[1], ccfg.d_out):
-        raise OpenscopeError(f"CLT targets must be [{n}, {x.shape[1]}, {ccfg.d_out}], got {list(y.shape)}")
-    if any(p > ccfg.width for p in cfg.matryoshka_prefixes):
-        raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
-    prefixes = tuple(p for p in cfg.matryoshka_prefixes if p < ccfg.width)
-
-    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps, cfg.total_steps, cfg.lr_decay_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
-
-    optimizer.zero_grad(set_to_none=True)
-    out = clt.train_forward(x, prefixes=prefixes, path=cfg.path)
-    # reconstruction_loss means over all leading dims ([L, B]): × L makes it the sum over layers.
-    if cfg.matryoshka_prefixes:
-        recons = [*out.prefix_reconstructions, out.reconstruction]
-        weights = L.matryoshka_weights(len(recons), cfg.matryoshka_weights)
-        rec = n * L.matryoshka_loss(y, recons, weights)
-    else:
-        rec = n * L.reconstruction_loss(y, out.reconstruction)
-    if cfg.sparsity == "quadratic_l0":
-        assert cfg.target_l0 is not None
-        sparsity = L.l0_quadratic_loss(out.l0, cfg.target_l0, lam).sum()
-    elif cfg.sparsity == "l0":
-        sparsity = L.l0_linear_loss(out.l0, lam).sum()
-    else:
-        sparsity = L.l1_loss(out.l1, lam).sum()
-    freq = rec.new_zeros(())
-    if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
-        freq = L.frequency_penalty(out.fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)
-
-    loss = rec + sparsity + freq
-    loss.backward()
-    clt.remove_parallel_grad_()
-    optimizer.step()
-    clt.normalize_decoder_()
-
-    dead = [0] * n
-    if tracker is not None:
-        tracker.update((out.fire_rate.detach() > 0).flatten(), x.shape[1])
-        dead = [int(v) for v in tracker.dead_mask().view(n, -1).sum(1)]
-    return CLTStepStats(
-        loss=float(loss.detach()),
-        reconstruction=float(rec.detach()),
-        sparsity=float(sparsity.detach()),
-        frequency=float(freq.detach()),
-        l0=[float(v) for v in out.l0.detach()],
-        fvu=[float(v) for v in L.fvu_per_layer(y, out.reconstruction.detach())],
-        dead=dead,
-        lr=lr,
-        sparsity_coeff=lam,
-    )
 
 
 # ---- which layers -------------------------------------------------------------------------------
@@ -194,19 +102,19 @@ def clt_layers(spec: str, available: Iterable[str], n_layers: int | None = None)
     return chosen
 
 
-def _clt_data(cfg: TrainConfig, device: str) -> tuple[_Data, list[int]]:
+def _clt_data(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[int]]:
     if cfg.model:
         # Live: capture only the chosen layers' mlp_in (the trainer adds their mlp_out).
-        data, _ = _live(
+        data, _ = live(
             dataclasses.replace(cfg, sites="*.mlp_in" if cfg.sites == "all" else cfg.sites), device
         )
         return data, clt_layers("all", data.widths)
-    data, _ = _from_store(dataclasses.replace(cfg, sites="all"))
+    data, _ = from_store(dataclasses.replace(cfg, sites="all"))
     n_layers = ActivationStore(cfg.store, verify=False).manifest["model"].get("n_layers")
     return data, clt_layers(cfg.sites, data.widths, n_layers)
 
 
-def _one_width(data: _Data, sites: list[str]) -> int:
+def _one_width(data: TrainingData, sites: list[str]) -> int:
     widths = {data.widths[s] for s in sites}
     if len(widths) != 1:
         raise OpenscopeError(
@@ -315,15 +223,7 @@ def _stacked(batch: ActivationBatch, sites: list[str], scales: Tensor, device: s
 
 def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train one CLT over the chosen layers (see `trainer.train`, which calls this for --kind clt/skip_clt)."""
-    if cfg.kind not in CLT_KINDS:
-        raise OpenscopeError(f"train_clt trains {' or '.join(CLT_KINDS)}, not {cfg.kind!r}")
-    if cfg.activation not in ("jumprelu", "relu"):
-        raise OpenscopeError(f"a CLT is jumprelu or relu, not {cfg.activation}")
-    _, world = _dist()
-    if world > 1:
-        raise OpenscopeError(
-            "CLT training runs in one process (torchrun data parallelism is not implemented for CLTs)"
-        )
+    _check_clt_run(cfg)
     device = resolve_device(cfg.device)
     data, layers = _clt_data(cfg, device)
     sites_in = [f"{i}.mlp_in" for i in layers]
@@ -331,36 +231,27 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     scale_in = torch.tensor([data.scales[s] for s in sites_in], device=device)
     scale_out = torch.tensor([data.scales[s] for s in sites_out], device=device)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
-    step_cfg = _step_config(cfg, total_steps)
+    step_cfg = step_config(cfg, total_steps)
     run = open_run(cfg, create=False)
     out = run.folder
-    identity = {**_identity(cfg), "world_size": 1}
+    identity = {**run_identity(cfg), "world_size": 1}
     checkpoint = out / CHECKPOINT
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS
 
-    ccfg = CLTConfig(
-        n_layers=len(layers),
-        d_in=_one_width(data, sites_in),
-        d_out=_one_width(data, sites_out),
-        width=cfg.width,
-        activation="relu" if cfg.activation == "relu" else "jumprelu",
-        skip=cfg.kind == "skip_clt",
-        init_threshold=cfg.init_threshold or 0.001,
-        seed=cfg.seed,
-    )
+    ccfg = _clt_config(cfg, data, sites_in, sites_out)
     clt = _initial_coder(cfg, ccfg, layers, scale_in.cpu(), scale_out.cpu()).to(device)
     state = _CLTState(clt, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens))
     log.info("CLT over layers %d-%d: %d x %d latents", layers[0], layers[-1], len(layers), cfg.width)
 
-    start_step = _start_step(cfg, checkpoint, identity, [state], metrics_path)
+    first = start_step(cfg, checkpoint, identity, [state], metrics_path)
 
-    batches = first_then_rest(data.batches(sites_in + sites_out, start_step))
+    batches = first_then_rest(data.batches(sites_in + sites_out, first))
     run = open_run(cfg)  # the data gave its first batch: now the run's folder is made
     metrics = metrics_path.open("a")
     t0 = time.perf_counter()
     bar = tqdm(
         total=total_steps * cfg.batch_size,
-        initial=start_step * cfg.batch_size,
+        initial=first * cfg.batch_size,
         unit="tok",
         unit_scale=True,
         desc=f"train CLT {layers[0]}-{layers[-1]}",
@@ -387,36 +278,54 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         bar.set_postfix_str(_postfix(state), refresh=False)
 
     end = total_steps if stop_after is None else min(total_steps, stop_after)
-    step = _run_steps(
+    step = run_steps(
         batches,
-        start_step,
+        first,
         end,
         one_step,
         cfg.checkpoint_every,
-        lambda step: _save_checkpoint(checkpoint, step, [state], identity, metrics),
+        lambda step: save_checkpoint(checkpoint, step, [state], identity, metrics),
         bar,
         metrics,
     )
     with metrics_path.open("a") as tail:
-        _save_checkpoint(checkpoint, step, [state], identity, tail)
+        save_checkpoint(checkpoint, step, [state], identity, tail)
     finals = {site: {k: v[i] for k, v in state.last.items()} for i, site in enumerate(sites_in) if state.last}
     if stop_after is not None and step < total_steps:
         return TrainResult({}, step, finals, time.perf_counter() - t0)
 
     folder = _save(state, cfg, data, layers, out, step, scale_in, scale_out)
-    save_json(
-        out / "run.json",
-        {
-            "config": cfg,
-            "steps": step,
-            "world_size": 1,
-            "layers": layers,
-            "final": finals,
-            "mean": state.means(),
-        },
-    )
+    run_json = {"config": cfg, "steps": step, "world_size": 1, "layers": layers, "final": finals}
+    save_json(out / "run.json", {**run_json, "mean": state.means()})
     run.commit()
     return TrainResult({sites_in[0]: Path(cfg.output) / folder.name}, step, finals, time.perf_counter() - t0)
+
+
+def _check_clt_run(cfg: TrainConfig) -> None:
+    """A CLT run is of a CLT kind, jumprelu or relu, in one process."""
+    if cfg.kind not in CLT_KINDS:
+        raise OpenscopeError(f"train_clt trains {' or '.join(CLT_KINDS)}, not {cfg.kind!r}")
+    if cfg.activation not in ("jumprelu", "relu"):
+        raise OpenscopeError(f"a CLT is jumprelu or relu, not {cfg.activation}")
+    _, world = init_distributed()
+    if world > 1:
+        raise OpenscopeError(
+            "CLT training runs in one process (torchrun data parallelism is not implemented for CLTs)"
+        )
+
+
+def _clt_config(cfg: TrainConfig, data: TrainingData, sites_in: list[str], sites_out: list[str]) -> CLTConfig:
+    """The CLT's shape and start settings from the run's settings and the data's widths."""
+    return CLTConfig(
+        n_layers=len(sites_in),
+        d_in=_one_width(data, sites_in),
+        d_out=_one_width(data, sites_out),
+        width=cfg.width,
+        activation="relu" if cfg.activation == "relu" else "jumprelu",
+        skip=cfg.kind == "skip_clt",
+        init_threshold=cfg.init_threshold or 0.001,
+        seed=cfg.seed,
+    )
 
 
 def _log_metrics(metrics: TextIO, stats: CLTStepStats, step: int, cfg: TrainConfig, site: str) -> None:
@@ -452,7 +361,7 @@ def _postfix(state: _CLTState) -> str:
 def _save(
     state: _CLTState,
     cfg: TrainConfig,
-    data: _Data,
+    data: TrainingData,
     layers: list[int],
     out: Path,
     step: int,

@@ -1,7 +1,8 @@
 """One training step of a sparse dictionary: forward, losses, backward, constrained Adam step.
 
-Not the trainer (data loop, checkpoints, logging live elsewhere): `train_step` is the pure core a
-trainer calls once per batch, returning a `StepStats` of plain floats.
+Not the trainer (data loop, checkpoints, logging: `openscope.train.loop`): `train_step` (a single-layer
+SAE or transcoder) and `clt_train_step` (a cross-layer transcoder) are the pure cores a trainer calls
+once per batch, returning a `StepStats` / `CLTStepStats` of plain floats.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from openscope.coders import losses as L
+from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import Path, SparseCoder
 from openscope.errors import OpenscopeError
 
@@ -133,7 +135,8 @@ def make_optimizer(coder: nn.Module, lr: float = 7e-5, threshold_lr_scale: float
     return torch.optim.Adam(groups, lr=lr, betas=(0.0, 0.999))
 
 
-def _check_sparsity(cfg: StepConfig, activation: str) -> None:
+def check_sparsity(cfg: StepConfig, activation: str) -> None:
+    """The sparsity loss fits the activation: the L0 losses need JumpReLU, L1 needs ReLU."""
     needs = {"quadratic_l0": "jumprelu", "l0": "jumprelu", "l1": "relu"}.get(cfg.sparsity)
     if needs is not None and activation != needs:
         raise OpenscopeError(f"{cfg.sparsity} sparsity needs a {needs} coder, not {activation}")
@@ -150,7 +153,7 @@ def train_step(
 ) -> StepStats:
     """One optimisation step on raw activations x (input) and y (target; None for an SAE)."""
     ccfg = coder.cfg
-    _check_sparsity(cfg, ccfg.activation)
+    check_sparsity(cfg, ccfg.activation)
     target = x if y is None else y
     if target.shape != (x.shape[0], ccfg.d_out):
         raise OpenscopeError(f"target must be [{x.shape[0]}, {ccfg.d_out}], got {list(target.shape)}")
@@ -212,6 +215,98 @@ def train_step(
         l0=float(out.l0.detach()),
         fvu=float(L.fvu(yn, recon.detach())),
         dead=n_dead,
+        lr=lr,
+        sparsity_coeff=lam,
+    )
+
+
+class CLTStepStats(NamedTuple):
+    """What one CLT step measured (normalised units); per-layer lists are in layer order."""
+
+    loss: float
+    """Total loss that was minimised."""
+    reconstruction: float
+    """Reconstruction (or Matryoshka) loss, summed over layers."""
+    sparsity: float
+    """Sparsity loss (λ included), summed over layers."""
+    frequency: float
+    """Frequency penalty (λ_f included)."""
+    l0: list[float]
+    """Mean firing latents per token, per layer."""
+    fvu: list[float]
+    """Fraction of variance unexplained of each layer's target by the full reconstruction."""
+    dead: list[int]
+    """Latents per layer that have not fired for the tracker's window (0s without a tracker)."""
+    lr: float
+    """Learning rate used."""
+    sparsity_coeff: float
+    """λ used (after warm-up)."""
+
+
+def clt_train_step(
+    clt: CrossLayerCoder,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    cfg: StepConfig,
+    step: int,
+    tracker: DeadLatentTracker | None = None,
+) -> CLTStepStats:
+    """One optimisation step on normalised inputs x [L, B, d_in] and targets y [L, B, d_out]."""
+    ccfg = clt.cfg
+    check_sparsity(cfg, ccfg.activation)
+    if cfg.sparsity == "none":
+        raise OpenscopeError("a CLT (jumprelu or relu) needs a sparsity loss; sparsity none is for topk")
+    n = ccfg.n_layers
+    if y.shape != (n, x.shape[1], ccfg.d_out):
+        raise OpenscopeError(f"CLT targets must be [{n}, {x.shape[1]}, {ccfg.d_out}], got {list(y.shape)}")
+    if any(p > ccfg.width for p in cfg.matryoshka_prefixes):
+        raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
+    prefixes = tuple(p for p in cfg.matryoshka_prefixes if p < ccfg.width)
+
+    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps, cfg.total_steps, cfg.lr_decay_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
+
+    optimizer.zero_grad(set_to_none=True)
+    out = clt.train_forward(x, prefixes=prefixes, path=cfg.path)
+    # reconstruction_loss means over all leading dims ([L, B]): × L makes it the sum over layers.
+    if cfg.matryoshka_prefixes:
+        recons = [*out.prefix_reconstructions, out.reconstruction]
+        weights = L.matryoshka_weights(len(recons), cfg.matryoshka_weights)
+        rec = n * L.matryoshka_loss(y, recons, weights)
+    else:
+        rec = n * L.reconstruction_loss(y, out.reconstruction)
+    if cfg.sparsity == "quadratic_l0":
+        assert cfg.target_l0 is not None
+        sparsity = L.l0_quadratic_loss(out.l0, cfg.target_l0, lam).sum()
+    elif cfg.sparsity == "l0":
+        sparsity = L.l0_linear_loss(out.l0, lam).sum()
+    else:
+        sparsity = L.l1_loss(out.l1, lam).sum()
+    freq = rec.new_zeros(())
+    if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
+        freq = L.frequency_penalty(out.fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)
+
+    loss = rec + sparsity + freq
+    loss.backward()
+    clt.remove_parallel_grad_()
+    optimizer.step()
+    clt.normalize_decoder_()
+
+    dead = [0] * n
+    if tracker is not None:
+        tracker.update((out.fire_rate.detach() > 0).flatten(), x.shape[1])
+        dead = [int(v) for v in tracker.dead_mask().view(n, -1).sum(1)]
+    return CLTStepStats(
+        loss=float(loss.detach()),
+        reconstruction=float(rec.detach()),
+        sparsity=float(sparsity.detach()),
+        frequency=float(freq.detach()),
+        l0=[float(v) for v in out.l0.detach()],
+        fvu=[float(v) for v in L.fvu_per_layer(y, out.reconstruction.detach())],
+        dead=dead,
         lr=lr,
         sparsity_coeff=lam,
     )

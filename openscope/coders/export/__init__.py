@@ -1,6 +1,6 @@
 """Export dictionaries for the tools people use: SAELens (`cfg.json` + `sae_weights.safetensors`) and
 circuit-tracer (`config.yaml` + per-layer safetensors). Every export is checked in full before anything
-is written and lands in one rename; a non-empty target is only replaced when asked (DESIGN §4)."""
+is written and lands in one rename; a non-empty target is only replaced when asked (`openscope.files`)."""
 
 from __future__ import annotations
 

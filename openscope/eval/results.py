@@ -1,0 +1,118 @@
+"""What an evaluation is asked for and what it returns: `EvalConfig` and the report types.
+
+`evaluate` (in `openscope.eval.evaluate`) fills them in; `openscope.eval.report` writes them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from openscope.eval import metrics as m
+
+
+@dataclass
+class EvalConfig:
+    """Which dictionaries to evaluate, on which model and text, and where to write the report."""
+
+    dictionaries: list[Path] = field(default_factory=lambda: [Path("openscope-out/dictionaries")])
+    """Dictionary folders (openscope, Gemma Scope 1 or 2), or folders to search for them; repeat the flag for several."""
+    model: str | None = None
+    """Model (name, local directory or hub id). Default: the `model_name` in the dictionaries' config.json."""
+    source: str = "wiki"
+    """Text: wiki, shakespeare, python, or a path (as for harvest); slice documents, e.g. `wiki[9000:]`, to evaluate on text the dictionaries were not trained on."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet, saved dataset) holding the text."""
+    roles: str = ""
+    """Chat sources: measure only tokens of these roles, e.g. `model` (of template, system, user, model): reconstruction on those tokens, next-token loss where the predicted token has one of them. Dictionaries are still spliced at every token. Empty: every token."""
+    tokens: int = 32_768
+    """Token budget: contexts are evaluated until this many context positions are covered."""
+    context_len: int = 256
+    """Tokens per packed context (the first is always BOS)."""
+    batch_size: int = 4
+    """Contexts per forward. Memory grows with batch_size x context_len x vocabulary (Gemma: 262k) x 4 bytes per logits tensor; two are alive at once."""
+    all_at_once: bool = False
+    """Also splice every dictionary at once (the whole replacement) and report the joint delta loss, KL and loss recovered."""
+    loss_recovered: bool = True
+    """Measure loss recovered: one extra forward per distinct output site per batch, with that site zero-ablated (--no-loss-recovered skips it)."""
+    histogram_bins: int = 50
+    """Bins of the latent firing-frequency histograms (log10 frequency)."""
+    output: Path = Path("openscope-out/eval")
+    """Folder for report.json, report.md, frequencies.safetensors and the PNG plots."""
+    overwrite: bool = False
+    """Replace the report already in --output (only a report openscope wrote is ever replaced)."""
+    device: str = "auto"
+    """Device: auto (cuda if available), cpu, cuda, ..."""
+    cache_dir: Path | None = None
+    """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+
+
+class LMMetrics(NamedTuple):
+    """Next-token metrics of one splice (a dictionary alone, or all at once) against the clean model."""
+
+    ce_clean: float
+    """Clean cross-entropy (nats per token) over the counted positions."""
+    ce_spliced: float
+    """Cross-entropy with the reconstruction(s) spliced in."""
+    delta_loss: float
+    """ce_spliced − ce_clean: the main quality metric (lower is better)."""
+    kl: float
+    """Mean KL(clean ‖ spliced) of the next-token distributions (nats)."""
+    ce_zero: float | None
+    """Cross-entropy with the output site(s) zero-ablated (None when not measured)."""
+    loss_recovered: float | None
+    """(ce_zero − ce_spliced) / (ce_zero − ce_clean); None when not measured."""
+
+
+class DictionaryReport(NamedTuple):
+    """Everything measured for one dictionary."""
+
+    name: str
+    """The dictionary's label."""
+    site_in: str
+    """Site it reads, e.g. `6.mlp_in`."""
+    site_out: str
+    """Site it reconstructs / replaces, e.g. `6.mlp_out`."""
+    kind: str
+    """sae, transcoder, skip_transcoder or clt."""
+    n_layers: int
+    """Layers the dictionary spans (a CLT: site_in/site_out are its first layer's; else 1)."""
+    width: int
+    """Number of latents (a CLT: over all its layers)."""
+    folder: str | None
+    """Folder it was loaded from, if any."""
+    recon: m.ReconstructionMetrics
+    """Reconstruction metrics on clean activations (L0, FVU, MSE, dead, dense, frequencies)."""
+    histogram: m.Histogram
+    """Histogram of log10 latent firing frequencies."""
+    lm: LMMetrics
+    """Next-token metrics with this dictionary alone spliced in (a CLT: all its layers at once)."""
+    layers: tuple[m.ReconstructionMetrics, ...] = ()
+    """A CLT: the reconstruction metrics of each of its layers (layer site_in's + i): L0 of that layer's
+    latents, FVU/MSE of that layer's output site. Empty for a single-layer dictionary."""
+
+
+class EvalReport(NamedTuple):
+    """The result of `evaluate`."""
+
+    model: str
+    """The model the dictionaries were spliced into."""
+    source: str
+    """The text source."""
+    n_contexts: int
+    """Contexts evaluated."""
+    n_tokens: int
+    """Kept tokens (BOS/EOS/pad excluded) the reconstruction metrics are measured on."""
+    n_ce_positions: int
+    """Positions the next-token metrics are averaged over (input and target both kept)."""
+    dictionaries: list[DictionaryReport]
+    """Per-dictionary results, in the order given."""
+    joint: LMMetrics | None
+    """Every dictionary spliced at once (all_at_once), else None."""
+    seconds: float
+    """Wall time of the evaluation loop."""
+    tokens_per_s: float
+    """Context tokens per second through the loop (all forwards included)."""
+    files: list[Path]
+    """Files written (report.json, report.md, frequencies.safetensors, PNGs)."""

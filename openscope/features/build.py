@@ -1,0 +1,459 @@
+"""`openscope features`: per-latent dashboards of sparse dictionaries, streamed into the SQLite index.
+
+For every latent of each dictionary, over a token budget:
+- **top-k examples** and **quantile examples** (`openscope.features.examples`);
+- **firing frequency**, mean activation (over firing tokens), max activation, and a histogram of the
+  nonzero activations on fixed log-spaced bins (`openscope.features.streaming`);
+- **logit effects** and **neighbours** of its decoder direction (`openscope.features.directions`);
+- **roles** (chat data, whose tokens carry roles): per role, the firing frequency and mean activation,
+  and how specific the latent is to that role (`openscope.features.roles`). `--roles model` indexes only
+  the tokens of those roles.
+
+Data: rows of an activation store (`--store`: every shard keeps the token ids of its contexts, so
+examples show text), or live (`--source`: the model runs on a text source, stopping at the last
+site needed). Batches are whole contexts (`openscope.activations.batches`), so the window around any
+token is in the batch. Nothing proportional to the number of tokens is ever held.
+
+Incremental and resumable: each dictionary has a fingerprint (weights, data, settings). One whose
+finished dashboards carry the same fingerprint is skipped, so adding a dictionary computes only
+that one. While running, every `checkpoint_every` batches the whole streaming state of each
+dictionary is committed to the `progress` table together with the number of batches done; a rerun
+restores it and continues at that batch (an interruption loses at most that many batches). Random
+keys are seeded by (seed, batch index), so a resumed run ends with exactly the state of an
+uninterrupted one. The finished dashboards of a dictionary are written in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm.auto import tqdm
+
+from openscope.activations.batches import check_context_store, keep_roles, live_batches, store_batches
+from openscope.activations.store import ActivationStore, shard_checksum
+from openscope.coders.coder import SparseCoder
+from openscope.coders.dictionary import (
+    Dictionary,
+    dictionary_folders,
+    load_dictionary,
+    model_of,
+    unique_names,
+    validate_dictionary,
+)
+from openscope.data.chat import role_ids
+from openscope.data.sources import is_chat_source
+from openscope.errors import OpenscopeError
+from openscope.features.config import FeaturesConfig
+from openscope.features.directions import logit_rows, neighbour_lists, output_directions
+from openscope.features.examples import finish_examples
+from openscope.features.export import FEATURE_EXPORT, export_features
+from openscope.features.index import ExampleRow, FeatureRow, connect, mark_pending, write_results
+from openscope.features.roles import role_rows
+from openscope.features.schema import DictionaryInfo
+from openscope.features.streaming import LatentStats, hist_edges
+from openscope.files import absolute, check_output, child, safe_name
+from openscope.models.load import LoadedModel, load_model, resolve_device
+from openscope.models.tokens import token_pieces
+
+log = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1
+"""Bumped when the computation changes meaning (part of every fingerprint)."""
+
+
+class FeaturesResult(NamedTuple):
+    """What `compute_features` did."""
+
+    output: Path
+    """The database."""
+    computed: list[str]
+    """Dictionaries whose dashboards were (re)computed in this run."""
+    skipped: list[str]
+    """Dictionaries already complete with the same fingerprint (left untouched)."""
+    n_tokens: int
+    """Tokens this run encoded (summed over batches, not over dictionaries)."""
+    seconds: float
+    """Wall time of the streaming pass."""
+    tokens_per_s: float
+    """n_tokens / seconds."""
+    exported: list[Path]
+    """JSON files written by --export."""
+
+
+# ---- finishing: from streaming state to database rows ----------------------------------------------
+
+
+def finish(
+    stats: LatentStats, d: Dictionary, loaded: LoadedModel, cfg: FeaturesConfig
+) -> tuple[list[FeatureRow], list[ExampleRow], list[tuple[int, int, int, int, float]], dict[int, str]]:
+    """Database rows of one dictionary: features, examples, logits, and the vocabulary they use."""
+    coder = d.coder
+    assert isinstance(coder, SparseCoder)
+    f = stats.width
+    directions = output_directions(coder).cpu()
+    logits = logit_rows(loaded, d, directions, cfg.logits)
+    neighbours = neighbour_lists(directions, cfg.neighbours)
+    examples = finish_examples(stats, cfg.quantile_buckets, cfg.window)
+    top = examples.top
+
+    used = examples.token_ids()
+    used |= {row[3] for row in logits.rows}
+    vocab = token_pieces(loaded.tokenizer, sorted(used))
+    top_token = {
+        e.latent: vocab.get(e.max_token_id, "") for e in examples.rows if e.kind == "top" and e.rank == 0
+    }
+    n = max(stats.tokens_done, 1)
+    features = []
+    for latent in range(f):
+        counts = stats.hist[latent]
+        nz = counts.nonzero().squeeze(1)
+        first, last = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
+        fired = int(stats.n_fired[latent])
+        features.append(
+            FeatureRow(
+                latent=latent,
+                frequency=fired / n,
+                n_fired=fired,
+                max_activation=max(float(top.score[latent, 0]), 0.0) if fired else 0.0,
+                mean_activation=float(stats.act_sum[latent]) / fired if fired else 0.0,
+                top_token=top_token.get(latent, ""),
+                top_logit=vocab.get(logits.top_id[latent], ""),
+                hist_first=first,
+                hist_counts=counts[first:last].tolist(),
+                neighbours=neighbours[latent],
+            )
+        )
+    return features, examples.rows, logits.rows, vocab
+
+
+# ---- fingerprints and checkpoints ------------------------------------------------------------------
+
+
+def _settings(cfg: FeaturesConfig, batch_contexts: int) -> dict[str, Any]:
+    keys = [
+        "tokens",
+        "top_k",
+        "window",
+        "quantile_buckets",
+        "quantile_examples",
+        "hist_min",
+        "hist_max",
+        "bins_per_decade",
+        "logits",
+        "neighbours",
+        "seed",
+    ]
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    out["batch_contexts"] = batch_contexts
+    if cfg.roles:  # only when set, so dashboards made before role filters stay up to date
+        out["roles"] = cfg.roles
+    return out
+
+
+def coder_digest(coder: SparseCoder) -> str:
+    """sha256 of a coder's tensors (names, shapes, bytes): changes whenever the weights do."""
+    digest = hashlib.sha256()
+    for name, t in sorted(coder.state_dict().items()):
+        digest.update(f"{name}{list(t.shape)}{t.dtype}".encode())
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(d: Dictionary, data_identity: str, settings: dict[str, Any]) -> str:
+    """What a dictionary's dashboards depend on: weights, sites, data and settings."""
+    assert isinstance(d.coder, SparseCoder)
+    text = json.dumps(
+        [FEATURES_VERSION, d.site_in.name, d.site_out.name, coder_digest(d.coder), data_identity, settings],
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _info(
+    d: Dictionary, loaded: LoadedModel, source: str, n_tokens: int, alive: int, complete: bool
+) -> DictionaryInfo:
+    coder = d.coder
+    assert isinstance(coder, SparseCoder)
+    return DictionaryInfo(
+        name=d.name,
+        site=d.site_in.name,
+        site_out=d.site_out.name,
+        width=coder.cfg.width,
+        kind=coder.cfg.kind,
+        model=loaded.name,
+        folder=str(d.folder or ""),
+        source=source,
+        n_tokens=n_tokens,
+        complete=complete,
+        alive=alive,
+    )
+
+
+def _save_progress(conn: sqlite3.Connection, name: str, fp: str, stats: LatentStats) -> None:
+    blob = st_save({k: v.contiguous() for k, v in stats.state().items()})
+    with conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO progress VALUES (?,?,?,?,?)",
+            (name, fp, stats.batches_done, stats.tokens_done, blob),
+        )
+
+
+def _load_progress(conn: sqlite3.Connection, name: str, fp: str, stats: LatentStats) -> bool:
+    row = conn.execute("SELECT fingerprint, state FROM progress WHERE dictionary = ?", (name,)).fetchone()
+    if row is None or row[0] != fp:
+        return False
+    stats.load(st_load(bytes(row[1])))
+    return True
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+
+
+class _Data(NamedTuple):
+    """Where the tokens come from, and what identifies them in the fingerprints."""
+
+    store: ActivationStore | None
+    context_len: int
+    batch_contexts: int
+    identity: str
+    label: str
+
+
+def _check_settings(cfg: FeaturesConfig) -> None:
+    for name in ("tokens", "batch_tokens", "checkpoint_every", "quantile_buckets"):
+        if getattr(cfg, name) < 1:
+            raise OpenscopeError(f"{name} must be at least 1")
+    for name in ("top_k", "window", "quantile_examples", "logits", "neighbours"):
+        if getattr(cfg, name) < 0:
+            raise OpenscopeError(f"{name} must not be negative")
+
+
+def _open_store(cfg: FeaturesConfig) -> ActivationStore | None:
+    store = ActivationStore(cfg.store) if cfg.store is not None else None
+    wanted = role_ids(cfg.roles)
+    if store is not None:
+        store.check_roles(wanted)
+    elif wanted and not is_chat_source(cfg.source):
+        raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
+    return store
+
+
+def _dictionaries(cfg: FeaturesConfig, dictionaries: Sequence[Dictionary] | None) -> list[Dictionary]:
+    """The dictionaries to index, uniquely named, checked before any work (--export target, kind)."""
+    if dictionaries is None:
+        dictionaries = [load_dictionary(f) for f in dictionary_folders(cfg.dictionaries)]
+    dicts = unique_names(list(dictionaries))
+    if not dicts:
+        raise OpenscopeError("no dictionaries to index")
+    for d in dicts if cfg.export is not None else []:  # a bad --export is refused before the work
+        target = child(absolute(cfg.export or "."), safe_name(d.name, "dictionary"))
+        check_output(target, FEATURE_EXPORT, overwrite=cfg.overwrite, flag="--export")
+    for d in dicts:
+        if not isinstance(d.coder, SparseCoder):
+            raise OpenscopeError(
+                f"dictionary {d.name} is a cross-layer transcoder; feature dashboards support single-layer "
+                "dictionaries only for now"
+            )
+    return dicts
+
+
+def _data(cfg: FeaturesConfig, store: ActivationStore | None, dicts: list[Dictionary]) -> _Data:
+    if store is not None:
+        check_context_store(store, [d.site_in for d in dicts])
+        context_len = int(store.manifest["identity"]["context_len"])
+        data_identity = json.dumps(
+            ["store", str(Path(cfg.store or "").resolve()), [shard_checksum(s)[1] for s in store.shards]]
+        )
+        source_label = str(cfg.store)
+    else:
+        context_len = cfg.context_len
+        data_identity = json.dumps(["live", cfg.source, cfg.text_field, context_len, cfg.model])
+        source_label = cfg.source
+    batch_contexts = max(1, cfg.batch_tokens // context_len)
+    return _Data(store, context_len, batch_contexts, data_identity, source_label)
+
+
+def _write(
+    conn: sqlite3.Connection,
+    cfg: FeaturesConfig,
+    loaded: LoadedModel,
+    d: Dictionary,
+    stats: LatentStats,
+    fp: str,
+    settings: dict[str, Any],
+    label: str,
+) -> None:
+    """Finish one dictionary's dashboards and write them (one transaction)."""
+    edges = hist_edges(cfg.hist_min, cfg.hist_max, cfg.bins_per_decade).tolist()
+    features, examples, logits, vocab = finish(stats, d, loaded, cfg)
+    alive = int((stats.n_fired > 0).sum())
+    info = _info(d, loaded, label, stats.tokens_done, alive, complete=True)
+    write_results(
+        conn,
+        info,
+        fp,
+        {
+            **settings,
+            "hist_edges": edges,
+            "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        },
+        features,
+        examples,
+        logits,
+        vocab,
+        role_rows(stats.roles),
+    )
+    log.info("%s: %d of %d latents alive over %d tokens", d.name, info.alive, info.width, info.n_tokens)
+
+
+def compute_features(
+    cfg: FeaturesConfig,
+    loaded: LoadedModel | None = None,
+    dictionaries: Sequence[Dictionary] | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> FeaturesResult:
+    """Compute (or resume, or skip) the dashboards of every dictionary and write them to cfg.output.
+
+    Pass `loaded`/`dictionaries` to use ones in memory (then cfg.dictionaries is not read).
+    `on_batch(batch_index)` is called after each batch (after any checkpoint): progress hooks, tests.
+    """
+    _check_settings(cfg)
+    device = resolve_device(cfg.device)
+    store = _open_store(cfg)
+    dicts = _dictionaries(cfg, dictionaries)
+    data = _data(cfg, store, dicts)
+    settings = _settings(cfg, data.batch_contexts)
+    prints = {d.name: fingerprint(d, data.identity, settings) for d in dicts}
+
+    conn = connect(cfg.output)
+    try:
+        done = {
+            r[0]: r[1] for r in conn.execute("SELECT name, fingerprint FROM dictionaries WHERE complete = 1")
+        }
+        pending = [d for d in dicts if cfg.force or done.get(d.name) != prints[d.name]]
+        skipped = [d.name for d in dicts if d not in pending]
+        for name in skipped:
+            log.info("%s: dashboards complete and up to date, skipped", name)
+        seconds, n_tokens = 0.0, 0
+        if pending:
+            if loaded is None:
+                model_name = cfg.model or (
+                    store.manifest["identity"].get("model") if store is not None else None
+                )
+                loaded = load_model(model_name or model_of(pending), device=device, cache_dir=cfg.cache_dir)
+            for d in pending:
+                validate_dictionary(d, loaded)
+                d.coder.to(loaded.device).eval()
+                mark_pending(conn, _info(d, loaded, data.label, 0, 0, complete=False))
+            run = _stream(cfg, conn, loaded, data, pending, prints, progress, on_batch)
+            seconds, n_tokens = run.seconds, run.n_tokens
+            for d in pending:
+                _write(conn, cfg, loaded, d, run.stats[d.name], prints[d.name], settings, data.label)
+    finally:
+        conn.close()
+    exported: list[Path] = []
+    if cfg.export is not None:
+        for d in dicts:
+            exported += export_features(
+                cfg.output, d.name, cfg.export, cfg.export_latents, cfg.neuronpedia, cfg.overwrite
+            )
+    return FeaturesResult(
+        Path(cfg.output),
+        [d.name for d in pending],
+        skipped,
+        n_tokens,
+        seconds,
+        n_tokens / seconds if seconds > 0 else 0.0,
+        exported,
+    )
+
+
+class _Run(NamedTuple):
+    stats: dict[str, LatentStats]
+    seconds: float
+    n_tokens: int
+
+
+@torch.inference_mode()
+def _stream(
+    cfg: FeaturesConfig,
+    conn: sqlite3.Connection,
+    loaded: LoadedModel,
+    data: _Data,
+    dicts: list[Dictionary],
+    prints: dict[str, str],
+    progress: bool,
+    on_batch: Callable[[int], None] | None,
+) -> _Run:
+    """The streaming pass over the data for every pending dictionary at once (one read/forward per batch)."""
+    stats: dict[str, LatentStats] = {}
+    for d in dicts:
+        s = LatentStats(d.coder.cfg.width, cfg)
+        if not cfg.force and _load_progress(conn, d.name, prints[d.name], s):
+            log.info("%s: resuming after %d batches (%d tokens)", d.name, s.batches_done, s.tokens_done)
+        stats[d.name] = s
+    sites = list(dict.fromkeys(d.site_in for d in dicts))
+    start = min(s.batches_done for s in stats.values())
+    todo = [d for d in dicts if stats[d.name].tokens_done < cfg.tokens]
+    if data.store is not None:
+        batches = store_batches(data.store, sites, data.batch_contexts, start)
+    else:
+        batches = live_batches(
+            loaded, sites, cfg.source, cfg.text_field, data.context_len, data.batch_contexts, start
+        )
+    done_before = min(s.tokens_done for s in stats.values())
+    bar = tqdm(
+        total=cfg.tokens,
+        initial=done_before,
+        unit="tok",
+        unit_scale=True,
+        desc="features",
+        disable=not progress,
+        smoothing=0.1,
+    )
+    t0 = time.perf_counter()
+    n_tokens = 0
+    since_checkpoint = 0
+    wanted = role_ids(cfg.roles)
+    try:
+        for batch in batches if todo else ():
+            batch = keep_roles(batch, wanted)
+            n_rows = len(batch.row_context)
+            for d in todo:
+                s = stats[d.name]
+                if batch.index < s.batches_done or s.tokens_done >= cfg.tokens:
+                    continue
+                coder = d.coder
+                x = batch.acts[d.site_in].to(coder.w_enc.device, coder.w_enc.dtype)
+                s.update(batch, coder.encode(x).float().cpu())
+            n_tokens += n_rows
+            bar.update(n_rows)
+            since_checkpoint += 1
+            finished = all(stats[d.name].tokens_done >= cfg.tokens for d in todo)
+            if since_checkpoint >= cfg.checkpoint_every and not finished:
+                for d in todo:
+                    _save_progress(conn, d.name, prints[d.name], stats[d.name])
+                since_checkpoint = 0
+            if on_batch is not None:
+                on_batch(batch.index)
+            if finished:
+                break
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    short = [d.name for d in dicts if stats[d.name].tokens_done < cfg.tokens]
+    if short:
+        log.warning("the data ran out before the token budget for %s", ", ".join(short))
+    return _Run(stats, seconds, n_tokens)

@@ -1,0 +1,110 @@
+"""The training run's settings (`TrainConfig`, the `openscope train` options) and what a run returns
+(`TrainResult`); shared by the single-layer trainer and the cross-layer transcoder trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on which activations, and how (defaults follow Gemma Scope)."""
+
+    store: Path = Path("openscope-out/activations")
+    """Activation store made by `openscope harvest` (ignored in live mode)."""
+    roles: str = ""
+    """Chat stores: train only on tokens of these roles, e.g. `model` or `model,user` (of template, system, user, model); empty: every token."""
+    model: str = ""
+    """Live mode: run this model (name, directory or hub id) instead of reading --store; one forward per batch feeds every dictionary."""
+    source: str = "wiki"
+    """Live mode: text source (as for harvest)."""
+    context_len: int = 256
+    """Live mode: tokens per packed context."""
+    block_tokens: int = 65_536
+    """Live mode: tokens per shuffling block (memory: block_tokens x total site width x 4 bytes)."""
+    sites: str = "all"
+    """Sites to train on: names or patterns (`all`: every site of the store). Transcoders: the `mlp_in` sites.
+    CLTs: the consecutive layers to cover, e.g. `4-9.mlp_in` (`all`: every layer whose mlp_in and mlp_out the data holds)."""
+    kind: str = "sae"
+    """sae, transcoder (mlp_in -> mlp_out of the same layer), skip_transcoder (adds x @ A), clt (one
+    cross-layer transcoder over the chosen layers: layer l's latents write to mlp_out of l and every later
+    layer) or skip_clt (a CLT with a skip x @ A per layer)."""
+    activation: str = "jumprelu"
+    """jumprelu (Gemma Scope), topk, batchtopk or relu (L1 baseline)."""
+    width: int = 4096
+    """Latents per dictionary (a CLT: per layer)."""
+    k: int | None = None
+    """Active latents per token for topk/batchtopk."""
+    sparsity: str = "auto"
+    """quadratic_l0 (Gemma Scope 2), l0 (Gemma Scope 1), l1, none; auto picks by activation."""
+    target_l0: float = 50.0
+    """Target L0 of the quadratic L0 loss."""
+    sparsity_coeff: float = 1.0
+    """λ of the sparsity loss after warm-up (quadratic L0: 1 holds L0 near its target; weaker values
+    let reconstruction pull L0 above it)."""
+    init_data_dependent: bool = True
+    """Start from the first batch: b_dec = its mean target (the residual stream's large constant
+    part), JumpReLU θ where L0 = target_l0, encoder scaled to the best reconstruction size. Off:
+    Gemma Scope's init (zero biases, θ = init_threshold or 0.001, W_enc = W_decᵀ)."""
+    init_threshold: float | None = None
+    """JumpReLU initial θ (normalised units); unset: 0.001, or calibrated with the data-dependent
+    init (Gemma Scope's 0.001 suits billions of tokens: Adam moves log θ by ~lr per step)."""
+    sparsity_warmup_steps: int = 10_000
+    """Steps of linear λ warm-up (Gemma Scope), capped at a fifth of the run's steps."""
+    freq_coeff: float = 0.1
+    """Weight of the penalty on latents firing on more than max_fire_rate of tokens (jumprelu)."""
+    max_fire_rate: float = 0.1
+    """Fire rate above which a latent is penalised."""
+    matryoshka: str = ""
+    """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off; a CLT: per layer)."""
+    init_from: Path | None = None
+    """SAE/transcoder: start from the dictionaries saved under this folder (one per site, same kind and
+    width) instead of a fresh init: fine-tune a base-model dictionary on new data, e.g. chat tokens.
+    CLT: start from single-layer transcoders found under this folder (one per layer, e.g. an earlier
+    `--kind transcoder` run): their first --width latents (a Matryoshka prefix) give each layer's encoder,
+    threshold and own-layer decoder; later-layer decoder blocks start at zero."""
+    lr: float = 7e-5
+    """Adam learning rate (β = (0, 0.999))."""
+    threshold_lr_scale: float = 50.0
+    """JumpReLU: learning rate of log θ relative to --lr. Adam moves log θ by ~lr per step, so at 1×
+    θ cannot keep up with the encoder (whose weights are ~0.01) and L0 drifts off its target."""
+    lr_warmup_steps: int = 1000
+    """Steps of linear learning-rate warm-up (Gemma Scope), capped at a tenth of the run's steps."""
+    lr_decay: float = 0.2
+    """Fraction of the run at its end over which the learning rate decays linearly to zero (lets
+    the thresholds, and so L0, settle; 0: constant to the end)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    tokens: int = 2_000_000
+    """Training tokens per dictionary (the store is repeated in new shuffles if smaller)."""
+    seed: int = 0
+    """Seed of initialisation and batch order."""
+    output: Path = Path("openscope-out/dictionaries")
+    """Folder for the dictionaries (one sub-folder each), metrics.jsonl and the checkpoint."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    resume: bool = False
+    """Continue from the checkpoint in the output folder (or of an interrupted --overwrite run)."""
+    overwrite: bool = False
+    """Replace the training run already in the output folder (its dictionaries, metrics and checkpoint); the old run stays whole until the new one is saved. Only a folder openscope trained into is ever replaced."""
+    incomplete_store: bool = False
+    """Train on a store whose harvest has not finished (its finished shards only)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, ..."""
+    log_every: int = 20
+    """Steps between metric lines in metrics.jsonl."""
+
+
+class TrainResult(NamedTuple):
+    """What a training run produced."""
+
+    folders: dict[str, Path]
+    """Dictionary folder per input site."""
+    steps: int
+    """Optimisation steps taken in total."""
+    final: dict[str, dict[str, float]]
+    """Last measured L0, FVU and dead fraction per dictionary."""
+    seconds: float
+    """Wall time of this run."""

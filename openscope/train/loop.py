@@ -1,0 +1,355 @@
+"""The training loop both trainers run on (the single-layer one in `trainer.py`, the cross-layer
+transcoder one in `clt.py`): the data (an activation store, or a model run live), torchrun setup, the
+output-folder rule, checkpoints and resume, and the step loop itself.
+
+The batch order is a pure function of the seed, and a checkpoint records the step and the length of
+the metrics file at that step, so a resumed run sees exactly the batches an uninterrupted one would,
+cuts the metric rows logged after its checkpoint, and ends with the same files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, TextIO, cast
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from openscope.activations.batches import ActivationBatch
+from openscope.activations.live import LiveActivations
+from openscope.activations.store import ActivationStore
+from openscope.coders.io import read_coder_config
+from openscope.config import parse_ints, to_jsonable
+from openscope.data.chat import role_ids
+from openscope.errors import OpenscopeError
+from openscope.files import (
+    Ownership,
+    Staged,
+    absolute,
+    atomic_file,
+    check_output,
+    check_target,
+    is_empty_folder,
+    prepare_output,
+    recover,
+    staged_path,
+)
+from openscope.models.load import load_model
+from openscope.models.sites import Site, locate, parse_sites, site_width
+from openscope.train.config import TrainConfig
+from openscope.train.steps import StepConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+"""The checkpoint's file name in the output folder (per rank under torchrun: `rank_file`)."""
+METRICS = "metrics.jsonl"
+"""The metrics file's name in the output folder (per rank under torchrun: `rank_file`)."""
+
+
+# ---- the data ------------------------------------------------------------------------------------
+
+
+class TrainingData(NamedTuple):
+    """Where training activations come from, and what the trainer needs to know about them."""
+
+    model_name: str
+    """The model the activations are of (recorded in each saved dictionary)."""
+    widths: dict[str, int]
+    """Width of each site the data holds."""
+    hook_points: dict[str, str]
+    """Hook point of each site (recorded in each saved dictionary)."""
+    scales: dict[str, float]
+    """Normalisation scale C of each site (E‖x/C‖² = 1)."""
+    description: str
+    """The data in words (the provenance's `data`)."""
+    batches: Callable[[list[str], int], Iterator[ActivationBatch]]
+    """(site names, first batch) -> batches of cfg.batch_size rows, in a seeded order."""
+
+
+def from_store(cfg: TrainConfig) -> tuple[TrainingData, list[str]]:
+    """The activation store at cfg.store, and the site names cfg.sites picks from it."""
+    store = ActivationStore(cfg.store)
+    if not store.complete and not cfg.incomplete_store:
+        raise OpenscopeError(
+            f"the store at {cfg.store} is incomplete (its harvest was interrupted after {len(store.shards)} "
+            "shards): run the same harvest again to finish it, or pass --incomplete-store"
+        )
+    names = store.sites if cfg.sites == "all" else [s.strip() for s in cfg.sites.split(",") if s.strip()]
+    for name in names:
+        store.check_site(name)
+
+    roles = role_ids(cfg.roles)
+    store.check_roles(roles)
+
+    def batches(sites: list[str], start: int) -> Iterator[ActivationBatch]:
+        stream = store.batches(sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True, roles=roles)
+        return itertools.islice(stream, start, None)  # replays the seeded order up to the checkpoint
+
+    info = store.manifest["sites"]
+    data = TrainingData(
+        store.manifest["model"]["name"],
+        {n: int(i["width"]) for n, i in info.items()},
+        {n: i["hook_point"] for n, i in info.items()},
+        {n: store.stats(n).norm_scale for n in info},
+        f"store {store.root} ({store.manifest['identity']['source']}"
+        + (f", roles {cfg.roles})" if cfg.roles else ")"),
+        batches,
+    )
+    return data, names
+
+
+def live(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[str]]:
+    """cfg.model run live on cfg.source (one forward per batch feeds every site), and the input site
+    names: cfg.sites, plus each mlp_in's mlp_out in the data for a transcoder (kind other than sae)."""
+    if cfg.roles:
+        raise OpenscopeError("--roles filters the rows of a chat store; harvest one and train with --store")
+    loaded = load_model(cfg.model, "float32", device)
+    spec = "*.*" if cfg.sites == "all" else cfg.sites
+    names = [s.name for s in parse_sites(spec, loaded.n_layers)]
+    if cfg.kind != "sae":
+        names += [n.replace(".mlp_in", ".mlp_out") for n in names if n.endswith(".mlp_in")]
+    sites = [Site.from_name(n) for n in sorted(set(names), key=lambda n: Site.from_name(n).order)]
+    points = {s.name: locate(loaded.arch.layers, loaded.arch.layers_path, s) for s in sites}
+    acts = LiveActivations(
+        loaded, sites, cfg.source, cfg.context_len, block_tokens=cfg.block_tokens, seed=cfg.seed
+    )
+    # Normalisation scales from a fixed sample (the first contexts), so a resumed run gets the same ones.
+    sample = acts.block(list(itertools.islice(acts.contexts(), 16)))
+    data = TrainingData(
+        loaded.name,
+        {s.name: site_width(points[s.name], loaded.d_model) for s in sites},
+        {n: p.hook_point for n, p in points.items()},
+        {s.name: float(sample[s.name].double().pow(2).sum(1).mean().sqrt()) for s in sites},
+        f"live {loaded.name} on {cfg.source!r}",
+        lambda _sites, start: acts.batches(cfg.batch_size, start),
+    )
+    return data, [n for n in names if cfg.kind == "sae" or n.endswith(".mlp_in")]
+
+
+# ---- what a run is -------------------------------------------------------------------------------
+
+
+def step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
+    """The step's losses and schedules. Gemma Scope's warm-ups were set for runs of 100k+ steps; a
+    shorter run would end before its λ is up, so each is capped at a fraction of the run."""
+    sparsity = cfg.sparsity
+    if sparsity == "auto":
+        sparsity = {"jumprelu": "quadratic_l0", "relu": "l1"}.get(cfg.activation, "none")
+    prefixes = parse_ints(cfg.matryoshka, "--matryoshka")
+    return StepConfig(
+        lr=cfg.lr,
+        lr_warmup_steps=min(cfg.lr_warmup_steps, total_steps // 10),
+        total_steps=total_steps,
+        lr_decay_steps=round(cfg.lr_decay * total_steps),
+        sparsity=sparsity,  # type: ignore[arg-type]
+        sparsity_coeff=cfg.sparsity_coeff,
+        target_l0=cfg.target_l0 if sparsity == "quadratic_l0" else None,
+        sparsity_warmup_steps=min(cfg.sparsity_warmup_steps, total_steps // 5),
+        freq_coeff=cfg.freq_coeff,
+        max_fire_rate=cfg.max_fire_rate,
+        matryoshka_prefixes=prefixes,
+    )
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it (not where it writes, how
+    often it logs, or on which device)."""
+    skip = {"resume", "device", "checkpoint_every", "log_every", "output", "overwrite", "incomplete_store"}
+    if not cfg.roles:
+        skip.add("roles")  # checkpoints of runs from before role filters still resume
+    return {k: v for k, v in to_jsonable(cfg).items() if k not in skip}
+
+
+# ---- torchrun ------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def rank_file(name: str, rank: int, world: int) -> str:
+    """A rank's own file under torchrun (`checkpoint.rank1.pt`); the name itself in one process."""
+    if world == 1:
+        return name
+    stem, _, ext = name.partition(".")
+    return f"{stem}.rank{rank}.{ext}"
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+class Stateful(Protocol):
+    """Anything whose training state a checkpoint holds (a single-layer dictionary, a CLT's state)."""
+
+    def state(self) -> dict[str, Any]: ...
+
+
+def save_checkpoint(
+    path: Path, step: int, dicts: Sequence[Stateful], identity: dict[str, Any], metrics: TextIO
+) -> None:
+    """Write the checkpoint (atomically) with the length of the metrics file at this step, so a resumed
+    run cuts the rows logged after it and metrics.jsonl never repeats a step."""
+    metrics.flush()
+    state = {
+        "step": step,
+        "identity": identity,
+        "dicts": [d.state() for d in dicts],
+        "metrics_bytes": metrics.tell(),
+    }
+    with atomic_file(path) as fh:
+        torch.save(state, fh)
+
+
+def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at path, checked to be an openscope training checkpoint of the run `identity`."""
+    if not path.is_file():
+        raise OpenscopeError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as exc:
+        raise OpenscopeError(f"checkpoint {path} is unreadable ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
+        raise OpenscopeError(f"checkpoint {path} is not an openscope training checkpoint")
+    differ = [k for k, v in identity.items() if state["identity"].get(k) != v]
+    if differ:
+        k = differ[0]
+        raise OpenscopeError(
+            f"checkpoint {path} is from another run ({k}: {state['identity'].get(k)!r} there, {identity[k]!r} now)"
+        )
+    return state
+
+
+def start_step(
+    cfg: TrainConfig, checkpoint: Path, identity: dict[str, Any], states: Sequence[Any], metrics: Path
+) -> int:
+    """The step a run starts at: with --resume, the checkpoint's (its states loaded into `states`, which
+    have a `load`, and `metrics` cut back to what it held at that checkpoint); otherwise 0."""
+    if not cfg.resume:
+        return 0
+    saved = load_checkpoint(checkpoint, identity)
+    for d, st in zip(states, saved["dicts"], strict=True):
+        d.load(st)
+    size = saved.get("metrics_bytes")
+    if isinstance(size, int) and metrics.is_file() and metrics.stat().st_size > size:
+        os.truncate(metrics, size)  # rows logged after the checkpoint are logged again from here
+    log.info("resuming at step %d", int(saved["step"]))
+    return int(saved["step"])
+
+
+# ---- the output folder ---------------------------------------------------------------------------
+
+
+def _is_dictionary_folder(folder: Path) -> bool:
+    """A dictionary folder openscope trained: its config.json carries our provenance."""
+    try:
+        return "openscope" in read_coder_config(folder)
+    except OpenscopeError:
+        return False
+
+
+RUN = Ownership(
+    "a training run",
+    files=("run.json", "metrics*.jsonl", "checkpoint*.pt", "*.tmp"),
+    folders=("*",),
+    folder_check=lambda p: (
+        _is_dictionary_folder(p)
+        and not Ownership("", files=("config.json", "params*.safetensors", "*.tmp")).foreign(p)
+    ),
+)
+"""What a training output folder holds: --overwrite replaces a folder only if it holds nothing else."""
+
+
+def open_run(cfg: TrainConfig, rank: int = 0, world: int = 1, create: bool = True) -> Staged:
+    """Where a training run writes (`openscope.files`): the output folder, or with --overwrite a staged
+    copy that replaces it once the dictionaries are saved. --resume continues the run whose checkpoint
+    is in the output folder, or else that of an interrupted --overwrite run. `create=False` decides and
+    checks without writing anything (the trainer creates the folder once its data has given a first
+    batch, so bad data leaves nothing behind). Under torchrun rank 0 decides and the others follow."""
+    if world > 1:
+        box: list[Any] = [None]
+        if rank == 0:
+            box[0] = _open_run(cfg, world, create)
+        dist.broadcast_object_list(box, src=0)
+        return cast(Staged, box[0])
+    return _open_run(cfg, world, create)
+
+
+_METRICS_ONLY = Ownership("", files=("metrics*.jsonl", "*.tmp"))
+
+
+def _open_run(cfg: TrainConfig, world: int, create: bool) -> Staged:
+    target = absolute(cfg.output)
+    recover(target)
+    check_target(target)
+    inputs = [p for p in (cfg.store if not cfg.model else None, cfg.init_from) if p is not None]
+    checkpoints = [CHECKPOINT] if world == 1 else [rank_file(CHECKPOINT, r, world) for r in range(world)]
+    if cfg.resume:
+        for folder in (target, staged_path(target)):
+            if all((folder / c).is_file() for c in checkpoints):
+                return Staged(target, folder)
+        raise OpenscopeError(f"--resume: no checkpoint at {target / checkpoints[0]}")
+    if target.is_dir() and (target / checkpoints[0]).is_file() and not cfg.overwrite:
+        raise OpenscopeError(
+            f"{target} already holds a run's checkpoint: pass --resume to continue it, --overwrite to "
+            "replace the run, or choose another --output"
+        )
+    # A run stopped before its first checkpoint leaves only metrics rows that nothing can resume from.
+    stale = target.is_dir() and not is_empty_folder(target) and not _METRICS_ONLY.foreign(target)
+    if not create:
+        empty = stale or check_output(target, RUN, overwrite=cfg.overwrite, inputs=inputs)
+        return Staged(target, target if empty else staged_path(target))
+    if stale:
+        for path in target.iterdir():
+            path.unlink()
+    return prepare_output(target, RUN, overwrite=cfg.overwrite, inputs=inputs)
+
+
+# ---- the step loop -------------------------------------------------------------------------------
+
+
+def first_then_rest(batches: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
+    """The same batches, the first one already read: data that cannot give one fails here, before
+    the run writes anything."""
+    first = next(batches, None)
+    return batches if first is None else itertools.chain([first], batches)
+
+
+def run_steps(
+    batches: Iterator[ActivationBatch],
+    start_step: int,
+    end: int,
+    step_fn: Callable[[int, ActivationBatch], None],
+    checkpoint_every: int,
+    save: Callable[[int], None],
+    bar: tqdm,
+    metrics: TextIO,
+) -> int:
+    """Feed batches start_step .. end−1 to `step_fn(step_index, batch)`, calling `save(step)` every
+    `checkpoint_every` steps (metrics flushed first, so the file never lags a checkpoint); the progress
+    bar and metrics file are closed however the loop ends. Returns the steps done."""
+    step = start_step
+    try:
+        for step_index, batch in enumerate(batches, start=start_step):
+            if step_index >= end:
+                break
+            step_fn(step_index, batch)
+            step = step_index + 1
+            if step % checkpoint_every == 0:
+                metrics.flush()
+                save(step)
+    finally:
+        bar.close()
+        metrics.close()
+    return step
