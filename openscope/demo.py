@@ -268,178 +268,202 @@ def _validate(cfg: DemoConfig) -> None:
 # ---- the stages ---------------------------------------------------------------------------------------
 
 
+class _Stages:
+    """The demo's stages 1-4, each run or skipped by the record in demo.json (module docstring)."""
+
+    def __init__(self, cfg: DemoConfig, progress: bool, say: Say) -> None:
+        self.cfg, self.progress, self.say = cfg, progress, say
+        self.root = Path(cfg.output)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state = _State(self.root)
+        self.model = _Model(cfg, say)
+        self.seconds: dict[str, float] = {}
+        self.skipped: list[str] = []
+        self.n = len(STAGES)
+
+    def timed(self, stage: str, run: Callable[[], Any]) -> Any:
+        loading = self.model.seconds
+        start = time.perf_counter()
+        out = run()
+        # The model's load is reported on its own line, not charged to the stage that happened to need it first.
+        self.seconds[stage] = time.perf_counter() - start - (self.model.seconds - loading)
+        self.say(f"      {stage} done in {_duration(self.seconds[stage])}")
+        return out
+
+    def skip(self, stage: str, header: str) -> None:
+        self.say(header)
+        self.skipped.append(stage)
+
+    def harvest(self) -> tuple[Path, ActivationStore, str]:
+        """1. The store (its folder, the store, a digest of its shards that names the data seen)."""
+        cfg, state, root, n = self.cfg, self.state, self.root, self.n
+        store_dir = root / "activations"
+        hcfg = HarvestConfig(
+            model=cfg.model,
+            sites=cfg.sites,
+            source=cfg.source,
+            tokens=cfg.harvest_tokens,
+            output=store_dir,
+            device=cfg.device,
+            cache_dir=cfg.cache_dir,
+        )
+        h_settings = _settings(hcfg, {"output", "device", "cache_dir", "extra"})
+        state.check_same("harvest", h_settings, root)
+        if state.done("harvest", h_settings) and _store_complete(store_dir):
+            self.skip("harvest", f"[1/{n}] harvest: finished already ({store_dir}), skipped")
+        else:
+            self.say(
+                f"[1/{n}] harvest: {_count(cfg.harvest_tokens)} tokens of {cfg.source} through {cfg.model} "
+                f"at {cfg.sites} -> {store_dir}"
+            )
+            state.start("harvest", h_settings)
+            res = self.timed("harvest", lambda: harvest(hcfg, self.model.get(), progress=self.progress))
+            state.finish("harvest", self.seconds["harvest"], rows=res.n_rows)
+        store = ActivationStore(store_dir, verify=False)
+        if store.n_rows < cfg.batch_size:
+            raise OpenscopeError(
+                f"the store holds {store.n_rows} tokens, fewer than one training batch ({cfg.batch_size}); "
+                "raise --harvest-tokens or lower --batch-size"
+            )
+        # The shards' manifest entries (checksums, rows, token digests) identify the data train and features saw.
+        shards = hashlib.sha256(json.dumps(store.shards, sort_keys=True).encode()).hexdigest()
+        return store_dir, store, shards
+
+    def train(self, store_dir: Path, shards: str) -> tuple[list[Path], dict[str, Any]]:
+        """2. The trained dictionary folders and the trainer's final numbers."""
+        cfg, state, root, n = self.cfg, self.state, self.root, self.n
+        dict_dir = root / "dictionaries"
+        tcfg = TrainConfig(
+            store=store_dir,
+            activation="jumprelu",
+            sparsity="quadratic_l0",
+            width=cfg.width,
+            target_l0=cfg.target_l0,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            tokens=cfg.train_tokens,
+            output=dict_dir,
+            device=cfg.device,
+        )
+        drop = {"store", "output", "device", "resume", "overwrite", "incomplete_store", "checkpoint_every"}
+        t_settings = _settings(tcfg, drop | {"log_every"}, store=shards)
+        state.check_same("train", t_settings, root)
+        folders = [root / f for f in state.stages.get("train", {}).get("folders", [])]
+        if (
+            state.done("train", t_settings)
+            and folders
+            and all((f / "params.safetensors").is_file() for f in folders)
+        ):
+            self.skip("train", f"[2/{n}] train: finished already ({dict_dir}), skipped")
+        else:
+            self.say(
+                f"[2/{n}] train: JumpReLU SAE, {cfg.width} latents, target L0 {cfg.target_l0:g}, "
+                f"{_count(cfg.train_tokens)} tokens, lr {cfg.lr:g} -> {dict_dir}"
+            )
+            state.start("train", t_settings)
+            # An interrupted run continues from its checkpoint (the trainer checks it is the same run); one
+            # cut short before its first checkpoint, or while saving, is replaced (the demo's own folder).
+            resume = any((f / CHECKPOINT).is_file() for f in (dict_dir, staged_path(absolute(dict_dir))))
+            tcfg = replace(tcfg, resume=resume, overwrite=True)
+            tres = self.timed("train", lambda: train(tcfg, progress=self.progress))
+            folders = list(tres.folders.values())
+            state.finish("train", self.seconds["train"], folders=[str(f.relative_to(root)) for f in folders])
+        return folders, json.loads((dict_dir / "run.json").read_text()).get("final", {})
+
+    def eval(self, folders: list[Path], digests: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+        """3. The evaluation report's folder and its report.json."""
+        cfg, state, n = self.cfg, self.state, self.n
+        eval_dir = self.root / "eval"
+        ecfg = EvalConfig(
+            dictionaries=folders,
+            model=cfg.model,
+            source=cfg.eval_source,
+            tokens=cfg.eval_tokens,
+            output=eval_dir,
+            device=cfg.device,
+            cache_dir=cfg.cache_dir,
+            overwrite=True,  # the demo's own report folder: a stage that did not finish is redone
+        )
+        e_settings = _settings(
+            ecfg, {"dictionaries", "output", "device", "cache_dir", "overwrite"}, weights=digests
+        )
+        if state.done("eval", e_settings) and (eval_dir / REPORT_JSON).is_file():
+            self.skip("eval", f"[3/{n}] eval: finished already ({eval_dir / REPORT_MD}), skipped")
+        else:
+            self.say(
+                f"[3/{n}] eval: {_count(cfg.eval_tokens)} held-out tokens of {cfg.eval_source} "
+                f"(L0, FVU, delta loss, KL, loss recovered) -> {eval_dir}"
+            )
+            state.start("eval", e_settings)
+            self.timed("eval", lambda: evaluate(ecfg, self.model.get(), progress=self.progress))
+            state.finish("eval", self.seconds["eval"])
+        return eval_dir, json.loads((eval_dir / REPORT_JSON).read_text())
+
+    def features(
+        self,
+        folders: list[Path],
+        digests: dict[str, str],
+        store_dir: Path,
+        store: ActivationStore,
+        shards: str,
+    ) -> tuple[Path, list[dict[str, Any]]]:
+        """4. The feature database and, per dictionary in it, its name, width, tokens and latents alive."""
+        cfg, state, n = self.cfg, self.state, self.n
+        db = self.root / "features.db"
+        fcfg = FeaturesConfig(
+            dictionaries=folders,
+            output=db,
+            store=store_dir,
+            model=cfg.model,
+            # The store is all there is: a budget beyond it would only warn that the data ran out.
+            tokens=min(cfg.feature_tokens, store.n_rows),
+            device=cfg.device,
+            cache_dir=cfg.cache_dir,
+        )
+        drop = {"dictionaries", "output", "store", "device", "cache_dir", "overwrite"}
+        f_settings = _settings(fcfg, drop, weights=digests, store=shards)
+        if state.done("features", f_settings) and _indexed(db, [f.name for f in folders]):
+            self.skip("features", f"[4/{n}] features: finished already ({db}), skipped")
+        else:
+            self.say(
+                f"[4/{n}] features: dashboards of every latent over {_count(fcfg.tokens)} harvested tokens -> {db}"
+            )
+            state.start("features", f_settings)
+            self.timed("features", lambda: compute_features(fcfg, self.model.get(), progress=self.progress))
+            state.finish("features", self.seconds["features"])
+        with FeatureDB(db) as fdb:
+            indexed = [
+                {"name": i.name, "width": i.width, "n_tokens": i.n_tokens, "alive": i.alive}
+                for i in fdb.dictionaries()
+            ]
+        return db, indexed
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True, say: Say = log.info) -> DemoResult:
     """Stages 1-4 (harvest, train, eval, features), skipping those already finished; `say` gets
     the one-line headers (the CLI prints them; the default logs them)."""
     _validate(cfg)
     if cfg.serve:
         check_port(cfg.port)
-    root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    state = _State(root)
-    model = _Model(cfg, say)
-    seconds: dict[str, float] = {}
-    skipped: list[str] = []
-    n = len(STAGES)
-
-    def timed(stage: str, run: Callable[[], Any]) -> Any:
-        loading = model.seconds
-        start = time.perf_counter()
-        out = run()
-        # The model's load is reported on its own line, not charged to the stage that happened to need it first.
-        seconds[stage] = time.perf_counter() - start - (model.seconds - loading)
-        say(f"      {stage} done in {_duration(seconds[stage])}")
-        return out
-
-    # 1. harvest --------------------------------------------------------------------------------------
-    store_dir = root / "activations"
-    hcfg = HarvestConfig(
-        model=cfg.model,
-        sites=cfg.sites,
-        source=cfg.source,
-        tokens=cfg.harvest_tokens,
-        output=store_dir,
-        device=cfg.device,
-        cache_dir=cfg.cache_dir,
-    )
-    h_settings = _settings(hcfg, {"output", "device", "cache_dir", "extra"})
-    state.check_same("harvest", h_settings, root)
-    if state.done("harvest", h_settings) and _store_complete(store_dir):
-        say(f"[1/{n}] harvest: finished already ({store_dir}), skipped")
-        skipped.append("harvest")
-    else:
-        say(
-            f"[1/{n}] harvest: {_count(cfg.harvest_tokens)} tokens of {cfg.source} through {cfg.model} "
-            f"at {cfg.sites} -> {store_dir}"
-        )
-        state.start("harvest", h_settings)
-        res = timed("harvest", lambda: harvest(hcfg, model.get(), progress=progress))
-        state.finish("harvest", seconds["harvest"], rows=res.n_rows)
-    store = ActivationStore(store_dir, verify=False)
-    if store.n_rows < cfg.batch_size:
-        raise OpenscopeError(
-            f"the store holds {store.n_rows} tokens, fewer than one training batch ({cfg.batch_size}); "
-            "raise --harvest-tokens or lower --batch-size"
-        )
-    # The shards' manifest entries (checksums, rows, token digests) identify the data train and features saw.
-    shards = hashlib.sha256(json.dumps(store.shards, sort_keys=True).encode()).hexdigest()
-
-    # 2. train ----------------------------------------------------------------------------------------
-    dict_dir = root / "dictionaries"
-    tcfg = TrainConfig(
-        store=store_dir,
-        activation="jumprelu",
-        sparsity="quadratic_l0",
-        width=cfg.width,
-        target_l0=cfg.target_l0,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        tokens=cfg.train_tokens,
-        output=dict_dir,
-        device=cfg.device,
-    )
-    t_settings = _settings(
-        tcfg,
-        {
-            "store",
-            "output",
-            "device",
-            "resume",
-            "overwrite",
-            "incomplete_store",
-            "checkpoint_every",
-            "log_every",
-        },
-        store=shards,
-    )
-    state.check_same("train", t_settings, root)
-    rec = state.stages.get("train", {})
-    folders = [root / f for f in rec.get("folders", [])]
-    if (
-        state.done("train", t_settings)
-        and folders
-        and all((f / "params.safetensors").is_file() for f in folders)
-    ):
-        say(f"[2/{n}] train: finished already ({dict_dir}), skipped")
-        skipped.append("train")
-    else:
-        say(
-            f"[2/{n}] train: JumpReLU SAE, {cfg.width} latents, target L0 {cfg.target_l0:g}, "
-            f"{_count(cfg.train_tokens)} tokens, lr {cfg.lr:g} -> {dict_dir}"
-        )
-        state.start("train", t_settings)
-        # An interrupted run continues from its checkpoint (the trainer checks it is the same run); one
-        # cut short before its first checkpoint, or while saving, is replaced (the demo's own folder).
-        resume = any((f / CHECKPOINT).is_file() for f in (dict_dir, staged_path(absolute(dict_dir))))
-        tcfg = replace(tcfg, resume=resume, overwrite=True)
-        tres = timed("train", lambda: train(tcfg, progress=progress))
-        folders = list(tres.folders.values())
-        state.finish("train", seconds["train"], folders=[str(f.relative_to(root)) for f in folders])
-    train_final = json.loads((dict_dir / "run.json").read_text()).get("final", {})
+    stages = _Stages(cfg, progress, say)
+    store_dir, store, shards = stages.harvest()
+    folders, train_final = stages.train(store_dir, shards)
     digests = _digests(folders)
-
-    # 3. eval -----------------------------------------------------------------------------------------
-    eval_dir = root / "eval"
-    ecfg = EvalConfig(
-        dictionaries=folders,
-        model=cfg.model,
-        source=cfg.eval_source,
-        tokens=cfg.eval_tokens,
-        output=eval_dir,
-        device=cfg.device,
-        cache_dir=cfg.cache_dir,
-        overwrite=True,  # the demo's own report folder: a stage that did not finish is redone
-    )
-    e_settings = _settings(
-        ecfg, {"dictionaries", "output", "device", "cache_dir", "overwrite"}, weights=digests
-    )
-    if state.done("eval", e_settings) and (eval_dir / REPORT_JSON).is_file():
-        say(f"[3/{n}] eval: finished already ({eval_dir / REPORT_MD}), skipped")
-        skipped.append("eval")
-    else:
-        say(
-            f"[3/{n}] eval: {_count(cfg.eval_tokens)} held-out tokens of {cfg.eval_source} "
-            f"(L0, FVU, delta loss, KL, loss recovered) -> {eval_dir}"
-        )
-        state.start("eval", e_settings)
-        timed("eval", lambda: evaluate(ecfg, model.get(), progress=progress))
-        state.finish("eval", seconds["eval"])
-    report = json.loads((eval_dir / REPORT_JSON).read_text())
-
-    # 4. features ---------------------------------------------------------------------------------------
-    db = root / "features.db"
-    fcfg = FeaturesConfig(
-        dictionaries=folders,
-        output=db,
-        store=store_dir,
-        model=cfg.model,
-        # The store is all there is: a budget beyond it would only warn that the data ran out.
-        tokens=min(cfg.feature_tokens, store.n_rows),
-        device=cfg.device,
-        cache_dir=cfg.cache_dir,
-    )
-    f_settings = _settings(
-        fcfg, {"dictionaries", "output", "store", "device", "cache_dir"}, weights=digests, store=shards
-    )
-    if state.done("features", f_settings) and _indexed(db, [f.name for f in folders]):
-        say(f"[4/{n}] features: finished already ({db}), skipped")
-        skipped.append("features")
-    else:
-        say(
-            f"[4/{n}] features: dashboards of every latent over {_count(fcfg.tokens)} harvested tokens -> {db}"
-        )
-        state.start("features", f_settings)
-        timed("features", lambda: compute_features(fcfg, model.get(), progress=progress))
-        state.finish("features", seconds["features"])
-    with FeatureDB(db) as fdb:
-        indexed = [
-            {"name": i.name, "width": i.width, "n_tokens": i.n_tokens, "alive": i.alive}
-            for i in fdb.dictionaries()
-        ]
-
-    seconds["model"] = model.seconds
+    eval_dir, report = stages.eval(folders, digests)
+    db, indexed = stages.features(folders, digests, store_dir, store, shards)
+    stages.seconds["model"] = stages.model.seconds
     return DemoResult(
-        root, store_dir, folders, eval_dir, db, report, train_final, indexed, seconds, skipped, model.loaded
+        stages.root,
+        store_dir,
+        folders,
+        eval_dir,
+        db,
+        report,
+        train_final,
+        indexed,
+        stages.seconds,
+        stages.skipped,
+        stages.model.loaded,
     )
 
 
@@ -506,7 +530,7 @@ def summary(cfg: DemoConfig, result: DemoResult) -> list[str]:
 def explorer(cfg: DemoConfig, result: DemoResult, loaded: LoadedModel | None = None) -> Any:
     """Stage 5, set up: the explorer app on the demo's database and dictionaries, as a uvicorn server
     not yet started (`.run()` serves until Ctrl-C; tests run it in a thread and set `should_exit`)."""
-    import uvicorn
+    import uvicorn  # the web server loads only when serving
 
     from openscope.serve.app import create_app  # FastAPI loads only when serving
 

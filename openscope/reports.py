@@ -85,10 +85,11 @@ def write_markdown(path: Path, lines: Sequence[str]) -> None:
 @contextmanager
 def figure(path: Path, *size: float) -> Iterator[Any]:
     """A matplotlib figure (Agg backend) saved to path as PNG when the block ends, then closed."""
+    # matplotlib takes about a second to import: only a command that draws pays for it.
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt  # (after choosing the backend, as matplotlib requires)
 
     fig = plt.figure(figsize=size or (6.4, 4.0))
     try:

@@ -46,7 +46,7 @@ PACKAGES = (
 """The packages in layer order: each imports only the top-level helpers and packages before it."""
 
 ENTRY_POINTS = ("cli", "demo", "steer")
-"""The last layer: the command line, the demo and the deprecated alias `openscope.steer`."""
+"""The last layer: the command line (a package), the demo and the deprecated alias `openscope.steer`."""
 
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 100
@@ -182,7 +182,7 @@ def layer_of(name: str) -> int | None:
         return 0
     if head in PACKAGES:
         return 1 + PACKAGES.index(head)
-    if head in ENTRY_POINTS and len(parts) == 2:
+    if head in ENTRY_POINTS:
         return 1 + len(PACKAGES)
     return None
 
@@ -410,7 +410,9 @@ def test_openscope_keeps_the_rule(rule: str, package: dict[str, Module]) -> None
 
 def test_the_layer_order_names_every_package(package: dict[str, Module]) -> None:
     on_disk = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
-    assert on_disk == set(PACKAGES), "a package is missing from the layer order (or the order names a ghost)"
+    assert on_disk - set(ENTRY_POINTS) == set(PACKAGES), (
+        "a package is missing from the layer order (or the order names a ghost)"
+    )
 
 
 # ---- the checks themselves catch what they are meant to --------------------------------------------

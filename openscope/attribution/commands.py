@@ -14,11 +14,17 @@ from openscope.attribution.attribute import AttributionGraph, attribute
 from openscope.attribution.intervene import intervene, parse_edit
 from openscope.attribution.io import graph_file, load_graph, save_graph
 from openscope.attribution.schema import GenerationSettings, GraphFile, InterventionResult
-from openscope.coders.dictionary import Dictionary, load_dictionary
+from openscope.coders.dictionary import (
+    Dictionary,
+    dictionary_folders,
+    load_dictionary,
+    model_of,
+    unique_names,
+)
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
 from openscope.files import absolute, check_file_output, json_with
-from openscope.models.load import LoadedModel, load_model
+from openscope.models.load import LoadedModel, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +115,10 @@ class AttributeResult(NamedTuple):
     """Where it was written."""
 
 
-def _device(name: str) -> str:
-    from openscope.models.load import resolve_device
-
-    return resolve_device(name)
-
-
 def load_attribution_dictionaries(
     paths: list[Path], device: str, loaded: LoadedModel | None = None
 ) -> list[Dictionary]:
     """Every dictionary folder named by paths (each a dictionary folder or a tree to search)."""
-    from openscope.coders.dictionary import dictionary_folders, unique_names
-
     return unique_names([load_dictionary(f, loaded, device=device) for f in dictionary_folders(paths)])
 
 
@@ -165,9 +163,7 @@ def run_attribute(
     cfg: AttributeConfig, loaded: LoadedModel | None = None, progress: bool = True
 ) -> AttributeResult:
     """Attribute cfg.prompt, prune, and write the graph file."""
-    from openscope.coders.dictionary import model_of
-
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     output = check_file_output(cfg.output, "a graph file", is_graph_file, overwrite=cfg.overwrite)
     dictionaries = load_attribution_dictionaries(cfg.dictionaries, device)
     model = cfg.model or (loaded.name if loaded is not None else model_of(dictionaries))
@@ -185,7 +181,7 @@ def run_intervene(cfg: InterveneConfig, loaded: LoadedModel | None = None) -> In
         check_file_output(cfg.output, "an intervention result", INTERVENTION_FILE, overwrite=cfg.overwrite)
     edits = [parse_edit(s, 0.0) for s in cfg.zero] + [parse_edit(s) for s in cfg.scale]
     info = document.metadata.openscope
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.dictionaries:
         dictionaries = load_attribution_dictionaries(cfg.dictionaries, device)
     else:

@@ -41,12 +41,12 @@ from openscope.coders.coder import SparseCoder
 from openscope.coders.io import (
     CONFIG_FILE,
     PARAMS_FILE,
-    _read_params,
     coder_from_tensors,
     is_multilayer_folder,
     load_clt,
     read_coder_config,
     read_npz,
+    read_params,
 )
 from openscope.errors import OpenscopeError
 from openscope.models.hookpoints import gemma_scope_hook_point, site_for_hook_point
@@ -159,7 +159,7 @@ def load_dictionary(
     elif (folder / PARAMS_FILE).is_file():
         if not has_config:
             config = _config_from_path(folder)
-        coder = coder_from_tensors(_read_params(folder), config, folder / PARAMS_FILE)
+        coder = coder_from_tensors(read_params(folder), config, folder / PARAMS_FILE)
         is_transcoder = coder.cfg.kind != "sae"
         s_in, s_out = resolve_sites(
             folder, config, loaded, override_in, override_out, transcoder=is_transcoder

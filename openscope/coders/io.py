@@ -157,7 +157,8 @@ def read_npz(path: Path) -> dict[str, Tensor]:
     return out
 
 
-def _read_params(folder: Path) -> dict[str, Tensor]:
+def read_params(folder: Path) -> dict[str, Tensor]:
+    """The tensors of a single-layer folder's params.safetensors (one-line errors if damaged)."""
     return read_safetensors(folder / PARAMS_FILE)
 
 
@@ -170,7 +171,7 @@ def load_coder(folder: str | Path, device: str | torch.device = "cpu") -> Sparse
     """Load a coder folder into a (folded, raw-activation) SparseCoder in float32."""
     folder = Path(folder)
     config = read_coder_config(folder)
-    return coder_from_tensors(_read_params(folder), config, folder / PARAMS_FILE).to(device)
+    return coder_from_tensors(read_params(folder), config, folder / PARAMS_FILE).to(device)
 
 
 def coder_type(config: dict[str, Any], affine: bool = False) -> str:

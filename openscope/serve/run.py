@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 def serve(config: ServeConfig) -> None:
     """Load everything, then answer requests until interrupted."""
-    import uvicorn
+    import uvicorn  # the web server loads only when serving
 
     app = create_app(config)
     log.info("explorer at http://%s:%d/ (API docs at /docs)", config.host, config.port)

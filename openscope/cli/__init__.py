@@ -1,0 +1,51 @@
+"""The `openscope` command line: one entry point, one sub-command per stage of the pipeline.
+
+`app` (in `openscope.cli.app`) is the Typer app; `openscope.cli.pipeline` and `openscope.cli.chat`
+register the commands on it; `run` executes a command line and turns bad input into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from openscope.cli import chat, pipeline
+from openscope.cli.app import app, chat_app, config_command, console
+from openscope.errors import OpenscopeError
+
+__all__ = ["app", "chat", "chat_app", "config_command", "console", "main", "pipeline", "run"]
+
+# typer bundles its own click; its usage errors (bad flag, bad value) all derive from ClickException.
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_INTERRUPTED = 130
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]) and return the exit status. Bad input —
+    a bad flag or value, or anything openscope refuses — is one line on stderr (`error: ...`) and
+    status 2, never a traceback; an interrupt keeps what was written and says how to resume (130).
+    Anything else is a bug and keeps its traceback."""
+    try:
+        status = app(args=argv, prog_name="openscope", standalone_mode=False)
+    except OpenscopeError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except _USAGE_ERROR as exc:
+        message = " ".join(str(getattr(exc, "format_message", exc.__str__)()).split())
+        if message:  # (no message: the help was shown for a bare command)
+            print(f"error: {message} (see `openscope COMMAND --help`)", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except (KeyboardInterrupt, typer.Abort):
+        status = _INTERRUPTED
+    if status == _INTERRUPTED:  # typer turns Ctrl-C into this status
+        print(
+            "interrupted: what was written so far is kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+    return status if isinstance(status, int) else 0
+
+
+def main() -> None:
+    """Entry point (`openscope`): `run` with the process's arguments, its status as the exit code."""
+    sys.exit(run())
