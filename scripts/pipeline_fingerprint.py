@@ -34,7 +34,7 @@ VOLATILE = {"seconds", "tokens_per_s", "create_time_ms", "wall_seconds", "model_
 def tiny_models(work: Path) -> tuple[Path, Path]:
     """The tests' tiny random Gemma 3 (seed 0) and a second checkpoint of it (seed 1), saved once."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_gemma, make_tokenizer
+    from conftest import make_tiny_gemma, make_tokenizer  # pyright: ignore[reportMissingImports]
 
     out = []
     for seed in (0, 1):

@@ -100,7 +100,12 @@ def test_home_lists_dictionaries_and_searches(page: Any, shots: Path) -> None:
     page.select_option("#search-mode", "text")
     page.fill("#search-input", TEXT)
     page.click("#search-go")
-    page.locator("#search-results h2").wait_for()
+    # The token search's results stay on the page until the hash change re-renders it: wait for the text
+    # search's own answer (its hash, its spinner gone, its heading) before counting rows.
+    page.wait_for_function(
+        "() => location.hash.includes('by=text') && !document.querySelector('#search-results .spinner')"
+        " && document.querySelector('#search-results h2')"
+    )
     assert page.locator("#search-results .result-row").count() > 0
     snap(page, shots, "search-text")
 
