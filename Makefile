@@ -2,7 +2,7 @@
 # torch is pinned for CI and this machine (its CPU wheel is on disk); users may install any torch >= 2.4 first.
 PYTHON ?= python3
 
-.PHONY: install demo test lint browser saelens-venv
+.PHONY: install demo test lint browser saelens-venv circuit-tracer-venv
 
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[dev]"
@@ -45,5 +45,25 @@ saelens-venv:
 	  $(SAELENS_PYTHON) -m pip install --quiet -c $(SAELENS_VENV)/constraints.txt sae-lens==6.54.12 && \
 	  $(SAELENS_PYTHON) -c $(SAELENS_CHECK); }
 
-test: install lint browser saelens-venv
-	OPENSCOPE_SAELENS_PYTHON=$(SAELENS_PYTHON) $(PYTHON) -m pytest -q
+# circuit-tracer in an environment of its own, for tests/test_attribution_peers.py's cross-check and
+# benchmarks/bench_attribution_peers.py (scripts/circuit_tracer_peer.py runs there). Pinned like SAELens:
+# torch 2.13.0 held by a constraints file; circuit-tracer 0.5.0 needs nnsight below 0.8. Skipped when it
+# already imports.
+CIRCUIT_TRACER_VENV ?= .venv-peers/circuit-tracer
+CIRCUIT_TRACER_PYTHON = $(abspath $(CIRCUIT_TRACER_VENV))/bin/python
+CIRCUIT_TRACER_CHECK = "import circuit_tracer, nnsight, torch; from importlib.metadata import version; \
+assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; assert version('circuit-tracer') == '0.5.0'"
+
+circuit-tracer-venv:
+	@$(CIRCUIT_TRACER_PYTHON) -c $(CIRCUIT_TRACER_CHECK) 2>/dev/null || { \
+	  echo "building $(CIRCUIT_TRACER_VENV): torch 2.13.0, circuit-tracer 0.5.0, nnsight<0.8 (minutes, once)" && \
+	  $(PYTHON) -m venv --clear $(CIRCUIT_TRACER_VENV) && \
+	  echo "torch==2.13.0" > $(CIRCUIT_TRACER_VENV)/constraints.txt && \
+	  $(CIRCUIT_TRACER_PYTHON) -m pip install --quiet -c $(CIRCUIT_TRACER_VENV)/constraints.txt torch==2.13.0 && \
+	  $(CIRCUIT_TRACER_PYTHON) -m pip install --quiet -c $(CIRCUIT_TRACER_VENV)/constraints.txt \
+	    circuit-tracer==0.5.0 "nnsight<0.8" && \
+	  $(CIRCUIT_TRACER_PYTHON) -c $(CIRCUIT_TRACER_CHECK); }
+
+test: install lint browser saelens-venv circuit-tracer-venv
+	OPENSCOPE_SAELENS_PYTHON=$(SAELENS_PYTHON) OPENSCOPE_CIRCUIT_TRACER_PYTHON=$(CIRCUIT_TRACER_PYTHON) \
+	  $(PYTHON) -m pytest -q

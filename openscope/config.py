@@ -101,3 +101,15 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     if not all(p.isdigit() and int(p) > 0 for p in parts):
         raise OpenscopeError(f"{what} must be comma-separated positive integers, got {text!r}")
     return tuple(int(p) for p in parts)
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    """Comma-separated positive finite numbers (`10,50,150`), or a one-line error naming `what`."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != len(parts) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise OpenscopeError(f"{what} must be comma-separated positive numbers, got {text!r}")
+    return values

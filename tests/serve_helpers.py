@@ -6,7 +6,8 @@ The database is written through the features module's own writer (`write_results
 the tests know: latent 3 peaks on the token "ar" (of Paris) and promotes it, every other latent peaks on
 "om" (of Rome); latent 5 is latent 3's decoder neighbour.
 A second dictionary ("gone") is indexed but its folder does not exist, so it has dashboards but
-cannot run on text.
+cannot run on text. `write_suite` makes the dictionaries' folder a small suite (an `openscope suite run`
+folder) whose first item is the test dictionary.
 """
 
 from __future__ import annotations
@@ -164,3 +165,42 @@ def explorer_files(loaded: LoadedModel, root: Path) -> tuple[Path, Dictionary]:
     folder = save_dictionary(loaded, root / "dicts")
     db = write_db(root / "features.db", loaded, folder)
     return db, load_dictionary(folder, loaded)
+
+
+SUITE_ITEMS = (NAME, "transcoder/layer_1_width_16_l0_small", "clt/width_96_l0_small")
+"""The suite's items: the test dictionary (done, with dashboards), a failed transcoder, a pending CLT."""
+
+
+def write_suite(folder: Path, model: str, figures: list[str]) -> Path:
+    """A suite catalogue in folder (the folder of the test dictionary) with `SUITE_ITEMS`, evaluated for
+    the first, and an evaluation report listing `figures` (of which `ok.png` exists)."""
+    from openscope.config import save_json
+    from openscope.suite.folder import catalogue_document
+    from openscope.suite.plan import SuiteItem, SuitePlan
+
+    items = [
+        SuiteItem(SUITE_ITEMS[0], "sae", "1.resid_post", WIDTH, 8, 1024),
+        SuiteItem(SUITE_ITEMS[1], "transcoder", "1.mlp_in", 16, 4, 1024),
+        SuiteItem(SUITE_ITEMS[2], "clt", "0-2.mlp_in", 96, 4, 1024),
+    ]
+    plan = SuitePlan(model, items)
+    manifest = {
+        "items": {
+            SUITE_ITEMS[0]: {"status": "done", "train": {"l0": 8.5, "fvu": 0.2, "dead_fraction": 0.0}},
+            SUITE_ITEMS[1]: {
+                "status": "failed",
+                "reason": "loss became nan at step 3, site 1.mlp_in; lower --lr",
+            },
+            SUITE_ITEMS[2]: {"status": "pending"},
+        }
+    }
+    evaluated = {
+        SUITE_ITEMS[0]: {"l0": 8.1, "fvu": 0.25, "dead_fraction": 0.0, "delta_loss": 0.05},
+        "": {"source": "wiki[9000:]", "held_out": True, "n_tokens": 512, "report": "eval"},
+    }
+    groups = {name: f"00{i}" for i, name in enumerate(SUITE_ITEMS)}
+    save_json(folder / "catalogue.json", catalogue_document(plan, manifest, 3, evaluated, groups))
+    (folder / "eval").mkdir(exist_ok=True)
+    (folder / "eval" / "ok.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    save_json(folder / "eval" / "report.json", {"kind": "suite-catalogue", "figures": figures})
+    return folder

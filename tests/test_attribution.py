@@ -521,3 +521,70 @@ def test_real_gemma_replacement_is_exact_and_edges_are_interventions(real_model)
     torch.testing.assert_close(
         change[graph.logit_ids], graph.adjacency[layout.logits, s], atol=1e-3, rtol=1e-2
     )
+
+
+# ---- memory, and circuit-tracer's colliding ids --------------------------------------------------
+
+
+def test_memory_estimate_is_made_and_a_limit_refuses_before_the_run(tiny, threads):
+    dicts = transcoders(tiny)
+    graph = attribute(tiny, dicts, PROMPT, batch_size=8)
+    m = graph.memory
+    assert m is not None and m.baseline > 0 and m.forward > 0
+    k, n, cols = graph.layout.n_logits, graph.n_active, graph.n_active + (graph.n_layers + 1) * graph.n_tokens
+    assert m.rows == 4 * (k + n) * (cols + k) + 4 * (k + n) ** 2  # the store, and the ranking's square
+    assert m.total >= m.baseline + m.rows + m.forward
+    with pytest.raises(
+        OpenscopeError, match=r"needs about .* GiB \(row store .*, more than --max-memory-gb 0\.01"
+    ):
+        attribute(tiny, dicts, PROMPT, max_memory_gb=0.01)
+    with pytest.raises(OpenscopeError, match="max_memory_gb must be positive"):
+        attribute(tiny, dicts, PROMPT, max_memory_gb=0)
+
+
+def test_circuit_tracers_colliding_error_ids_are_settled(tmp_path):
+    """circuit-tracer names the error node of layer 1 at position 2 `0_1_2`, like the feature of layer 0,
+    latent 1, position 2; its links list each target's sources in node order, which settles them."""
+
+    def node(node_id: str, kind: str, layer: str, pos: int) -> dict:
+        return {"node_id": node_id, "feature": 0, "layer": layer, "ctx_idx": pos, "feature_type": kind,
+                "jsNodeId": node_id, "clerp": ""}  # fmt: skip
+
+    feature, error = "cross layer transcoder", "mlp reconstruction error"
+    nodes = [
+        node("0_1_2", feature, "0", 2),
+        node("2_5_3", feature, "2", 3),
+        node("0_1_2", error, "1", 2),
+        node("E_7_2", "embedding", "E", 2),
+        node("4_9_3", "logit", "4", 3),
+    ]
+    links = [  # target by target, sources in node order
+        ("E_7_2", "0_1_2", 6.0),
+        ("0_1_2", "2_5_3", 1.0),  # the feature (rank 0) ...
+        ("0_1_2", "2_5_3", 2.0),  # ... then the error (rank 2)
+        ("E_7_2", "2_5_3", 3.0),
+        ("2_5_3", "4_9_3", 4.0),
+        ("0_1_2", "4_9_3", 5.0),  # after rank 1: only the error fits
+    ]
+    raw = {
+        "metadata": {
+            "slug": "s",
+            "scan": "x",
+            "prompt_tokens": ["<bos>", "a", "b", "c"],
+            "prompt": "<bos>abc",
+        },
+        "nodes": nodes,
+        "links": [{"source": s, "target": t, "weight": w} for s, t, w in links],
+    }
+    path = tmp_path / "ct.json"
+    path.write_text(json.dumps(raw))
+    doc = load_graph(path)
+    assert [n.node_id for n in doc.nodes] == ["0_1_2", "2_5_3", "1_-1_2", "E_7_2", "4_9_3"]
+    assert [(x.source, x.target, x.weight) for x in doc.links] == [
+        ("E_7_2", "0_1_2", 6.0),
+        ("0_1_2", "2_5_3", 1.0),
+        ("1_-1_2", "2_5_3", 2.0),
+        ("E_7_2", "2_5_3", 3.0),
+        ("2_5_3", "4_9_3", 4.0),
+        ("1_-1_2", "4_9_3", 5.0),
+    ]

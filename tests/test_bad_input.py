@@ -161,7 +161,33 @@ def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.Temp
     (root / "links").mkdir()
     os.symlink(store, root / "links" / "store")
     os.symlink(outside, root / "links" / "outside")
+    _suite_files(root, tiny_model_dir)
     return World(root, outside, tiny_model_dir)
+
+
+def _suite_files(root: Path, model: Path) -> None:
+    """Suite plans with one mistake each (plans/), and a suite folder of another plan (suites/other)."""
+    from openscope.suite.plan import DataSettings, SuiteItem, SuitePlan
+    from openscope.suite.planfile import plan_text
+
+    item = SuiteItem("resid_post/layer_1_width_32_l0_small", "sae", "1.resid_post", 32, 4, 512)
+    data = DataSettings(source=str(root / "docs.jsonl"), context_len=32, batch_size=128)
+    good = plan_text(SuitePlan(str(model), [item], data))
+    (root / "plans").mkdir()
+    for name, text in (
+        ("good", good),
+        ("typo", good.replace("width: 32", "widht: 32")),
+        ("width0", good.replace("width: 32", "width: 0")),
+        ("l0neg", good.replace("target_l0: 4", "target_l0: -5")),
+        ("reserved", good.replace("name: resid_post/", "name: runs/")),
+    ):
+        (root / "plans" / f"{name}.yaml").write_text(text)
+    other = root / "suites" / "other"
+    other.mkdir(parents=True)
+    plan = {"model": "gemma-3-270m", "items": [{"name": "clt/width_262k_l0_medium"}]}
+    save_json(other / "suite.json", {"format": "openscope-suite", "version": 1, "plan": plan, "items": {}})
+    entry = {"name": "clt/width_262k_l0_medium", "folder": "clt/width_262k_l0_medium", "status": "pending"}
+    save_json(other / "catalogue.json", {"format": "openscope-suite-catalogue", "items": [entry]})
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
@@ -216,6 +242,8 @@ TRAIN = ["train", "--store", STORE, "--width", "32", "--batch-size", "128", "--t
 EVAL = ["eval", "--dictionaries", DICT, "--model", M, "--source", f"{W}/docs.jsonl", "--tokens", "64"]
 FEATURES = ["features", "--dictionaries", DICT, "--store", STORE, "--tokens", "256"]
 CHAT = ["--model", M, "--positive", f"{W}/docs.jsonl", "--negative", f"{W}/docs.jsonl"]
+SUITE = ["suite", "plan", "--preset", "minimal", "--output", f"{W}/p.yaml"]
+RUN = ["suite", "run", f"{W}/plans/good.yaml", "--output"]
 
 CASES: list[tuple[str, list[str], str, str | None]] = [
     # (id, arguments, text the error names, working folder below the world: None = the world itself)
@@ -307,6 +335,7 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         None,
     ),
     ("train-site", [*TRAIN, "--sites", "9.resid_post", "--output", f"{W}/n"], "holds no site", None),
+    ("train-site-pattern", [*TRAIN, "--sites", "*.mlp_out", "--output", f"{W}/n"], "matches no site", None),
     (
         "train-checkpoint-0",
         [*TRAIN, "--checkpoint-every", "0", "--output", f"{W}/n"],
@@ -325,6 +354,57 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         None,
     ),
     ("train-fire-rate", [*TRAIN, "--max-fire-rate", "2", "--output", f"{W}/n"], "between 0 and 1", None),
+    # several widths and targets per run
+    (
+        "train-width-list-0",
+        [*TRAIN, "--width", "0,8", "--output", f"{W}/n"],
+        "--width must be comma-separated positive integers, got '0,8'",
+        None,
+    ),
+    ("train-width-twice", [*TRAIN, "--width", "8,8", "--output", f"{W}/n"], "--width lists 8 twice", None),
+    (
+        "train-target-l0-word",
+        [*TRAIN, "--target-l0", "a", "--output", f"{W}/n"],
+        "--target-l0 must be comma-separated positive numbers, got 'a'",
+        None,
+    ),
+    (
+        "train-target-l0-list-inf",
+        [*TRAIN, "--target-l0", "10,inf", "--output", f"{W}/n"],
+        "--target-l0 must be comma-separated positive numbers",
+        None,
+    ),
+    (
+        "train-clt-width-list",
+        [*TRAIN, "--kind", "clt", "--width", "8,16", "--output", f"{W}/n"],
+        "--width takes one value for --kind clt",
+        None,
+    ),
+    (
+        "train-clt-target-list",
+        [*TRAIN, "--kind", "skip_clt", "--target-l0", "5,10", "--output", f"{W}/n"],
+        "--target-l0 takes one value for --kind skip_clt",
+        None,
+    ),
+    # crosscoders: one site kind at chosen layers, each held by the store
+    (
+        "train-crosscoder-two-kinds",
+        [*TRAIN, "--kind", "crosscoder", "--sites", "1.resid_post,1.mlp_out", "--output", f"{W}/n"],
+        "a crosscoder reads one site kind at chosen layers; --sites 1.resid_post,1.mlp_out names mlp_out and resid_post",
+        None,
+    ),
+    (
+        "train-crosscoder-missing-site",
+        [*TRAIN, "--kind", "crosscoder", "--sites", "0,1.resid_post", "--output", f"{W}/n"],
+        "a crosscoder on 0.resid_post needs that site, which the data does not hold (it has 1.resid_post)",
+        None,
+    ),
+    (
+        "train-crosscoder-live-all",
+        ["train", "--model", M, "--kind", "crosscoder", "--output", f"{W}/n"],
+        "a live crosscoder needs its sites named",
+        None,
+    ),
     ("train-cuda", [*TRAIN, "--device", "cuda", "--output", f"{W}/n"], "CUDA is not available", None),
     # eval
     ("eval-output-file", [*EVAL, "--output", f"{W}/afile"], "exists and is not a folder", None),
@@ -458,6 +538,12 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         "holds no dictionary",
         None,
     ),
+    (
+        "attribute-memory-limit",
+        ["attribute", "hi", "--dictionaries", DICT, "--max-memory-gb", "0", "--output", f"{W}/g.json"],
+        "max_memory_gb must be positive",
+        None,
+    ),
     ("intervene-not-graph", ["intervene", f"{W}/afile", "--zero", "1_2_3"], "afile", None),
     ("intervene-missing", ["intervene", f"{W}/none.json", "--zero", "1_2_3"], "no graph file", None),
     # chat: reports go only where a report may go
@@ -527,6 +613,60 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
             f"{W}/user",
         ],
         "holds notes.txt",
+        None,
+    ),
+    # suite: a plan file replaces only a plan; every setting is checked before anything is written
+    ("suite-preset", [*SUITE, "--preset", "gemma-scope-3"], "unknown --preset 'gemma-scope-3'", None),
+    ("suite-scale-0", [*SUITE, "--scale", "0"], "--scale must be a positive number", None),
+    ("suite-scale-nan", [*SUITE, "--scale", "nan"], "--scale must be a finite number", None),
+    ("suite-tokens-0", [*SUITE, "--tokens", "0"], "--tokens must be positive", None),
+    (
+        "suite-model",
+        ["suite", "plan", "--model", "gemma-7", "--output", f"{W}/p.yaml"],
+        "unknown model",
+        None,
+    ),
+    ("suite-model-badcfg", ["suite", "plan", "--model", f"{W}/models/badcfg"], "cannot read", None),
+    ("suite-accelerator", [*SUITE, "--accelerator", "tpu"], "unknown --accelerator 'tpu'", None),
+    (
+        "suite-output-file",
+        ["suite", "plan", "--output", f"{W}/afile"],
+        "is not a suite plan openscope wrote",
+        None,
+    ),
+    ("suite-output-overwrite", ["suite", "plan", "--output", f"{W}/afile", "--overwrite"], "refusing", None),
+    ("suite-output-folder", ["suite", "plan", "--output", f"{W}/user"], "is a folder", None),
+    ("suite-output-link", ["suite", "plan", "--output", f"{W}/links/store"], "is a symbolic link", None),
+    ("suite-cost-missing", ["suite", "cost", f"{W}/nope.yaml"], "not a plan file (no such file)", None),
+    ("suite-cost-folder", ["suite", "cost", f"{W}/user"], "not a plan file (a folder)", None),
+    ("suite-cost-text", ["suite", "cost", f"{W}/afile"], "a plan must be a mapping", None),
+    ("suite-cost-binary", ["suite", "cost", f"{W}/bin.jsonl"], "binary file", None),
+    ("suite-cost-store", ["suite", "cost", f"{STORE}/manifest.json"], "not 'openscope-suite-plan'", None),
+    ("suite-cost-accelerator", ["suite", "cost", f"{W}/afile", "--accelerator", "v100"], "unknown", None),
+    # suite run: the plan is checked whole, and the output folder too, before anything is harvested
+    ("suite-run-typo", ["suite", "run", f"{W}/plans/typo.yaml"], "typo.yaml:19: unknown key 'widht'", None),
+    (
+        "suite-run-width-0",
+        ["suite", "run", f"{W}/plans/width0.yaml"],
+        "width must be a positive integer",
+        None,
+    ),
+    ("suite-run-l0", ["suite", "run", f"{W}/plans/l0neg.yaml"], "target_l0 must be a positive number", None),
+    ("suite-run-reserved", ["suite", "run", f"{W}/plans/reserved.yaml"], "keeps its own 'runs'", None),
+    ("suite-run-missing", ["suite", "run", f"{W}/plans/none.yaml"], "not a plan file (no such file)", None),
+    ("suite-run-other-plan", [*RUN, f"{W}/suites/other"], "holds the suite of another plan", None),
+    ("suite-run-user", [*RUN, f"{W}/user", "--overwrite"], "holds notes.txt", None),
+    ("suite-run-store", [*RUN, STORE, "--overwrite"], "which openscope did not write as a suite", None),
+    ("suite-run-file", [*RUN, f"{W}/afile"], "exists and is not a folder", None),
+    ("suite-run-link", [*RUN, f"{W}/links/outside"], "is a symbolic link", None),
+    ("suite-run-device", [*RUN, f"{W}/n", "--device", "tpu"], "unknown device 'tpu'", None),
+    ("eval-catalogue-user", ["eval", "--catalogue", f"{W}/user"], "holds no catalogue.json", None),
+    ("eval-catalogue-file", ["eval", "--catalogue", f"{W}/afile"], "is not a folder", None),
+    ("eval-catalogue-pending", ["eval", "--catalogue", f"{W}/suites/other"], "no finished dictionary", None),
+    (
+        "serve-suite-user",
+        ["serve", "--db", f"{W}/features.db", "--suite", f"{W}/user"],
+        "holds no catalogue",
         None,
     ),
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import NAME, TEXT, explorer_files, served
+from serve_helpers import NAME, SUITE_ITEMS, TEXT, explorer_files, served, write_suite
 
 from openscope.models.load import LoadedModel
 from openscope.serve import ServeConfig
@@ -41,8 +41,11 @@ sync_api = pytest.importorskip(
 @pytest.fixture(scope="module")
 def base_url(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The explorer on a free local port, served by uvicorn in a thread for this module."""
-    db, _ = explorer_files(tiny, tmp_path_factory.mktemp("explorer"))
-    with served(create_app(ServeConfig(db=db), loaded=tiny)) as url:
+    db, d = explorer_files(tiny, tmp_path_factory.mktemp("explorer"))
+    assert d.folder is not None
+    # The Suite page: the test dictionary is the first item of a small suite.
+    suite = write_suite(d.folder.parent, tiny.name, [])
+    with served(create_app(ServeConfig(db=db, suite=suite), loaded=tiny)) as url:
         yield url
 
 
@@ -173,3 +176,25 @@ def test_steering_shows_both_texts_side_by_side(page: Any, shots: Path) -> None:
     assert len(unsteered) > len("The capital of France is")
     assert f"{NAME} #3" in page.inner_text("#steer-out")
     snap(page, shots, "steer")
+
+
+def test_suite_page_places_items_by_layer_and_site_and_links_dashboards(page: Any, shots: Path) -> None:
+    page.goto("/#/suite")
+    page.locator("#suite-grid").wait_for()
+    assert [page.locator("#suite-grid thead th").nth(i).inner_text() for i in range(4)] == [
+        "layer",
+        "resid_post",
+        "transcoder",
+        "clt",
+    ]
+    assert page.locator("#suite-grid tbody th").all_inner_texts() == ["1", "multi-layer"]
+    assert page.locator("#suite-items tbody tr").count() == len(SUITE_ITEMS)
+    assert "lower --lr" in page.locator("#suite-items tr[data-status=failed]").inner_text()
+    snap(page, shots, "suite")
+    page.select_option("#suite-status", "failed")
+    page.wait_for_function("document.querySelectorAll('#suite-items tbody tr').length === 1")
+    assert "status=failed" in page.evaluate("location.hash")
+    page.goto("/#/suite")
+    page.locator(f"#suite-grid a.suite-chip[data-name='{NAME}']").click()  # the one with dashboards
+    page.wait_for_function(f"location.hash === '#/dict/{NAME}'")
+    page.locator("h1", has_text=NAME).wait_for()

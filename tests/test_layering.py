@@ -3,8 +3,9 @@
 openscope is built in layers. The top-level helpers (`errors`, `config`, `files`, `reports`) come first;
 then the packages, each of which may import only from layers before it:
 
-    models → data → activations → coders → train → eval → features → interventions → attribution
-    → analysis → serve → the entry points (`cli.py`, `demo.py` and the deprecated alias `steer.py`)
+    models → data → activations → coders → train → eval → features → suite → interventions
+    → attribution → analysis → serve → the entry points (`cli.py`, `demo.py` and the deprecated alias
+    `steer.py`)
 
 Checked here, for every module under openscope/: no import cycle between modules, none between packages,
 no import of a later layer, no private name (leading underscore) imported from another module, no file
@@ -38,6 +39,7 @@ PACKAGES = (
     "train",
     "eval",
     "features",
+    "suite",
     "interventions",
     "attribution",
     "analysis",

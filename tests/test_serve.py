@@ -8,6 +8,7 @@ the test dictionary peaks on the token "ar" and promotes it; latent 5 is its nei
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import GONE, NAME, TEXT, WIDTH, explorer_files
+from serve_helpers import GONE, NAME, SUITE_ITEMS, TEXT, WIDTH, explorer_files, write_suite
 
 from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
@@ -358,6 +359,40 @@ def test_dashboards_only_server(files: tuple[Path, Dictionary]) -> None:
         assert ok(c.get("/api/feature", params={"dictionary": NAME, "latent": 1}))["latent"] == 1
         resp = c.post("/api/inspect", json={"text": "hi", "dictionary": NAME})
         assert resp.status_code == 409 and "not loaded" in resp.json()["detail"]
+
+
+def test_the_suite_page_lists_the_catalogue_linked_to_dashboards(
+    tiny: LoadedModel, files: tuple[Path, Dictionary], client: TestClient, tmp_path: Path
+) -> None:
+    db, d = files
+    assert d.folder is not None
+    folder = write_suite(d.folder.parent, tiny.name, ["ok.png", "../ok.png"])
+    app = create_app(ServeConfig(db=db, suite=folder), loaded=tiny)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        info = ok(c.get("/api/suite"))
+        assert [e["name"] for e in info["items"]] == list(SUITE_ITEMS)
+        assert [e["dictionary"] for e in info["items"]] == [NAME, None, None]  # only the one with dashboards
+        done, failed, pending = info["items"]
+        assert (done["l0"], done["delta_loss"], done["measured_on"]) == (8.1, 0.05, "evaluation")
+        assert failed["status"] == "failed" and "lower --lr" in failed["reason"] and pending["l0"] is None
+        assert info["counts"] == {"pending": 1, "running": 0, "done": 1, "failed": 1}
+        assert ok(c.get("/api/suite", params={"status": "failed"}))["items"] == [failed]
+        assert ok(c.get("/api/suite", params={"family": "clt"}))["items"] == [pending]
+        assert info["figures"] == ["ok.png", "../ok.png"]
+        assert c.get("/api/suite/figure", params={"file": "ok.png"}).status_code == 200
+        outside = c.get("/api/suite/figure", params={"file": "../ok.png"})
+        assert outside.status_code == 404  # listed by the report, but not inside its folder
+        assert c.get("/api/suite", params={"status": "lost"}).status_code == 422
+        assert c.get("/api/suite", params={"sort": "l0"}).status_code == 422  # unknown parameters too
+    resp = client.get("/api/suite")  # a server started without one says how to show one
+    assert resp.status_code == 404 and "--suite DIR" in resp.json()["detail"]
+    # A database in a suite folder (`openscope features ... --output DIR/features.db`) brings its suite.
+    shutil.copy(db, folder / "features.db")
+    app = create_app(ServeConfig(db=folder / "features.db"), loaded=tiny, dictionaries={})
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        assert ok(c.get("/api/suite"))["folder"] == str(folder)
+    with pytest.raises(OpenscopeError, match="holds no catalogue.json"):
+        create_app(ServeConfig(db=db, suite=tmp_path), loaded=tiny)
 
 
 def test_loaded_dictionary_without_dashboards_is_listed_and_runs(

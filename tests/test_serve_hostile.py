@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_helpers import NAME, explorer_files
+from serve_helpers import NAME, explorer_files, write_suite
 
 from openscope.models.load import LoadedModel
 from openscope.serve import ServeConfig
@@ -99,7 +99,9 @@ def site(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     graphs = root / "graphs"
     graphs.mkdir()
     os.symlink(outside / "secret.txt", graphs / "leak.json")
-    app = create_app(ServeConfig(db=db, chat_reports=reports, graphs=graphs), loaded=tiny)
+    suite = write_suite(root / "dicts", tiny.name, hostile)  # the same hostile figure names
+    os.symlink(outside / "secret.png", suite / "eval" / "link.png")
+    app = create_app(ServeConfig(db=db, chat_reports=reports, graphs=graphs, suite=suite), loaded=tiny)
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         yield Site(client, outside)
 
@@ -184,6 +186,12 @@ HOSTILE: list[tuple[str, str, str, dict[str, Any]]] = [
     ("report-link-folder", "GET", "/api/chat/report", {"params": {"name": "evil"}}),
     ("report-link-file", "GET", "/api/chat/report", {"params": {"name": "half"}}),
     ("report-dotdot", "GET", "/api/chat/report", {"params": {"name": ".."}}),
+    ("suite-figure-passwd", "GET", "/api/suite/figure", {"params": {"file": "../../../../../../etc/passwd"}}),
+    ("suite-figure-outside", "GET", "/api/suite/figure", {"params": {"file": "../../outside/secret.png"}}),
+    ("suite-figure-link", "GET", "/api/suite/figure", {"params": {"file": "link.png"}}),
+    ("suite-figure-unlisted", "GET", "/api/suite/figure", {"params": {"file": "catalogue.json"}}),
+    ("suite-unknown-parameter", "GET", "/api/suite", {"params": {"family": "clt", "folder": "/etc"}}),
+    ("suite-bad-status", "GET", "/api/suite", {"params": {"status": "everything"}}),
     ("graph-newline", "GET", "/api/graphs/x%0A", {}),
     ("graph-link", "GET", "/api/graphs/leak", {}),
     ("graph-dotdot", "GET", "/api/graphs/..%2F..%2Fetc%2Fpasswd", {}),
@@ -215,6 +223,8 @@ def test_loopback_names_are_answered(site: Site) -> None:
     figure = site.request("GET", "/api/chat/figure", params={"name": "contrast", "file": "ok.png"})
     assert figure.status_code == 200  # the one figure really inside the report folder
     assert [r["name"] for r in site.request("GET", "/api/chat/reports").json()] == ["contrast"]
+    suite = site.request("GET", "/api/suite/figure", params={"file": "ok.png"})
+    assert suite.status_code == 200  # the one suite figure really inside the suite folder
 
 
 def test_host_names_follow_the_configuration(tiny: LoadedModel, tmp_path: Path) -> None:

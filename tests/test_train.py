@@ -274,3 +274,15 @@ def test_batchtopk_resume_equals_uninterrupted(store_dir, tmp_path):
     a, b = load_file(whole / "params.safetensors"), load_file(resumed / "params.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_store_sites_take_patterns(store_dir):
+    """`--sites` patterns pick the store's sites in store mode, as `--help` says (names as given)."""
+    from openscope.activations.store import ActivationStore
+    from openscope.train.loop import store_site_names
+
+    store = ActivationStore(store_dir)
+    assert store_site_names(store, "*.mlp_in") == ["1.mlp_in"]
+    assert set(store_site_names(store, "1.*")) == {"1.resid_post", "1.mlp_in", "1.mlp_out"}
+    assert store_site_names(store, "1.mlp_out, *.mlp_in") == ["1.mlp_out", "1.mlp_in"]
+    assert store_site_names(store, "all") == store.sites

@@ -3,9 +3,11 @@
 - `replacement`: the prompt's local replacement model (MLPs replaced by transcoders or a CLT, attention
   patterns and norm scales frozen, error nodes added back) by hooks on the HF model.
 - `attribute`: the direct linear effects between nodes (tokens, active latents, error nodes, top
-  logits), by batched backward passes.
+  logits), by batched backward passes (`rows`: the passes, their read-out, the row store and its
+  ranking); `memory`: the memory estimate made before the passes, and the limit.
 - `graph`: influence, pruning, replacement and completeness scores (pure tensor math).
-- `schema` / `io`: the graph JSON (circuit-tracer / Neuronpedia graph schema plus our metrics).
+- `schema` / `io`: the graph JSON (circuit-tracer / Neuronpedia graph schema plus our metrics);
+  `foreign`: circuit-tracer's own graph files (its colliding error-node ids, its `<bos>` prompts).
 - `intervene`: zero or scale a graph's latents and compare the next-token predictions.
 - `commands`: the `openscope attribute` / `openscope intervene` configs and runners.
 

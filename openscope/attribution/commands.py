@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
+
 from openscope.attribution.attribute import AttributionGraph, attribute
 from openscope.attribution.intervene import intervene, parse_edit
 from openscope.attribution.io import graph_file, load_graph, save_graph
@@ -21,6 +23,7 @@ from openscope.coders.dictionary import (
     model_of,
     unique_names,
 )
+from openscope.coders.export.target import CIRCUIT_TRACER_CONFIG
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
 from openscope.files import absolute, check_file_output, json_with
@@ -57,6 +60,10 @@ class AttributeConfig:
     """Pruning: keep the fewest edges holding this fraction of the edge influence."""
     max_tokens: int = 64
     """Refuse prompts longer than this many tokens (BOS included)."""
+    max_memory_gb: float | None = None
+    """Refuse, before the backward passes, an attribution whose memory estimate (logged) exceeds this many GiB. Default: the machine's memory."""
+    freeze_skip_at_bos: bool = False
+    """Skip-transcoders: hold the skip term constant at BOS/EOS/pad (openscope's earlier convention). Default: it stays live there, as in circuit-tracer."""
     slug: str | None = None
     """Graph identifier written in the file. Default: the output file's stem."""
     device: str = "cpu"
@@ -70,7 +77,7 @@ class InterveneConfig:
     """Which feature nodes of a graph to zero or scale, and how to show the effect."""
 
     graph: Path
-    """A graph JSON written by `openscope attribute`."""
+    """A graph JSON written by `openscope attribute`, or by circuit-tracer (its transcoders: --dictionaries, or found through its scan when it is an openscope export)."""
     zero: list[str] = field(default_factory=list)
     """Feature nodes to zero: node ids (layer_latent_position, as in the graph) or layer:position:latent; repeat the flag for several."""
     scale: list[str] = field(default_factory=list)
@@ -78,7 +85,7 @@ class InterveneConfig:
     top_k: int = 10
     """How many top next tokens to show before and after."""
     dictionaries: list[Path] = field(default_factory=list)
-    """Dictionary folders (or folders to search). Default: the folders the graph records."""
+    """Dictionary folders (or folders to search). Default: the folders the graph records (a circuit-tracer graph: the openscope folders its exported transcoders came from)."""
     model: str | None = None
     """Model (name, local directory or hub id). Default: the model the graph records."""
     output: Path | None = None
@@ -140,6 +147,8 @@ def attribute_document(
         batch_size=cfg.batch_size,
         max_feature_nodes=cfg.max_feature_nodes,
         max_tokens=cfg.max_tokens,
+        freeze_skip_at_bos=cfg.freeze_skip_at_bos,
+        max_memory_gb=cfg.max_memory_gb,
         progress=progress,
     )
     document = graph_file(
@@ -154,6 +163,7 @@ def attribute_document(
             desired_logit_prob=cfg.logit_probability,
             batch_size=cfg.batch_size,
             max_feature_nodes=cfg.max_feature_nodes,
+            freeze_skip_at_bos=cfg.freeze_skip_at_bos,
         ),
     )
     return graph, document
@@ -174,6 +184,21 @@ def run_attribute(
     return AttributeResult(graph, document, cfg.output)
 
 
+def exported_sources(scan: str) -> list[Path]:
+    """The openscope folders a circuit-tracer graph's transcoders came from, when its `scan` is a folder
+    `openscope export --to circuit-tracer` wrote (its config.yaml lists them); else []."""
+    config = Path(scan) / CIRCUIT_TRACER_CONFIG
+    try:
+        data = yaml.safe_load(config.read_text()) if Path(scan).is_absolute() and config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return []
+    sources = data.get("openscope", {}).get("sources") if isinstance(data, dict) else None
+    if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
+        return []
+    folders = [Path(x) for x in sources]
+    return folders if all(f.is_dir() for f in folders) else []
+
+
 def run_intervene(cfg: InterveneConfig, loaded: LoadedModel | None = None) -> InterventionResult:
     """Load a graph, its model and dictionaries, and apply cfg's edits (`intervene`)."""
     document = load_graph(cfg.graph)
@@ -184,13 +209,21 @@ def run_intervene(cfg: InterveneConfig, loaded: LoadedModel | None = None) -> In
     device = resolve_device(cfg.device)
     if cfg.dictionaries:
         dictionaries = load_attribution_dictionaries(cfg.dictionaries, device)
+    elif info is None:
+        sources = exported_sources(document.metadata.scan)
+        if not sources:
+            raise OpenscopeError(
+                f"{cfg.graph} was not written by openscope and its scan {document.metadata.scan!r} is no "
+                "openscope export; pass the transcoders with --dictionaries"
+            )
+        dictionaries = load_attribution_dictionaries(sources, device)
     else:
-        if info is None or any(d.folder is None for d in info.dictionaries):
+        if any(d.folder is None for d in info.dictionaries):
             raise OpenscopeError(f"{cfg.graph} does not record its dictionary folders; pass --dictionaries")
         dictionaries = [load_dictionary(Path(d.folder), device=device) for d in info.dictionaries if d.folder]
         dictionaries = [d._replace(name=g.name) for d, g in zip(dictionaries, info.dictionaries, strict=True)]
     if loaded is None:
-        model = cfg.model or (info.model if info is not None else document.metadata.scan)
+        model = cfg.model or (info.model if info is not None else model_of(dictionaries))
         loaded = load_model(model, device=device, cache_dir=cfg.cache_dir)
     result = intervene(loaded, document, {d.name: d for d in dictionaries}, edits, cfg.top_k)
     if cfg.output is not None:

@@ -82,10 +82,17 @@ def influence_from_rows(rows: Tensor, row_nodes: Tensor, seed: Tensor, max_iter:
     )
 
 
+def target_rows(adjacency: Tensor) -> Tensor:
+    """Indices of the rows with any edge (an attribution graph's features and logits; error and token
+    nodes have no inputs): the math below runs on those rows only, so a long prompt's graph is not
+    copied whole."""
+    return adjacency.any(dim=1).nonzero().squeeze(1)
+
+
 def node_influence(adjacency: Tensor, seed: Tensor) -> Tensor:
     """[n] each node's total influence on the seeded nodes (module docstring), from the raw adjacency."""
-    n = adjacency.shape[0]
-    return influence_from_rows(normalize_rows(adjacency), torch.arange(n, device=adjacency.device), seed)
+    rows = target_rows(adjacency)
+    return influence_from_rows(normalize_rows(adjacency[rows]), rows, seed)
 
 
 def logit_seed(layout: NodeLayout, logit_probs: Tensor) -> Tensor:
@@ -149,18 +156,22 @@ def prune(
         raise OpenscopeError(f"adjacency is {list(adjacency.shape)} but the layout has {n} nodes")
     adjacency = adjacency.float()
     seed = logit_seed(layout, logit_probs).to(adjacency.device)
-    influence = node_influence(adjacency, seed)
+    rows = target_rows(adjacency)
+    influence = influence_from_rows(normalize_rows(adjacency[rows]), rows, seed)
     node_mask = influence >= find_threshold(influence, node_threshold)
     always = layout.n_features + layout.n_errors  # tokens and logits from here on
     node_mask[always:] = True
 
-    pruned = adjacency.clone()
-    pruned[~node_mask] = 0
+    pruned = adjacency[rows]  # the rows with edges (a copy): every other row is zero
+    pruned[~node_mask[rows]] = 0
     pruned[:, ~node_mask] = 0
     normalised = normalize_rows(pruned)
-    edge_scores = normalised * (node_influence(pruned, seed) + seed)[:, None]
-    edge_mask = edge_scores >= find_threshold(edge_scores, edge_threshold)
-    edge_mask &= pruned != 0
+    edge_scores = normalised * (influence_from_rows(normalised, rows, seed) + seed)[rows, None]
+    kept = edge_scores >= find_threshold(edge_scores, edge_threshold)
+    kept &= pruned != 0
+    del pruned, normalised, edge_scores
+    edge_mask = torch.zeros(n, n, dtype=torch.bool, device=adjacency.device)
+    edge_mask[rows] = kept
 
     while True:
         before = node_mask.clone()
@@ -190,13 +201,15 @@ def graph_scores(adjacency: Tensor, layout: NodeLayout, logit_probs: Tensor) -> 
     """Replacement and completeness scores of an (unpruned) graph; see `GraphScores`."""
     adjacency = adjacency.float()
     seed = logit_seed(layout, logit_probs).to(adjacency.device)
-    normalised = normalize_rows(adjacency)
-    influence = influence_from_rows(normalised, torch.arange(layout.n_nodes, device=adjacency.device), seed)
+    rows = target_rows(adjacency)
+    normalised = normalize_rows(adjacency[rows])
+    influence = influence_from_rows(normalised, rows, seed)
     token_influence = float(influence[layout.tokens].sum())
     error_influence = float(influence[layout.errors].sum())
     sources = token_influence + error_influence
     replacement = token_influence / sources if sources > 0 else 0.0
-    non_error = 1 - normalised[:, layout.errors].sum(dim=1)
+    non_error = torch.ones(layout.n_nodes, dtype=normalised.dtype, device=adjacency.device)
+    non_error[rows] = 1 - normalised[:, layout.errors].sum(dim=1)
     weights = influence + seed
     completeness = float((non_error * weights).sum() / weights.sum().clamp(min=ROW_EPS))
     return GraphScores(replacement, completeness)

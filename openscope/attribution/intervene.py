@@ -7,7 +7,9 @@ next tokens and the graph's logit nodes before and after. The edits use the stee
 y + (s − 1)·f(x)·d — the latent's activation f (recomputed from the live input, so edits upstream reach
 it) scaled by s, its decoder row d, and everything else (the reconstruction error, other latents, the
 rest of the model: attention, norms, MLPs) left live. s = 0 removes the latent. A cross-layer
-transcoder latent is edited at every layer it writes to.
+transcoder latent is edited at every layer it writes to. Graphs written by circuit-tracer name no
+dictionary: a feature node `{layer}_{latent}_{position}` is then the latent of the loaded dictionary
+that reads that layer (`node_latent`), and the prompt is re-tokenized (`foreign.prompt_ids_of`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from openscope.attribution.foreign import display_prompt, prompt_ids_of
 from openscope.attribution.schema import (
+    FEATURE_TYPES,
     AppliedEdit,
     GraphFile,
     GraphNode,
@@ -32,7 +36,8 @@ from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.interventions.steer import Intervention, steering
 from openscope.models.load import LoadedModel
-from openscope.models.tokens import prompt_ids, token_pieces
+from openscope.models.sites import Site
+from openscope.models.tokens import token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +70,34 @@ def feature_node(document: GraphFile, node_id: str) -> GraphNode:
     """The graph's feature node with this id (clear errors for unknown or non-feature nodes)."""
     for node in document.nodes:
         if node.node_id == node_id:
-            if node.dictionary is None or node.latent is None:
+            if node.feature_type != FEATURE_TYPES[0] and (node.dictionary is None or node.latent is None):
                 raise OpenscopeError(
                     f"node {node_id} is a {node.feature_type} node; only feature (latent) nodes can be edited"
                 )
             return node
     raise OpenscopeError(f"no node {node_id} in the graph (feature node ids are layer_latent_position)")
+
+
+def node_latent(node: GraphNode, dictionaries: Mapping[str, Dictionary]) -> tuple[str, int]:
+    """(dictionary name, latent index in it) of a feature node: as the node names them (openscope's
+    files), else (circuit-tracer's, `{layer}_{latent in layer}_{position}`) the loaded dictionary that
+    reads that layer's MLP input (a CLT numbers its layer i's latent j as i·width + j)."""
+    if node.dictionary is not None and node.latent is not None:
+        if node.dictionary not in dictionaries:
+            known = ", ".join(sorted(dictionaries)) or "none"
+            raise OpenscopeError(
+                f"node {node.node_id} needs dictionary {node.dictionary!r}, which is not loaded ({known})"
+            )
+        return node.dictionary, node.latent
+    layer, latent, _ = (int(x) for x in node.node_id.split("_"))
+    for name, d in dictionaries.items():
+        for i, site in enumerate(d.sites_in):
+            if site == Site(layer, "mlp_in"):
+                return name, i * d.coder.cfg.width + latent
+    raise OpenscopeError(
+        f"node {node.node_id} is a latent of layer {layer}; no loaded dictionary reads {layer}.mlp_in "
+        "(pass the graph's transcoders with --dictionaries)"
+    )
 
 
 def _top(probs: Tensor, logits: Tensor, k: int, pieces: Mapping[int, str]) -> list[TokenProbability]:
@@ -97,28 +124,19 @@ def intervene(
         raise OpenscopeError("no edits given: name feature nodes to zero or scale")
     if top_k < 1:
         raise OpenscopeError(f"top_k must be at least 1, got {top_k}")
-    meta = document.metadata
-    ids = (
-        torch.tensor([meta.openscope.prompt_token_ids])
-        if meta.openscope is not None
-        else prompt_ids(loaded.tokenizer, meta.prompt)
-    ).to(loaded.device)
+    ids = prompt_ids_of(document, loaded.tokenizer).to(loaded.device)
     interventions, applied = [], []
     for edit in edits:
         node = feature_node(document, edit.node_id)
-        assert node.dictionary is not None and node.latent is not None
-        if node.dictionary not in dictionaries:
-            known = ", ".join(sorted(dictionaries)) or "none"
-            raise OpenscopeError(
-                f"node {node.node_id} needs dictionary {node.dictionary!r}, which is not loaded ({known})"
-            )
-        d = dictionaries[node.dictionary]
-        interventions.append(Intervention(d, node.latent, "multiply", edit.factor, (node.ctx_idx,)))
+        name, latent = node_latent(node, dictionaries)
+        interventions.append(
+            Intervention(dictionaries[name], latent, "multiply", edit.factor, (node.ctx_idx,))
+        )
         applied.append(
             AppliedEdit(
                 node_id=node.node_id,
-                dictionary=node.dictionary,
-                latent=node.latent,
+                dictionary=name,
+                latent=latent,
                 layer=int(node.layer),
                 position=node.ctx_idx,
                 factor=edit.factor,
@@ -135,7 +153,7 @@ def intervene(
     shown = set(p_before.topk(k).indices.tolist()) | set(p_after.topk(k).indices.tolist()) | set(logit_ids)
     pieces = token_pieces(loaded.tokenizer, sorted(shown))
     return InterventionResult(
-        prompt=meta.prompt,
+        prompt=display_prompt(document),
         edits=applied,
         top_before=_top(p_before, before, k, pieces),
         top_after=_top(p_after, after, k, pieces),

@@ -2,12 +2,15 @@
 
 `graph_file` turns an unpruned `AttributionGraph` into the document viewers read (pruned by influence,
 with the metrics), `save_graph` writes it atomically and `load_graph` reads and validates one (ours or
-circuit-tracer's).
+circuit-tracer's). Like circuit-tracer, openscope writes `prompt` as the decoded token ids (BOS
+included) and `scan` as the transcoders' identity (`scan_of`); the model is `metadata.openscope.model`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from pydantic import ValidationError
 
 import openscope
 from openscope.attribution.attribute import AttributionGraph
+from openscope.attribution.foreign import settle_node_ids
 from openscope.attribution.graph import GraphScores, PruneResult, graph_scores, nodes_for_fraction, prune
 from openscope.attribution.schema import (
     GenerationSettings,
@@ -42,6 +46,18 @@ log = logging.getLogger(__name__)
 def cantor_pair(x: int, y: int) -> int:
     """The Cantor pairing of two non-negative integers (circuit-tracer's feature id of (layer, latent))."""
     return (x + y) * (x + y + 1) // 2 + y
+
+
+def scan_of(graph: AttributionGraph) -> str:
+    """The graph's `scan`: what circuit-tracer and Neuronpedia key a graph's transcoders by. openscope
+    writes the dictionaries' folder (absolute; the folder holding them when there are several), or their
+    names joined by '+' when some live in memory only."""
+    dictionaries = list({id(s.dictionary): s.dictionary for s in graph.slots}.values())
+    folders = [d.folder for d in dictionaries]
+    if any(f is None for f in folders):
+        return "+".join(d.name for d in dictionaries)
+    paths = [str(Path(f).resolve()) for f in folders if f is not None]
+    return paths[0] if len(paths) == 1 else os.path.commonpath(paths)
 
 
 def _dictionaries(graph: AttributionGraph) -> list[GraphDictionary]:
@@ -173,10 +189,10 @@ def graph_file(
     ids = graph.input_ids.tolist()
     metadata = GraphMetadata(
         slug=slug,
-        scan=model,
+        scan=scan_of(graph),
         transcoder_list=[d.name for d in dictionaries],
         prompt_tokens=[pieces[i] for i in ids],
-        prompt=graph.prompt,
+        prompt=tokenizer.decode(ids),  # BOS included, as circuit-tracer writes it
         node_threshold=node_threshold,
         info=GraphInfo(
             generator=GraphGenerator(name="openscope", version=openscope.__version__),
@@ -201,12 +217,21 @@ def save_graph(document: GraphFile, path: str | Path) -> Path:
 
 
 def load_graph(path: str | Path) -> GraphFile:
-    """Read and validate a graph file (ours or circuit-tracer's)."""
+    """Read and validate a graph file (ours or circuit-tracer's: its error nodes are renamed so that
+    node ids are unique, `foreign.settle_node_ids`)."""
     path = Path(path)
     if not path.is_file():
         raise OpenscopeError(f"no graph file at {path}")
     try:
-        return GraphFile.model_validate_json(path.read_text())
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OpenscopeError(f"{path} is not a graph file: Invalid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise OpenscopeError(f"{path} is not a graph file: Invalid JSON: not UTF-8 text") from None
+    if isinstance(data, dict):
+        settle_node_ids(data)
+    try:
+        return GraphFile.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))

@@ -6,7 +6,8 @@ residual stream (the construction of Ameisen et al. 2025, as circuit-tracer buil
 
 - **attention patterns** frozen: the outputs of `q_proj` and `k_proj` are replaced by their clean
   values, so queries, keys (after their own `q_norm`/`k_norm` and rotary embeddings), and thus the
-  softmax pattern are constants; attention is then linear in the values.
+  softmax pattern are constants; attention is then linear in the values. The replacement runs the
+  model's own eager attention (`eager_attention`), whose backward is then one product per head.
 - **normalisation scales** frozen: every RMSNorm on the residual path (Gemma 3: `input_layernorm`,
   `post_attention_layernorm`, `pre_feedforward_layernorm`, and the final norm) returns
   y_clean + (x − x_clean) ⊙ g, where g = s·G is the clean per-position gain (s = 1/RMS(x_clean), G the
@@ -21,8 +22,20 @@ residual stream (the construction of Ameisen et al. 2025, as circuit-tracer buil
 With the error nodes added back the replacement reproduces the clean logits exactly (up to float
 rounding), and it is linear in every source: token embeddings, latents (each writes a · d, d its
 decoder row, into its own and, for a cross-layer transcoder, every later layer's MLP output) and error
-nodes. BOS/EOS/pad positions carry no latents and no error node: dictionaries are not trained there, so
-the MLP output at such a position is a constant of the replacement model (circuit-tracer's zero-BOS).
+nodes. BOS/EOS/pad positions carry no latents and no error node: dictionaries are not trained there
+(circuit-tracer's zero-BOS). What a skip-transcoder's skip term x·A does there is a convention, with two
+options (`freeze_skip_at_bos`):
+
+- **live** (the default, as circuit-tracer has it): the skip term stays a linear function of the live
+  MLP input at every position, BOS included; the rest of the MLP output at BOS is a constant. Edges into
+  BOS's MLP output then flow on through the skip, so the BOS token column matches circuit-tracer's.
+- **frozen** (`freeze_skip_at_bos=True`, openscope's convention before): the whole MLP output at a
+  BOS/EOS/pad position is a constant of the replacement model, skip included, so nothing flows through
+  the MLP at positions the dictionary was never trained on.
+
+Both reproduce the clean logits; they differ only in the edges that pass through a skip at BOS (the
+BOS token column and, through it, whatever BOS feeds). Plain transcoders and CLTs have no skip term and
+are the same under both.
 
 Dictionaries are given as `Dictionary` values: single-layer transcoders or skip-transcoders
 (L.mlp_in → L.mlp_out) and/or cross-layer transcoders (mlp_in → mlp_out over consecutive layers);
@@ -35,6 +48,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
+from inspect import signature
 from typing import Any, NamedTuple
 
 import torch
@@ -192,6 +206,28 @@ def forward_hooks(hooks: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iter
             handle.remove()
 
 
+@contextmanager
+def eager_attention(loaded: LoadedModel) -> Iterator[None]:
+    """Run the block with the model's plain ("eager") attention: with the pattern frozen, its backward
+    is one product with the pattern per head (fused kernels such as SDPA's recompute the pattern and
+    the query and key gradients too). The model's own choice is restored afterwards."""
+    model = loaded.model
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if not isinstance(before, str) or before == "eager" or not callable(switch):
+        yield
+        return
+    try:
+        switch("eager")
+    except (ValueError, ImportError, NotImplementedError):  # a model without an eager path keeps its own
+        yield
+        return
+    try:
+        yield
+    finally:
+        switch(before)
+
+
 def input_embeddings(loaded: LoadedModel) -> nn.Module:
     """The model's token-embedding module (its output is the residual stream before layer 0)."""
     module = loaded.model.get_input_embeddings()  # type: ignore[operator]
@@ -264,7 +300,14 @@ class FrozenRun(NamedTuple):
 class ReplacementModel:
     """The local replacement model of one prompt (module docstring): build it, then `run` it."""
 
-    def __init__(self, loaded: LoadedModel, dictionaries: Sequence[Dictionary], input_ids: Tensor) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        dictionaries: Sequence[Dictionary],
+        input_ids: Tensor,
+        *,
+        freeze_skip_at_bos: bool = False,
+    ) -> None:
         if input_ids.ndim == 2:
             if input_ids.shape[0] != 1:
                 raise OpenscopeError("attribute one prompt at a time: input_ids must be [1, T]")
@@ -276,6 +319,9 @@ class ReplacementModel:
         self.input_ids = input_ids.to(loaded.device)
         self.keep = keep_mask(self.input_ids, loaded.tokenizer)
         """[T] bool: positions with latents and error nodes (not BOS/EOS/pad)."""
+        self.freeze_skip_at_bos = freeze_skip_at_bos
+        self.skip_live = (self.keep if freeze_skip_at_bos else torch.ones_like(self.keep))[:, None]
+        """[T, 1] bool: positions where a skip term is live (module docstring: every one by default)."""
         self._norms = residual_norms(loaded)
         self._projections = attention_projections(loaded)
         if loaded.dtype != torch.float32:
@@ -323,7 +369,13 @@ class ReplacementModel:
                 stack.enter_context(
                     hook_site(loaded, site, lambda x, s=site: acts.__setitem__(s, x[0].clone()))
                 )
-            logits = loaded.model(input_ids=self.input_ids[None], use_cache=False).logits[0, -1]
+            # Only the last position's logits are needed: a long prompt's [T, vocab] would be large.
+            last = (
+                {"logits_to_keep": 1}
+                if "logits_to_keep" in signature(loaded.model.forward).parameters
+                else {}
+            )
+            logits = loaded.model(input_ids=self.input_ids[None], use_cache=False, **last).logits[0, -1]
         if len(norm_io) != len(self._norms) or len(projections) != len(self._projections) or not embeds:
             raise OpenscopeError(
                 f"{loaded.name} did not run every norm and attention projection in its forward"
@@ -377,12 +429,12 @@ class ReplacementModel:
 
     @torch.no_grad()
     def _constant_outputs(self) -> list[Tensor]:
-        """Per layer [T, d_out] the MLP output minus its live part (the skip at kept positions)."""
+        """Per layer [T, d_out] the MLP output minus its live part (the skip where `skip_live`)."""
         base = []
         for m, slot in enumerate(self.slots):
             skip = slot.coder.skip_at(slot.index, self.clean.mlp_in[m].to(slot.coder.w_enc.dtype))
             out = self.clean.mlp_out[m]
-            base.append(out if skip is None else out - skip.to(out.dtype) * self.keep[:, None])
+            base.append(out if skip is None else out - skip.to(out.dtype) * self.skip_live)
         return base
 
     # ---- sources and targets ------------------------------------------------------------------------
@@ -452,7 +504,7 @@ class ReplacementModel:
             ]
         live: dict[int, Tensor] = {}
         final: list[Tensor] = []
-        keep = self.keep[:, None]
+        skip_live = self.skip_live
 
         def add(value: Tensor, offset: Tensor | None, probe: Tensor | None) -> Tensor:
             if offset is not None:
@@ -480,7 +532,7 @@ class ReplacementModel:
                     slot.index, live[m].reshape(batch * t, -1).to(slot.coder.w_enc.dtype)
                 )
                 if skip is not None:
-                    out = out + skip.reshape(batch, t, -1).to(out.dtype) * keep
+                    out = out + skip.reshape(batch, t, -1).to(out.dtype) * skip_live
                 return add(out, mlp_offsets.get(m), probes[1 + m] if probes else None).to(y.dtype)
 
             return write
@@ -499,6 +551,7 @@ class ReplacementModel:
         lm_logits: Tensor | None = None
         with ExitStack() as stack:
             stack.enter_context(torch.set_grad_enabled(grad))
+            stack.enter_context(eager_attention(loaded))
             # Norm hooks first: the mlp_in reader on the same module must see the frozen output.
             stack.enter_context(forward_hooks(hooks))
             for m in range(n):

@@ -4,7 +4,7 @@ A graph file is the circuit-tracer / Neuronpedia graph format (Neuronpedia's `gr
 circuit-tracer's `frontend/graph_models.py`), so it loads in those viewers unchanged, plus openscope's
 own additions in places those tools ignore (extra node fields, `metadata.openscope`):
 
-- `metadata`: slug, scan (the model), prompt, prompt_tokens, node_threshold, info (generator, time),
+- `metadata`: slug, scan (the transcoders), prompt, prompt_tokens, node_threshold, info (generator, time),
   generation_settings, pruning_settings, and `openscope` (`OpenscopeGraphInfo`: the model, prompt token
   ids, the dictionaries with their folders, the metrics: replacement and completeness scores, counts).
 - `qParams`: the viewer's saved state (pinned nodes, supernodes, clicked node); empty when written.
@@ -23,8 +23,11 @@ own additions in places those tools ignore (extra node fields, `metadata.opensco
   pre-activation, or its logit minus the mean logit, changes by weight × δ/a when the source latent's
   activation a changes by δ in the replacement model; see `openscope.attribution.attribute`).
 
+`metadata.scan` is the transcoders' identity (circuit-tracer's meaning: an openscope file names the
+dictionaries' folder) and `metadata.prompt` the decoded token ids, BOS included, in files of both tools.
 `GraphFile` reads graphs written by circuit-tracer too (their extra fields are kept; `openscope` is None
-then). Interventions on a graph (`openscope.attribution.intervene`) answer an `InterventionRequest` with
+then); `load_graph` first renames their error nodes, whose ids `0_{layer}_{position}` can equal a
+feature node's, to `{layer}_-1_{position}` (`openscope.attribution.foreign`). Interventions on a graph (`openscope.attribution.intervene`) answer an `InterventionRequest` with
 an `InterventionResult`. Names are stable: fields may be added (with defaults), never renamed.
 """
 
@@ -121,6 +124,11 @@ class GenerationSettings(_Open):
     desired_logit_prob: float = Field(description="Cumulative probability the logit nodes cover (at most).")
     batch_size: int = Field(description="Rows per backward pass.")
     max_feature_nodes: int | None = Field(default=None, description="Cap on attributed latents (None: all).")
+    freeze_skip_at_bos: bool | None = Field(
+        default=None,
+        description="openscope: skip-transcoders' skip term held constant at BOS/EOS/pad (False: live there, "
+        "as in circuit-tracer; None: not recorded).",
+    )
 
 
 class PruningSettings(_Open):
@@ -132,10 +140,12 @@ class PruningSettings(_Open):
 
 class GraphMetadata(_Open):
     slug: str = Field(description="Short identifier of the graph (file stem).")
-    scan: str = Field(description="The model id (Neuronpedia uses it as the model).")
+    scan: str = Field(
+        description="The transcoders' identity (circuit-tracer's transcoder set; openscope: their folder)."
+    )
     transcoder_list: list[str] = Field(default_factory=list, description="The dictionaries' names.")
     prompt_tokens: list[str] = Field(description="The prompt's tokens as text pieces (BOS first).")
-    prompt: str = Field(description="The prompt text.")
+    prompt: str = Field(description="The prompt text: the decoded token ids, BOS included.")
     node_threshold: float | None = Field(default=None, description="Default pruning threshold for viewers.")
     schema_version: int | None = Field(default=1, description="circuit-tracer's graph schema version.")
     info: GraphInfo | None = Field(default=None, description="Generator and time.")

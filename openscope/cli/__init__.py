@@ -1,7 +1,7 @@
 """The `openscope` command line: one entry point, one sub-command per stage of the pipeline.
 
-`app` (in `openscope.cli.app`) is the Typer app; `openscope.cli.pipeline` and `openscope.cli.chat`
-register the commands on it; `run` executes a command line and turns bad input into one line on stderr.
+`app` (in `openscope.cli.app`) is the Typer app; `openscope.cli.pipeline`, `openscope.cli.chat` and
+`openscope.cli.suite` register the commands on it; `run` executes a command line and turns bad input into one line on stderr.
 """
 
 from __future__ import annotations
@@ -10,11 +10,23 @@ import sys
 
 import typer
 
-from openscope.cli import chat, pipeline
+from openscope.cli import chat, pipeline, suite
 from openscope.cli.app import app, chat_app, config_command, console
+from openscope.cli.suite import suite_app
 from openscope.errors import OpenscopeError
 
-__all__ = ["app", "chat", "chat_app", "config_command", "console", "main", "pipeline", "run"]
+__all__ = [
+    "app",
+    "chat",
+    "chat_app",
+    "config_command",
+    "console",
+    "main",
+    "pipeline",
+    "run",
+    "suite",
+    "suite_app",
+]
 
 # typer bundles its own click; its usage errors (bad flag, bad value) all derive from ClickException.
 _USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -34,11 +34,14 @@ _SKIP_FIELDS = {"extra"}
 
 
 def _option_type(tp: Any) -> Any:
-    """Typer understands Optional[X] but not every spelling of `X | None`."""
+    """Typer understands Optional[X] but not every spelling of `X | None`, nor other unions: a field that
+    takes a number or a comma list of them (`int | str`) is read as text, which its config parses."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return Optional[args[0]]  # noqa: UP045 - typer needs typing.Optional here
+        if str in args and type(None) not in typing.get_args(tp):
+            return str
     return tp
 
 

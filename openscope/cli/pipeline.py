@@ -21,7 +21,9 @@ from openscope.features import FeaturesConfig, compute_features
 from openscope.models.load import DEFAULT_MODEL, KNOWN_MODELS, converted_dir, is_cached, load_model
 from openscope.models.sites import locate, parse_sites, site_width
 from openscope.serve.config import ServeConfig, check_serve_config
+from openscope.suite.catalogue import evaluate_catalogue, kind_rows
 from openscope.train import TrainConfig, train
+from openscope.train.config import dictionaries_per_site
 
 
 @app.command("models")
@@ -106,9 +108,11 @@ def _run_train(cfg: TrainConfig) -> None:
     table = Table(
         title=f"trained {len(result.folders)} dictionaries in {result.steps} steps ({result.seconds:.0f} s)"
     )
-    for col in ("site", "folder", "L0", "FVU", "dead"):
+    # One row per dictionary: keyed by its site, or by `<site>_w<width>_l0_<target>` when the run trains
+    # several widths or targets per site. A CLT has one folder (keyed by its first layer) and a row of
+    # final numbers per layer.
+    for col in ("site" if dictionaries_per_site(cfg) == 1 else "dictionary", "folder", "L0", "FVU", "dead"):
         table.add_column(col)
-    # A CLT has one folder (keyed by its first layer) and a row of final numbers per layer.
     for site, last in result.final.items():
         folder = result.folders.get(site, "")
         table.add_row(
@@ -119,13 +123,15 @@ def _run_train(cfg: TrainConfig) -> None:
 
 app.command(
     "train",
-    help="Train sparse dictionaries (SAE, transcoder, skip-transcoder, cross-layer transcoder; JumpReLU, TopK, BatchTopK, ReLU; "
+    help="Train sparse dictionaries (SAE, transcoder, skip-transcoder, cross-layer transcoder, crosscoder; JumpReLU, TopK, BatchTopK, ReLU; "
     "optionally Matryoshka) on every chosen site of an activation store at once. Saved in the Gemma Scope 2 layout.",
 )(config_command(TrainConfig, _run_train))
 
 
 def _run_eval(cfg: EvalConfig) -> None:
-
+    if cfg.catalogue is not None:  # a whole suite: `openscope.suite.catalogue` (suite sits above eval)
+        _run_eval_catalogue(cfg)
+        return
     report = evaluate(cfg, progress=True)
     table = Table(
         title=f"{len(report.dictionaries)} dictionaries on {report.model}: {report.n_tokens} tokens "
@@ -155,6 +161,27 @@ def _run_eval(cfg: EvalConfig) -> None:
     console.print(f"report: {cfg.output / 'report.md'} (and report.json, plots)")
 
 
+def _run_eval_catalogue(cfg: EvalConfig) -> None:
+    result = evaluate_catalogue(cfg, progress=True)
+    report = result.report
+    held = "held-out " if result.held_out else ""
+    table = Table(
+        title=f"{len(report.dictionaries)} dictionaries of {cfg.catalogue} on {report.n_tokens} {held}tokens "
+        f"of {result.source} ({report.seconds:.0f} s)"
+    )
+    for col in ("site kind", "dictionaries", "L0", "FVU", "delta loss"):
+        table.add_column(col, justify="left" if col == "site kind" else "right")
+    for row in kind_rows(result.entries):
+        table.add_row(*row)
+    console.print(table)
+    if result.skipped:
+        console.print(f"not evaluated (not finished): {len(result.skipped)} items")
+    console.print(
+        f"report: {result.output / 'report.md'} (figures: {', '.join(result.figures) or 'none'}); "
+        f"catalogue: {result.catalogue}"
+    )
+
+
 app.command(
     "eval",
     help="Evaluate dictionaries on held-out text: L0, FVU, dead/dense latents, delta LM loss and KL with "
@@ -175,7 +202,8 @@ def _run_serve(cfg: ServeConfig) -> None:
 app.command(
     "serve",
     help="Explore features in the browser: dashboards from `openscope features`, search, a prompt "
-    "inspector and a steering playground, on a local web server (API documented at /docs).",
+    "inspector and a steering playground, and with --suite a suite's catalogue, on a local web server "
+    "(API documented at /docs).",
 )(config_command(ServeConfig, _run_serve))
 
 

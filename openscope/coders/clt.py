@@ -1,6 +1,7 @@
-"""The cross-layer transcoder (CLT): one encoder per layer; a latent writes to its layer and every later one.
+"""The cross-layer transcoder (CLT) and the weakly causal crosscoder: one encoder per layer; a latent
+writes to its layer and every later one.
 
-Over L consecutive layers (indices ℓ, m = 0..L−1, relative to the first layer the CLT covers):
+Over L layers (indices ℓ, m = 0..L−1, relative to the first layer the coder covers):
 
     a_ℓ = σ(x_ℓ W_enc^ℓ + b_enc^ℓ)                          latents read at layer ℓ
     ŷ_m = Σ_{ℓ≤m} a_ℓ W_dec^{ℓ→m} + b_dec^m  (+ x_m A_m)      prediction for layer m
@@ -9,6 +10,13 @@ x_ℓ is the input site at layer ℓ (Gemma Scope 2: the MLP input, `pre_feedfor
 and ŷ_m predicts the output site at layer m (the MLP output). σ is JumpReLU (θ = exp(log θ) per latent,
 the same straight-through estimator as `SparseCoder`) or ReLU. The width is L·F latents in all, F per
 layer. Like a saved `SparseCoder`, the weights take raw activations (no normalisation inside).
+
+A weakly causal crosscoder (Gemma Scope 2) is the same math with inputs = targets: x_ℓ = y_ℓ is one
+site kind (e.g. resid_post) at k chosen layers that need not be consecutive (e.g. 5, 9, 12, 15); its
+encoder is block-diagonal over the concatenated activations (a latent reads only its own layer) and a
+latent decodes into its layer and the later chosen ones only. `CLTConfig.kind` = "crosscoder" marks it
+(no skip connection, d_in = d_out); which model layers it covers is the binding's business
+(`openscope.coders.dictionary.Dictionary.layers`), as for a CLT.
 
 Parameters: w_enc [L, d_in, F], b_enc [L, F], log_threshold [L, F] (JumpReLU), w_dec — one tensor per
 source layer, w_dec[ℓ] [F, L−ℓ, d_out] whose slice [:, m−ℓ] is W_dec^{ℓ→m} (only m ≥ ℓ is stored), b_dec
@@ -76,6 +84,8 @@ class CLTConfig:
     """Bandwidth ε of the JumpReLU straight-through rectangle kernel."""
     seed: int = 0
     """Seed of the weight initialisation."""
+    kind: Literal["clt", "crosscoder"] = "clt"
+    """clt (reads one site kind, predicts another) or crosscoder (reconstructs the sites it reads)."""
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "d_in", "d_out", "width"):
@@ -84,6 +94,13 @@ class CLTConfig:
                 raise OpenscopeError(f"CLT {name} must be a positive integer, got {value!r}")
         if self.activation not in ("jumprelu", "relu"):
             raise OpenscopeError(f"CLT activation must be jumprelu or relu, got {self.activation!r}")
+        if self.kind not in ("clt", "crosscoder"):
+            raise OpenscopeError(f"a multi-layer coder is a clt or a crosscoder, not {self.kind!r}")
+        if self.kind == "crosscoder" and (self.skip or self.d_in != self.d_out):
+            raise OpenscopeError(
+                f"a crosscoder reconstructs what it reads: no skip connection and d_in = d_out "
+                f"(got skip={self.skip}, {self.d_in} -> {self.d_out})"
+            )
 
 
 class CLTTrainOutput(NamedTuple):
@@ -195,9 +212,9 @@ class CrossLayerCoder(nn.Module):
         return self.cfg.n_layers
 
     @property
-    def kind(self) -> Literal["clt"]:
-        """Always clt."""
-        return "clt"
+    def kind(self) -> Literal["clt", "crosscoder"]:
+        """clt or crosscoder (`CLTConfig.kind`)."""
+        return self.cfg.kind
 
     def _check_layer(self, i: int) -> None:  # a negative i would silently index from the end
         if not 0 <= i < self.cfg.n_layers:

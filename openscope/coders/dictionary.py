@@ -18,17 +18,22 @@ Sites come, in this order, from explicit arguments, config.json's `hf_hook_point
 `config["openscope"]["site_in"/"site_out"]`, and finally the folder's path (Gemma Scope 1 release
 names, Gemma Scope 2 folder names such as `resid_post/layer_12_width_16k_l0_small`).
 
-**Cross-layer transcoders.** For a CLT covering L consecutive layers, `coder` is a `CrossLayerCoder`
-and `site_in`/`site_out` are the sites of its *first* layer; `sites_in`/`sites_out` list all L of
-them (layer i of the coder = `site_in.layer + i`). Its encode/decode take and return stacked
-activations [L, B, d]; inside a model both kinds run layer by layer through the same methods
-(`openscope.coders.protocol.Coder`: `encode_at(i, x)` at `sites_in[i]`, `decode_into(m, ...)` into
-`sites_out[m]`), so splicing, steering and attribution treat them alike. `is_multilayer` tells the two
-kinds apart. For a single-layer dictionary `sites_in == (site_in,)`.
+**Cross-layer transcoders and crosscoders.** For a CLT covering L consecutive layers, `coder` is a
+`CrossLayerCoder` and `site_in`/`site_out` are the sites of its *first* layer; `sites_in`/`sites_out`
+list all L of them (layer i of the coder = `site_in.layer + i`). A weakly causal crosscoder reads and
+reconstructs one site kind at chosen layers that need not be consecutive (`layers`, e.g. 5, 9, 12, 15:
+coder layer i = model layer `layers[i]`), from config.json's `layers`, a Gemma Scope 2 hook point
+`model.layers.{5,9,12,15}.output` or a folder name `crosscoder/layer_5_9_12_15_width_65k_l0_medium`.
+Their encode/decode take and return stacked activations [L, B, d]; inside a model every kind runs layer
+by layer through the same methods (`openscope.coders.protocol.Coder`: `encode_at(i, x)` at
+`sites_in[i]`, `decode_into(m, ...)` into `sites_out[m]`), so splicing, steering and attribution treat
+them alike. `is_multilayer` tells them from single-layer dictionaries, for which
+`sites_in == (site_in,)`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -75,11 +80,14 @@ class Dictionary(NamedTuple):
     """Folder the coder was loaded from, if any."""
     config: dict[str, Any] | None = None
     """The folder's parsed config.json (or what was inferred for formats without one)."""
+    layers: tuple[int, ...] | None = None
+    """A multi-layer coder's model layers, one per coder layer in increasing order, the first site_in's
+    (a crosscoder's chosen layers); None: consecutive from site_in's layer (a CLT)."""
 
     @property
     def is_multilayer(self) -> bool:
-        """Whether the coder is a cross-layer transcoder (stacked [L, B, d] activations)."""
-        return self.coder.kind == "clt"
+        """Whether the coder is a CLT or a crosscoder (stacked [L, B, d] activations)."""
+        return self.coder.kind in ("clt", "crosscoder")
 
     @property
     def n_layers(self) -> int:
@@ -89,12 +97,34 @@ class Dictionary(NamedTuple):
     @property
     def sites_in(self) -> tuple[Site, ...]:
         """Every site the coder reads, in layer order (one for a single-layer coder)."""
+        if self.layers is not None:
+            return tuple(Site(layer, self.site_in.kind) for layer in self.layers)
         return tuple(Site(self.site_in.layer + i, self.site_in.kind) for i in range(self.n_layers))
 
     @property
     def sites_out(self) -> tuple[Site, ...]:
         """Every site the coder writes, in layer order (one for a single-layer coder)."""
+        if self.layers is not None:
+            return tuple(Site(layer, self.site_out.kind) for layer in self.layers)
         return tuple(Site(self.site_out.layer + i, self.site_out.kind) for i in range(self.n_layers))
+
+
+def check_layers(d: Dictionary) -> None:
+    """A dictionary's explicit `layers` fit its coder: one per coder layer, increasing, the first
+    site_in's and site_out's (a one-line error otherwise)."""
+    if d.layers is None:
+        return
+    layers = list(d.layers)
+    if len(layers) != d.n_layers or any(b <= a for a, b in itertools.pairwise(layers)):
+        raise OpenscopeError(
+            f"dictionary {d.name}: its {d.n_layers}-layer {d.coder.kind} needs {d.n_layers} increasing "
+            f"layers, got {layers}"
+        )
+    if layers[0] != d.site_in.layer or layers[0] != d.site_out.layer:
+        raise OpenscopeError(
+            f"dictionary {d.name}: its first layer is {layers[0]}, but it reads {d.site_in.name} and "
+            f"writes {d.site_out.name}"
+        )
 
 
 def in_memory(coder: SparseCoder, site_in: Site, site_out: Site | None = None, name: str = "") -> Dictionary:
@@ -149,13 +179,17 @@ def load_dictionary(
     config: dict[str, Any] = read_coder_config(folder) if has_config else {}
     name = folder.name
     coder: SparseCoder | CrossLayerCoder
+    layers: tuple[int, ...] | None = None
     if is_multilayer_folder(folder):
         coder = load_clt(folder, config)
-        # Gemma Scope 2 CLTs read the MLP input and predict the MLP output of every layer from 0.
-        gemma = (Site(0, "mlp_in"), Site(0, "mlp_out"))
-        s_in, s_out = resolve_sites(
-            folder, config, loaded, override_in, override_out, transcoder=True, default=gemma
-        )
+        if coder.kind == "crosscoder":
+            s_in, s_out, layers = _crosscoder_sites(folder, config, loaded, override_in, coder.n_layers)
+        else:
+            # Gemma Scope 2 CLTs read the MLP input and predict the MLP output of every layer from 0.
+            gemma = (Site(0, "mlp_in"), Site(0, "mlp_out"))
+            s_in, s_out = resolve_sites(
+                folder, config, loaded, override_in, override_out, transcoder=True, default=gemma
+            )
     elif (folder / PARAMS_FILE).is_file():
         if not has_config:
             config = _config_from_path(folder)
@@ -175,7 +209,8 @@ def load_dictionary(
         raise OpenscopeError(
             f"{folder} holds no dictionary: expected {PARAMS_FILE}, params_layer_0.safetensors or {NPZ_FILE}"
         )
-    dictionary = Dictionary(coder.to(device), s_in, s_out, name, folder, config)
+    dictionary = Dictionary(coder.to(device), s_in, s_out, name, folder, config, layers)
+    check_layers(dictionary)
     if loaded is not None:
         validate_dictionary(dictionary, loaded)
     log.debug("loaded %s: %s -> %s", folder, s_in.name, s_out.name)
@@ -188,6 +223,7 @@ def _as_site(site: Site | str | None) -> Site | None:
 
 def validate_dictionary(dictionary: Dictionary, loaded: LoadedModel) -> None:
     """Check that every site of a dictionary exists in the model and has the coder's width."""
+    check_layers(dictionary)
     arch = loaded.arch
     cfg = dictionary.coder.cfg
     for sites, width, side in (
@@ -245,6 +281,53 @@ def resolve_sites(
     return s_in, s_out
 
 
+_HOOK_LAYER_SET = re.compile(r"\{\s*(\d+)\s*(?:,\s*\d+\s*)*\}")
+"""A Gemma Scope 2 crosscoder's hook point names its layers as a set: `model.layers.{5,9,12,15}.output`."""
+_LAYER_LIST = re.compile(r"layer_(\d+(?:_\d+)+)(?:_|$)")
+"""A crosscoder's folder name lists its layers: `layer_5_9_12_15_width_65k_l0_medium`."""
+
+
+def crosscoder_layers(folder: Path, config: dict[str, Any]) -> tuple[int, ...] | None:
+    """The model layers a crosscoder folder names: config.json's `layers`, else its hook point's layer
+    set, else its folder name's layer list; None if nothing names them."""
+    listed = config.get("layers")
+    if listed is not None:
+        if not isinstance(listed, list) or not all(isinstance(i, int) and i >= 0 for i in listed):
+            raise OpenscopeError(f"config.json in {folder}: layers must be a list of layer numbers")
+        return tuple(listed)
+    hook = config.get("hf_hook_point_in")
+    if isinstance(hook, str) and (m := _HOOK_LAYER_SET.search(hook)):
+        return tuple(int(i) for i in re.findall(r"\d+", m.group(0)))
+    if m := _LAYER_LIST.search(folder.name):
+        return tuple(int(i) for i in m.group(1).split("_"))
+    return None
+
+
+def _crosscoder_sites(
+    folder: Path, config: dict[str, Any], loaded: LoadedModel | None, site_in: Site | None, n_layers: int
+) -> tuple[Site, Site, tuple[int, ...]]:
+    """(first site, first site, model layers) of a crosscoder folder: it reads and reconstructs one site
+    kind (where nothing else names its first site: config.json's `site_kind` at its first layer); its
+    layers as `crosscoder_layers` finds them (else consecutive from the first site's)."""
+    listed = crosscoder_layers(folder, config)
+    kind = config.get("site_kind")
+    default = Site.from_name(f"{listed[0] if listed else 0}.{kind}") if isinstance(kind, str) else None
+    s_in, _ = resolve_sites(
+        folder, config, loaded, site_in, site_in, transcoder=False, default=default and (default, default)
+    )
+    layers = listed or tuple(range(s_in.layer, s_in.layer + n_layers))
+    if len(layers) != n_layers:
+        raise OpenscopeError(
+            f"the crosscoder in {folder} names {len(layers)} layers ({', '.join(map(str, layers))}) but "
+            f"holds {n_layers} params_layer files"
+        )
+    if layers[0] != s_in.layer:
+        raise OpenscopeError(
+            f"the crosscoder in {folder} starts at layer {layers[0]}, not at {s_in.name}'s layer"
+        )
+    return s_in, s_in, layers
+
+
 def _site_from(hook: Any, provenance: Any, from_path: Site | None, loaded: LoadedModel | None) -> Site | None:
     """The site a config.json hook point names; else our provenance site; else the path's site.
 
@@ -252,8 +335,10 @@ def _site_from(hook: Any, provenance: Any, from_path: Site | None, loaded: Loade
     """
     error: OpenscopeError | None = None
     if isinstance(hook, str) and hook:
-        # A CLT's config may spell a per-layer template; its first layer is then layer 0.
+        # A CLT's config may spell a per-layer template; its first layer is then layer 0. A crosscoder's
+        # may name its layer set, {5,9,12,15}; its first layer is then the first of them.
         hook = hook.replace("{layer}", "0").replace("{i}", "0")
+        hook = _HOOK_LAYER_SET.sub(lambda m: m.group(1), hook)
         try:
             return site_for_hook_point(hook, loaded)
         except OpenscopeError as exc:
@@ -268,7 +353,7 @@ def _site_from(hook: Any, provenance: Any, from_path: Site | None, loaded: Loade
 
 
 _GS1_RELEASE = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)(?:-canonical)?$")
-_GS2_FAMILY = re.compile(r"(resid_post|attn_out|mlp_out|transcoder|clt)(?:_all)?$")
+_GS2_FAMILY = re.compile(r"(resid_post|attn_out|mlp_out|transcoder|clt|crosscoder)(?:_all)?$")
 _LAYER = re.compile(r"layer_(\d+)")
 _KINDS_OF = {
     "res": ("resid_post", "resid_post"),
@@ -280,6 +365,7 @@ _KINDS_OF = {
     "transcoders": ("mlp_in", "mlp_out"),
     "transcoder": ("mlp_in", "mlp_out"),
     "clt": ("mlp_in", "mlp_out"),
+    "crosscoder": ("resid_post", "resid_post"),
 }
 
 
@@ -302,7 +388,8 @@ def sites_from_path(folder: Path) -> tuple[Site, Site] | None:
     Gemma Scope 1: `gemma-scope-2b-pt-res/layer_9/width_16k/average_l0_71` → 9.resid_post (`-mlp` →
     mlp_out, `-att` → attn_out, `-transcoders` → mlp_in → mlp_out). Gemma Scope 2:
     `resid_post_all/layer_12_width_16k_l0_small` and likewise attn_out, mlp_out, transcoder, clt
-    (a CLT without a layer in its name starts at layer 0).
+    (a CLT without a layer in its name starts at layer 0), crosscoder (resid_post at its first layer:
+    `crosscoder/layer_5_9_12_15_width_65k_l0_medium` → 5.resid_post).
     """
     family, _ = _release_of(folder)
     if not family:

@@ -9,9 +9,11 @@ architecture is "jump_relu" (JumpReLU, and ReLU saved exactly as JumpReLU with �
 BatchTopK coders are saved as "topk"/"batch_topk" with their `k` (convert them with
 `topk_to_jumprelu` first for a file every Gemma Scope reader understands).
 
-Multi-layer folders (cross-layer transcoders, `save_clt`/`load_clt`) hold `params_layer_{i}.safetensors`
-per input layer i (w_enc [d_in, F], b_enc, threshold, w_dec [F, L, d_out], b_dec, optional
-affine_skip_connection) and a config.json whose hook points name the CLT's first layer. Gemma Scope 1
+Multi-layer folders (cross-layer transcoders and crosscoders, `save_clt`/`load_clt`) hold
+`params_layer_{i}.safetensors` per input layer i (w_enc [d_in, F], b_enc, threshold, w_dec [F, L, d_out],
+b_dec, optional affine_skip_connection) and a config.json whose hook points name the coder's first
+layer; `type` is clt or crosscoder, and a crosscoder's config also lists its model `layers` (i counts
+the chosen layers: params_layer_1 is the second of them) and its `site_kind`. Gemma Scope 1
 `params.npz` arrays are read by `read_npz` with allow_pickle=False. `coder_from_tensors` turns any of
 these tensor sets into a checked SparseCoder; binding coders to sites is `coders.dictionary`'s job.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +260,7 @@ def coder_from_tensors(params: dict[str, Tensor], config: dict[str, Any], path: 
     return coder
 
 
-# ---- multi-layer folders (cross-layer transcoders) ----------------------------------------------
+# ---- multi-layer folders (cross-layer transcoders, crosscoders) ----------------------------------
 
 CLT_FILE = "params_layer_{}.safetensors"
 
@@ -281,18 +284,23 @@ def save_clt(
     model_name: str,
     l0: float | None = None,
     provenance: dict[str, Any] | None = None,
+    layers: Sequence[int] | None = None,
+    site_kind: str | None = None,
 ) -> Path:
-    """Write a CLT in the Gemma Scope 2 multi-layer layout; returns the folder.
+    """Write a CLT or a crosscoder in the Gemma Scope 2 multi-layer layout; returns the folder.
 
     One `params_layer_{i}.safetensors` per input layer i: w_enc [d_in, F], b_enc [F], threshold [F],
     w_dec [F, L, d_out] (all L target layers, zeros where m < i, as Gemma Scope 2 stores them), b_dec
     [d_out] (the bias of output layer i), affine_skip_connection [d_in, d_out] when the CLT has a skip.
-    config.json's hook points name the sites of the CLT's first layer.
+    config.json's hook points name the sites of the coder's first layer; `layers` (the model layers, one
+    per coder layer) and `site_kind` are written when given (a crosscoder's chosen layers).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = clt.cfg
     n = cfg.n_layers
+    if layers is not None and len(layers) != n:
+        raise OpenscopeError(f"a {n}-layer {clt.kind} names {n} layers, got {list(layers)}")
     config: dict[str, Any] = {
         "hf_hook_point_in": hook_point_in,
         "hf_hook_point_out": hook_point_out,
@@ -302,8 +310,12 @@ def save_clt(
         "architecture": "jump_relu",
         "l0": l0,
         "affine_connection": cfg.skip,
-        "type": "clt",
+        "type": clt.kind,
     }
+    if layers is not None:
+        config["layers"] = [int(i) for i in layers]
+    if site_kind is not None:
+        config["site_kind"] = site_kind
     for key, value in (provenance or {}).items():
         if key in config:
             raise OpenscopeError(f"provenance key {key!r} would overwrite a standard config.json field")
@@ -328,16 +340,18 @@ def save_clt(
             safetensors.torch.save_file(tensors, str(tmp))
             tmp.replace(path)
     save_json(folder / CONFIG_FILE, config)
-    log.info("saved CLT (%d layers x %d latents) to %s", n, cfg.width, folder)
+    log.info("saved %s (%d layers x %d latents) to %s", clt.kind, n, cfg.width, folder)
     return folder
 
 
 def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossLayerCoder:
-    """Load a Gemma Scope 2 multi-layer folder into a CrossLayerCoder (CPU, float32).
+    """Load a Gemma Scope 2 multi-layer folder into a CrossLayerCoder (CPU, float32): a crosscoder when
+    config.json's `type` says so, else a CLT.
 
     Layers are the files params_layer_0 .. params_layer_{L−1} (no gaps). w_dec may hold all L target
     layers (Gemma Scope 2; entries for targets m < i are ignored: a latent never writes backwards) or
-    only the L − i layers from i on.
+    only the L − i layers from i on. config.json's `width` may count one layer's latents (as openscope
+    writes it) or all of them (as Gemma Scope 2 does).
     """
     folder = Path(folder)
     if config is None:
@@ -363,10 +377,16 @@ def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossL
         raise OpenscopeError(f"{first} needs a 1-D b_dec [d_out]")
     d_out = layers[0]["b_dec"].shape[0]
     affine = affine or "affine_skip_connection" in layers[0]
-    if "width" in config and config["width"] != width:
+    if "width" in config and config["width"] not in (width, n * width):
         raise OpenscopeError(f"config.json in {folder} says width {config['width']}, weights have {width}")
+    kind = "crosscoder" if config.get("type") == "crosscoder" else "clt"
+    if kind == "crosscoder" and (affine or d_in != d_out):
+        raise OpenscopeError(
+            f"the crosscoder in {folder} must reconstruct what it reads: no affine_skip_connection and "
+            f"d_in = d_out (it has {'a skip, ' if affine else ''}{d_in} -> {d_out})"
+        )
     clt = CrossLayerCoder(
-        CLTConfig(n_layers=n, d_in=int(d_in), d_out=int(d_out), width=int(width), skip=affine)
+        CLTConfig(n_layers=n, d_in=int(d_in), d_out=int(d_out), width=int(width), skip=affine, kind=kind)
     )
     required = ["w_enc", "b_enc", "threshold", "w_dec", "b_dec"] + (
         ["affine_skip_connection"] if affine else []

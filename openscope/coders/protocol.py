@@ -1,8 +1,10 @@
 """`Coder`: what every coder offers for running inside a model, one layer at a time.
 
-A coder reads `n_layers` consecutive input sites and writes as many output sites. Layer i's latents are
-read from input i and write to every output m ≥ i. A `SparseCoder` (SAE, transcoder, skip-transcoder)
-has one layer, so i = m = 0 (any other index is refused with a clear error); a `CrossLayerCoder` has L.
+A coder reads `n_layers` input sites and writes as many output sites. Layer i's latents are read from
+input i and write to every output m ≥ i. A `SparseCoder` (SAE, transcoder, skip-transcoder) has one
+layer, so i = m = 0 (any other index is refused with a clear error); a `CrossLayerCoder` has L: a CLT's
+are consecutive model layers, a crosscoder's any chosen ones (layer i = the i-th of them), which reads
+and writes the same sites.
 Every method takes and returns raw activations (a coder trained on normalised ones applies its scales
 inside), with N rows (tokens) in a batch.
 
@@ -19,7 +21,7 @@ from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
-CoderKind = Literal["sae", "transcoder", "skip_transcoder", "clt"]
+CoderKind = Literal["sae", "transcoder", "skip_transcoder", "clt", "crosscoder"]
 
 
 class Reconstruction(NamedTuple):
@@ -42,7 +44,7 @@ class Coder(Protocol):
 
     @property
     def kind(self) -> CoderKind:
-        """sae, transcoder, skip_transcoder or clt."""
+        """sae, transcoder, skip_transcoder, clt or crosscoder."""
         ...
 
     def pre_activations_at(self, i: int, x: Tensor) -> Tensor:

@@ -2,11 +2,11 @@
 
 Per batch: one clean forward captures every site the dictionaries read or write, and its logits;
 those are reused for every dictionary. Reconstruction metrics (L0, FVU, MSE, dead/dense, firing
-frequencies) come from the clean activations; a cross-layer transcoder gets them pooled over its
-layers and for each layer alone. Then one spliced forward per dictionary (that dictionary alone; a CLT
-with all its layers at once) gives its CE and KL to the clean logits, one zero-ablation forward per distinct
-output site gives CE_zero for loss recovered, and with `all_at_once` one forward with every
-dictionary spliced gives the joint numbers. BOS/EOS/pad positions are never spliced or counted.
+frequencies) come from the clean activations; a cross-layer transcoder or a crosscoder gets them pooled
+over its layers and for each layer alone. Then one spliced forward per dictionary (that dictionary alone;
+a CLT or crosscoder with all its layers at once) gives its CE and KL to the clean logits, one
+zero-ablation forward per distinct output site gives CE_zero for loss recovered, and with `all_at_once`
+one forward with every dictionary spliced gives the joint numbers. BOS/EOS/pad positions are never spliced or counted.
 All sums are float64 and streamed: no per-token values are kept.
 """
 
@@ -136,6 +136,7 @@ def evaluate(
                 histogram=m.frequency_histogram(recon.frequencies, cfg.histogram_bins, recon.n_tokens),
                 lm=sums.lm[d.name].result(ce_clean),
                 layers=tuple(s.result() for s in sums.layer_recon.get(d.name, [])),
+                model_layers=tuple(s.layer for s in d.sites_in) if d.is_multilayer else (),
             )
         )
     report = EvalReport(
@@ -163,7 +164,7 @@ class _RunSums(NamedTuple):
     n_tokens: int
     seconds: float
     layer_recon: dict[str, list[m.ReconstructionSums]]
-    """Per layer of each multi-layer dictionary (CLT), by name."""
+    """Per layer of each multi-layer dictionary (CLT, crosscoder), by name."""
 
 
 @torch.inference_mode()
@@ -254,8 +255,9 @@ def _run(cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress
 
 def clean_reconstruction(d: Dictionary, acts: dict[Site, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(target [N, L·d_out], reconstruction [N, L·d_out], latents [N, L·F]) of a dictionary on clean
-    activations [N, width] per site; a CLT's L layers sit side by side, so FVU pools its layers (each
-    dimension keeps its own mean) and L0 counts its latents over all layers (L = 1: the plain tensors)."""
+    activations [N, width] per site; a CLT's (or crosscoder's) L layers sit side by side, so FVU pools its
+    layers (each dimension keeps its own mean) and L0 counts its latents over all layers (L = 1: the plain
+    tensors)."""
     recon, latents = d.coder.reconstruct([acts[s] for s in d.sites_in])
     y = torch.stack([acts[s] for s in d.sites_out])
 

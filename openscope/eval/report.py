@@ -45,12 +45,23 @@ _MAX_PANELS = 36
 
 
 def site_label(d: DictionaryReport) -> str:
-    """`6.resid_post` for an SAE, `6.mlp_in->6.mlp_out` for a transcoder, `0-17.mlp_in->mlp_out` for a CLT."""
+    """`6.resid_post` for an SAE, `6.mlp_in->6.mlp_out` for a transcoder, `0-17.mlp_in->mlp_out` for a CLT,
+    `5,9,12,15.resid_post` for a crosscoder (over layers that are not consecutive)."""
     if d.n_layers > 1:
         first, kind_in = d.site_in.split(".")
         kind_out = d.site_out.split(".")[1]
-        return f"{first}-{int(first) + d.n_layers - 1}.{kind_in}->{kind_out}"
+        layers = _model_layers(d)
+        if layers == list(range(layers[0], layers[0] + d.n_layers)):
+            return f"{first}-{int(first) + d.n_layers - 1}.{kind_in}->{kind_out}"
+        sites = kind_in if kind_in == kind_out else f"{kind_in}->{kind_out}"
+        return f"{','.join(map(str, layers))}.{sites}"
     return d.site_in if d.site_in == d.site_out else f"{d.site_in}->{d.site_out}"
+
+
+def _model_layers(d: DictionaryReport) -> list[int]:
+    """The model layer of each of a dictionary's layers (consecutive from site_in's unless listed)."""
+    first = int(d.site_in.split(".")[0])
+    return list(d.model_layers) or list(range(first, first + d.n_layers))
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -126,9 +137,9 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
 
 
 def _layer_sites(d: DictionaryReport, i: int) -> tuple[str, str]:
-    """(site_in, site_out) of a CLT's i-th layer."""
-    (first_in, kind_in), kind_out = d.site_in.split("."), d.site_out.split(".")[1]
-    layer = int(first_in) + i
+    """(site_in, site_out) of a CLT's (or crosscoder's) i-th layer."""
+    kind_in, kind_out = d.site_in.split(".")[1], d.site_out.split(".")[1]
+    layer = _model_layers(d)[i]
     return f"{layer}.{kind_in}", f"{layer}.{kind_out}"
 
 
@@ -148,7 +159,8 @@ def _layer_json(d: DictionaryReport, i: int, r: ReconstructionMetrics) -> dict[s
 
 
 def layer_rows(d: DictionaryReport) -> list[list[str]]:
-    """A CLT's per-layer table (layer, sites, L0, FVU, 1-FVU, MSE, dead, dense); [] for one layer."""
+    """A CLT's or crosscoder's per-layer table (layer, sites, L0, FVU, 1-FVU, MSE, dead, dense); [] for
+    a single-layer dictionary."""
     rows = []
     for i, r in enumerate(d.layers):
         site_in, site_out = _layer_sites(d, i)
@@ -202,7 +214,8 @@ def report_markdown(report: EvalReport) -> str:
             "",
             f"## {d.name}: per layer",
             "",
-            f"Cross-layer transcoder, {d.width // d.n_layers} latents per layer; L0 counts one layer's latents, "
+            f"{'Crosscoder' if d.kind == 'crosscoder' else 'Cross-layer transcoder'}, "
+            f"{d.width // d.n_layers} latents per layer; L0 counts one layer's latents, "
             f"FVU is of that layer's output. With all {d.n_layers} layers spliced at once: delta loss "
             f"{_fmt(d.lm.delta_loss, '.4f')}, KL {_fmt(d.lm.kl, '.4f')}.",
             "",
@@ -290,9 +303,9 @@ def _depth_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
             ax.plot([p[0] for p in members], [value(p[1]) for p in members], "o-", label=label)
         for d in dicts:
             if d.layers and title in per_layer:
-                first = int(d.site_in.split(".")[0])
                 ys = [per_layer[title](r) for r in d.layers]
-                ax.plot(range(first, first + len(ys)), ys, "s--", label=f"{d.name} (CLT, per layer)")
+                what = "crosscoder" if d.kind == "crosscoder" else "CLT"
+                ax.plot(_model_layers(d), ys, "s--", label=f"{d.name} ({what}, per layer)")
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)

@@ -46,6 +46,8 @@ class EvalConfig:
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None
     """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+    catalogue: Path | None = None
+    """An `openscope suite run` folder: evaluate every finished dictionary of its catalogue instead of --dictionaries (on --source, by default the plan's held-out slice: `wiki[:9000]` -> `wiki[9000:]`), draw the Gemma Scope 2 report's figures (delta loss and FVU against L0 per site kind, across depth, width ladders, skip vs no skip) into --output (default: DIR/eval) and write the held-out numbers into its catalogue.json."""
 
 
 class LMMetrics(NamedTuple):
@@ -75,11 +77,11 @@ class DictionaryReport(NamedTuple):
     site_out: str
     """Site it reconstructs / replaces, e.g. `6.mlp_out`."""
     kind: str
-    """sae, transcoder, skip_transcoder or clt."""
+    """sae, transcoder, skip_transcoder, clt or crosscoder."""
     n_layers: int
-    """Layers the dictionary spans (a CLT: site_in/site_out are its first layer's; else 1)."""
+    """Layers the dictionary spans (a CLT or crosscoder: site_in/site_out are its first layer's; else 1)."""
     width: int
-    """Number of latents (a CLT: over all its layers)."""
+    """Number of latents (a CLT or crosscoder: over all its layers)."""
     folder: str | None
     """Folder it was loaded from, if any."""
     recon: m.ReconstructionMetrics
@@ -87,10 +89,13 @@ class DictionaryReport(NamedTuple):
     histogram: m.Histogram
     """Histogram of log10 latent firing frequencies."""
     lm: LMMetrics
-    """Next-token metrics with this dictionary alone spliced in (a CLT: all its layers at once)."""
+    """Next-token metrics with this dictionary alone spliced in (a CLT or crosscoder: all its layers at once)."""
     layers: tuple[m.ReconstructionMetrics, ...] = ()
-    """A CLT: the reconstruction metrics of each of its layers (layer site_in's + i): L0 of that layer's
-    latents, FVU/MSE of that layer's output site. Empty for a single-layer dictionary."""
+    """A CLT or crosscoder: the reconstruction metrics of each of its layers (`model_layers`): L0 of that
+    layer's latents, FVU/MSE of that layer's output site. Empty for a single-layer dictionary."""
+    model_layers: tuple[int, ...] = ()
+    """A CLT or crosscoder: the model layer of each of its layers (a crosscoder's need not be
+    consecutive); empty: consecutive from site_in's layer."""
 
 
 class EvalReport(NamedTuple):

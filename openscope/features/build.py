@@ -9,6 +9,10 @@ For every latent of each dictionary, over a token budget:
   and how specific the latent is to that role (`openscope.features.roles`). `--roles model` indexes only
   the tokens of those roles.
 
+Multi-layer coders (a cross-layer transcoder, a crosscoder) have L·F latents: latent i·F + j is latent j
+of coder layer i, read at that layer's input site (`Dictionary.sites_in[i]`); its direction for logit
+effects and neighbours is its decoder into its own layer's output site.
+
 Data: rows of an activation store (`--store`: every shard keeps the token ids of its contexts, so
 examples show text), or live (`--source`: the model runs on a text source, stopping at the last
 site needed). Batches are whole contexts (`openscope.activations.batches`), so the window around any
@@ -30,7 +34,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from openscope.activations.batches import check_context_store, keep_roles, live_batches, store_batches
@@ -55,7 +60,7 @@ from openscope.data.chat import role_ids
 from openscope.data.sources import is_chat_source
 from openscope.errors import OpenscopeError
 from openscope.features.config import FeaturesConfig
-from openscope.features.directions import logit_rows, neighbour_lists, output_directions
+from openscope.features.directions import LogitRows, logit_rows, neighbour_lists, output_directions
 from openscope.features.examples import finish_examples
 from openscope.features.export import FEATURE_EXPORT, export_features
 from openscope.features.index import ExampleRow, FeatureRow, connect, mark_pending, write_results
@@ -64,6 +69,7 @@ from openscope.features.schema import DictionaryInfo
 from openscope.features.streaming import LatentStats, hist_edges
 from openscope.files import absolute, check_output, child, safe_name
 from openscope.models.load import LoadedModel, load_model, resolve_device
+from openscope.models.sites import Site
 from openscope.models.tokens import token_pieces
 
 log = logging.getLogger(__name__)
@@ -98,11 +104,9 @@ def finish(
     stats: LatentStats, d: Dictionary, loaded: LoadedModel, cfg: FeaturesConfig
 ) -> tuple[list[FeatureRow], list[ExampleRow], list[tuple[int, int, int, int, float]], dict[int, str]]:
     """Database rows of one dictionary: features, examples, logits, and the vocabulary they use."""
-    coder = d.coder
-    assert isinstance(coder, SparseCoder)
     f = stats.width
-    directions = output_directions(coder).cpu()
-    logits = logit_rows(loaded, d, directions, cfg.logits)
+    directions = latent_directions(d).cpu()
+    logits = _logit_rows(loaded, d, directions, cfg.logits)
     neighbours = neighbour_lists(directions, cfg.neighbours)
     examples = finish_examples(stats, cfg.quantile_buckets, cfg.window)
     top = examples.top
@@ -137,6 +141,45 @@ def finish(
     return features, examples.rows, logits.rows, vocab
 
 
+def latent_directions(d: Dictionary) -> Tensor:
+    """[latents, d_out] each latent's output direction in raw units: its W_dec row; a multi-layer coder's
+    latent i·F + j: its decoder into its own layer i."""
+    coder = d.coder
+    if isinstance(coder, SparseCoder):
+        return output_directions(coder)
+    every = torch.arange(coder.cfg.width, device=coder.w_enc.device)
+    rows = [coder.decoder_vectors(i, i, every) for i in range(coder.n_layers)]
+    return torch.cat(rows).detach().float()
+
+
+def _logit_rows(loaded: LoadedModel, d: Dictionary, directions: Tensor, k: int) -> LogitRows:
+    """`logit_rows` of every latent; a multi-layer coder's layer by layer, each read out from the output
+    site its latents' directions write (latent numbers i·F + j)."""
+    if not d.is_multilayer:
+        return logit_rows(loaded, d, directions, k)
+    f = d.coder.cfg.width
+    rows: list[tuple[int, int, int, int, float]] = []
+    top_id: list[int] = []
+    for i, site in enumerate(d.sites_out):
+        part = logit_rows(loaded, d._replace(site_out=site), directions[i * f : (i + 1) * f], k)
+        rows += [(latent + i * f, sign, rank, token, value) for latent, sign, rank, token, value in part.rows]
+        top_id += part.top_id
+    return LogitRows(rows, top_id)
+
+
+def latents_of(d: Dictionary, acts: Mapping[Site, Tensor]) -> Tensor:
+    """[N, latents] a dictionary's latents from its sites' activations [N, d_in] (a multi-layer coder's
+    layers side by side: latent i·F + j is layer i's latent j, encoded from `sites_in[i]`)."""
+    coder = d.coder
+    if isinstance(coder, SparseCoder):
+        return coder.encode(acts[d.site_in].to(coder.w_enc.device, coder.w_enc.dtype))
+    parts = [
+        coder.encode_at(i, acts[site].to(coder.w_enc.device, coder.w_enc.dtype))
+        for i, site in enumerate(d.sites_in)
+    ]
+    return torch.cat(parts, dim=1)
+
+
 # ---- fingerprints and checkpoints ------------------------------------------------------------------
 
 
@@ -161,7 +204,7 @@ def _settings(cfg: FeaturesConfig, batch_contexts: int) -> dict[str, Any]:
     return out
 
 
-def coder_digest(coder: SparseCoder) -> str:
+def coder_digest(coder: torch.nn.Module) -> str:
     """sha256 of a coder's tensors (names, shapes, bytes): changes whenever the weights do."""
     digest = hashlib.sha256()
     for name, t in sorted(coder.state_dict().items()):
@@ -172,11 +215,11 @@ def coder_digest(coder: SparseCoder) -> str:
 
 def fingerprint(d: Dictionary, data_identity: str, settings: dict[str, Any]) -> str:
     """What a dictionary's dashboards depend on: weights, sites, data and settings."""
-    assert isinstance(d.coder, SparseCoder)
-    text = json.dumps(
-        [FEATURES_VERSION, d.site_in.name, d.site_out.name, coder_digest(d.coder), data_identity, settings],
-        sort_keys=True,
-    )
+    parts: list[Any] = [FEATURES_VERSION, d.site_in.name, d.site_out.name, coder_digest(d.coder)]
+    parts += [data_identity, settings]
+    if d.is_multilayer:  # every layer's sites (a crosscoder's need not follow from the first)
+        parts.append([s.name for s in (*d.sites_in, *d.sites_out)])
+    text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -184,13 +227,12 @@ def _info(
     d: Dictionary, loaded: LoadedModel, source: str, n_tokens: int, alive: int, complete: bool
 ) -> DictionaryInfo:
     coder = d.coder
-    assert isinstance(coder, SparseCoder)
     return DictionaryInfo(
         name=d.name,
         site=d.site_in.name,
         site_out=d.site_out.name,
-        width=coder.cfg.width,
-        kind=coder.cfg.kind,
+        width=coder.cfg.width * d.n_layers,
+        kind=coder.kind,
         model=loaded.name,
         folder=str(d.folder or ""),
         source=source,
@@ -259,18 +301,17 @@ def _dictionaries(cfg: FeaturesConfig, dictionaries: Sequence[Dictionary] | None
     for d in dicts if cfg.export is not None else []:  # a bad --export is refused before the work
         target = child(absolute(cfg.export or "."), safe_name(d.name, "dictionary"))
         check_output(target, FEATURE_EXPORT, overwrite=cfg.overwrite, flag="--export")
-    for d in dicts:
-        if not isinstance(d.coder, SparseCoder):
-            raise OpenscopeError(
-                f"dictionary {d.name} is a cross-layer transcoder; feature dashboards support single-layer "
-                "dictionaries only for now"
-            )
     return dicts
+
+
+def _sites_read(dicts: list[Dictionary]) -> list[Site]:
+    """Every site the dictionaries encode (all layers of a multi-layer coder), without repeats."""
+    return list(dict.fromkeys(s for d in dicts for s in d.sites_in))
 
 
 def _data(cfg: FeaturesConfig, store: ActivationStore | None, dicts: list[Dictionary]) -> _Data:
     if store is not None:
-        check_context_store(store, [d.site_in for d in dicts])
+        check_context_store(store, _sites_read(dicts))
         context_len = int(store.manifest["identity"]["context_len"])
         data_identity = json.dumps(
             ["store", str(Path(cfg.store or "").resolve()), [shard_checksum(s)[1] for s in store.shards]]
@@ -400,11 +441,11 @@ def _stream(
     """The streaming pass over the data for every pending dictionary at once (one read/forward per batch)."""
     stats: dict[str, LatentStats] = {}
     for d in dicts:
-        s = LatentStats(d.coder.cfg.width, cfg)
+        s = LatentStats(d.coder.cfg.width * d.n_layers, cfg)
         if not cfg.force and _load_progress(conn, d.name, prints[d.name], s):
             log.info("%s: resuming after %d batches (%d tokens)", d.name, s.batches_done, s.tokens_done)
         stats[d.name] = s
-    sites = list(dict.fromkeys(d.site_in for d in dicts))
+    sites = _sites_read(dicts)
     start = min(s.batches_done for s in stats.values())
     todo = [d for d in dicts if stats[d.name].tokens_done < cfg.tokens]
     if data.store is not None:
@@ -435,9 +476,7 @@ def _stream(
                 s = stats[d.name]
                 if batch.index < s.batches_done or s.tokens_done >= cfg.tokens:
                     continue
-                coder = d.coder
-                x = batch.acts[d.site_in].to(coder.w_enc.device, coder.w_enc.dtype)
-                s.update(batch, coder.encode(x).float().cpu())
+                s.update(batch, latents_of(d, batch.acts).float().cpu())
             n_tokens += n_rows
             bar.update(n_rows)
             since_checkpoint += 1

@@ -43,6 +43,7 @@ from openscope.serve.chat_reports import DEFAULT_CHAT_REPORTS, chat_router
 from openscope.serve.config import ServeConfig
 from openscope.serve.graphs import graph_router
 from openscope.serve.state import NotFound, ServerState, http_status, load_state
+from openscope.serve.suite import suite_folder, suite_router
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ def create_app(
     _add_routes(app, state)
     app.include_router(graph_router(state, ERRORS))  # attribution graphs: /api/graphs
     app.include_router(chat_router(config.chat_reports or DEFAULT_CHAT_REPORTS))  # `openscope chat` reports
+    app.include_router(
+        suite_router(state, suite_folder(Path(config.db), config.suite))
+    )  # `openscope suite run`
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from openscope.config import check_numbers
 from openscope.errors import OpenscopeError
 from openscope.features.index import DEFAULT_DB
+from openscope.suite.folder import CATALOGUE
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ServeConfig:
     """Folder of attribution-graph JSON files (written by `openscope attribute` or the explorer) to show and add to. Default: `graphs` next to --db."""
     chat_reports: Path | None = None
     """Folder of `openscope chat` reports (subfolders with report.json) for the chat page. Default: openscope-out/chat."""
+    suite: Path | None = None
+    """An `openscope suite run` folder to show on the Suite page (its catalogue, linked to the dashboards this database has). Default: the database's folder, when it holds a catalogue.json."""
     max_graph_tokens: int = 32
     """Longest prompt (tokens, BOS included) the explorer computes a graph for (the graph grows with the square of its nodes)."""
     device: str = "auto"
@@ -50,3 +53,7 @@ def check_serve_config(config: ServeConfig) -> None:
     check_numbers(config, positive=("max_prompt_chars", "max_new_tokens", "max_top_k", "max_graph_tokens"))
     if not 0 < config.port < 65536:
         raise OpenscopeError(f"--port must be between 1 and 65535, got {config.port}")
+    if config.suite is not None and not (Path(config.suite) / CATALOGUE).is_file():
+        raise OpenscopeError(
+            f"--suite {config.suite} holds no {CATALOGUE} (give an `openscope suite run` folder)"
+        )

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from openscope.attribution import intervene, load_graph
 from openscope.attribution.commands import AttributeConfig, attribute_document
+from openscope.attribution.foreign import display_prompt
 from openscope.attribution.schema import (
     GraphFile,
     InterventionRequest,
@@ -75,7 +76,9 @@ class GraphSummary(BaseModel):
 
     slug: str = Field(description="File stem; the graph's page is #/graph/<slug>.")
     prompt: str = Field(default="", description="The prompt attributed.")
-    model: str = Field(default="", description="The model (metadata.scan).")
+    model: str = Field(
+        default="", description="The model (metadata.openscope.model; a circuit-tracer graph: its scan)."
+    )
     n_nodes: int = Field(default=0, description="Nodes in the file (after pruning).")
     n_links: int = Field(default=0, description="Links in the file.")
     n_features: int = Field(default=0, description="Feature (latent) nodes in the file.")
@@ -161,8 +164,8 @@ def summary_of(slug: str, document: GraphFile) -> GraphSummary:
     metrics = meta.openscope.metrics if meta.openscope is not None else None
     return GraphSummary(
         slug=slug,
-        prompt=meta.prompt,
-        model=meta.scan,
+        prompt=display_prompt(document),
+        model=meta.openscope.model if meta.openscope is not None else meta.scan,
         n_nodes=len(document.nodes),
         n_links=len(document.links),
         n_features=sum(

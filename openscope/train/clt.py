@@ -1,8 +1,12 @@
-"""Training a cross-layer transcoder (CLT): one coder over consecutive layers, from a store or live.
+"""Training a multi-layer coder: a cross-layer transcoder (CLT) or a weakly causal crosscoder, from a
+store or live.
 
-`openscope train --kind clt` (or `skip_clt`) trains one `CrossLayerCoder` whose encoder at layer ℓ
-reads `ℓ.mlp_in` and whose latents write to `m.mlp_out` for every m ≥ ℓ. It shares the data,
-schedules, checkpoints, metrics and provenance of the single-layer trainer (both run on
+`openscope train --kind clt` (or `skip_clt`) trains one `CrossLayerCoder` over consecutive layers whose
+encoder at layer ℓ reads `ℓ.mlp_in` and whose latents write to `m.mlp_out` for every m ≥ ℓ.
+`--kind crosscoder` trains one over one site kind at chosen layers (`--sites 5,9,12,15.resid_post`):
+the same coder, the same loop and step with targets = inputs (a latent of layer ℓ reads ℓ's site and
+reconstructs it and the later chosen ones); only which sites are read differs. Both share the data,
+schedules, checkpoints, metrics and provenance of the single-layer trainer (all run on
 `openscope.train.loop`; the step is `openscope.train.steps.clt_train_step`); what differs:
 
 - Units: each layer's input and target are divided by their own scale C (E‖x/C‖² = 1, from the
@@ -21,6 +25,9 @@ schedules, checkpoints, metrics and provenance of the single-layer trainer (both
   or from single-layer transcoders (`--init-from`, `clt_from_transcoders`).
 - One process: torchrun data parallelism is not implemented for CLTs (a CLT is one coder; the
   single-layer trainer shares dictionaries out across ranks).
+
+A crosscoder starts like a CLT (the data-dependent start; not from single-layer dictionaries) and is
+saved in the same multi-layer layout with `type: crosscoder` and its `layers`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shlex
 import sys
 import time
@@ -50,7 +58,7 @@ from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.models.load import resolve_device
 from openscope.models.sites import Site, parse_sites
-from openscope.train.config import TrainConfig, TrainResult
+from openscope.train.config import TrainConfig, TrainResult, target_l0s, widths
 from openscope.train.loop import (
     CHECKPOINT,
     METRICS,
@@ -70,7 +78,9 @@ from openscope.train.steps import CLTStepStats, DeadLatentTracker, clt_train_ste
 
 log = logging.getLogger(__name__)
 
-CLT_KINDS = ("clt", "skip_clt")
+CROSSCODER = "crosscoder"
+CLT_KINDS = ("clt", "skip_clt", CROSSCODER)
+"""The kinds `train_clt` trains: the multi-layer coders (a CLT with or without skip, a crosscoder)."""
 
 
 # ---- which layers -------------------------------------------------------------------------------
@@ -114,13 +124,81 @@ def _clt_data(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[int]]:
     return data, clt_layers(cfg.sites, data.widths, n_layers)
 
 
-def _one_width(data: TrainingData, sites: list[str]) -> int:
-    widths = {data.widths[s] for s in sites}
-    if len(widths) != 1:
+def expand_layer_lists(spec: str) -> str:
+    """A site spec with bare layer lists spelled out: `5,9,12,15.resid_post` → `5.resid_post,9.resid_post,
+    12.resid_post,15.resid_post` (a bare layer selector takes the site kind of the next one that names it)."""
+    tokens = [t for t in re.split(r"[,\s]+", spec.strip()) if t]
+    out: list[str] = []
+    kind = ""
+    for tok in reversed(tokens):
+        if "." in tok:
+            kind = tok.rpartition(".")[2]
+        out.append(tok if "." in tok or not kind else f"{tok}.{kind}")
+    return ",".join(reversed(out))
+
+
+def crosscoder_sites(spec: str, available: Iterable[str], n_layers: int | None = None) -> list[str]:
+    """The sites a crosscoder reads and reconstructs, in layer order: one site kind at one or more layers
+    (`5,9,12,15.resid_post`, `5.resid_post,9.resid_post`, `4-7.attn_out`), each held by the data; `all`:
+    every layer of the data's one site kind."""
+    have = set(available)
+    if spec.strip() == "all":
+        kinds = sorted({s.partition(".")[2] for s in have})
+        if len(kinds) != 1:
+            raise OpenscopeError(
+                f"a crosscoder reads one site kind and the data holds {', '.join(kinds) or 'none'}; name "
+                "its sites, e.g. --sites 5,9,12,15.resid_post"
+            )
+        chosen = [Site.from_name(s) for s in have]
+    else:
+        n = n_layers or max((Site.from_name(s).layer + 1 for s in have), default=1)
+        chosen = parse_sites(expand_layer_lists(spec), n)
+        kinds = list(dict.fromkeys(s.kind for s in chosen))
+        if len(kinds) > 1:
+            raise OpenscopeError(
+                f"a crosscoder reads one site kind at chosen layers; --sites {spec} names {' and '.join(kinds)}"
+            )
+        missing = [s.name for s in chosen if s.name not in have]
+        if missing:
+            raise OpenscopeError(
+                f"a crosscoder on {missing[0]} needs that site, which the data does not hold "
+                f"(it has {', '.join(sorted(have)) or 'none'})"
+            )
+    return [s.name for s in sorted(chosen, key=lambda s: s.order)]
+
+
+def _crosscoder_data(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[str]]:
+    if cfg.model:
+        spec = expand_layer_lists(cfg.sites)
+        # Live: capture the chosen sites only (as an SAE run would: no transcoder targets added).
+        data, _ = live(dataclasses.replace(cfg, sites=spec, kind="sae"), device)
+        return data, crosscoder_sites(spec, data.widths)
+    data, _ = from_store(dataclasses.replace(cfg, sites="all"))
+    n_layers = ActivationStore(cfg.store, verify=False).manifest["model"].get("n_layers")
+    return data, crosscoder_sites(cfg.sites, data.widths, n_layers)
+
+
+def _run_sites(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[str], list[str]]:
+    """The data and the coder's sites, one per layer: (data, sites read, sites predicted)."""
+    if cfg.kind == CROSSCODER:
+        data, sites = _crosscoder_data(cfg, device)
+        return data, sites, sites
+    data, layers = _clt_data(cfg, device)
+    return data, [f"{i}.mlp_in" for i in layers], [f"{i}.mlp_out" for i in layers]
+
+
+def _one_width(data: TrainingData, sites: list[str], kind: str = "CLT") -> int:
+    found = {data.widths[s] for s in sites}
+    if len(found) != 1:
         raise OpenscopeError(
-            f"a CLT needs one width across {sites[0]}..{sites[-1]}; they have {sorted(widths)}"
+            f"a {kind} needs one width across {sites[0]}..{sites[-1]}; they have {sorted(found)}"
         )
-    return widths.pop()
+    return found.pop()
+
+
+def _layers_text(kind: str, layers: list[int]) -> str:
+    """`0-17` (a CLT's consecutive layers) or `5,9,12,15` (a crosscoder's chosen ones)."""
+    return ",".join(map(str, layers)) if kind == CROSSCODER else f"{layers[0]}-{layers[-1]}"
 
 
 # ---- the coder at step 0 ------------------------------------------------------------------------
@@ -173,7 +251,7 @@ def calibrate_clt(clt: CrossLayerCoder, x: Tensor, y: Tensor, cfg: TrainConfig) 
     clt.zero_cross_layer_decoders_()
     clt.init_decoder_bias_(y)
     if clt.log_threshold is not None and cfg.init_threshold is None:
-        clt.calibrate_threshold_(x, cfg.target_l0)
+        clt.calibrate_threshold_(x, target_l0s(cfg)[0])
     clt.align_decoder_signs_(x, y)
     s = clt.fit_encoder_scale_(x, y)
     log.info("CLT data-dependent init (encoder scales %.3g..%.3g)", float(s.min()), float(s.max()))
@@ -222,12 +300,13 @@ def _stacked(batch: ActivationBatch, sites: list[str], scales: Tensor, device: s
 
 
 def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train one CLT over the chosen layers (see `trainer.train`, which calls this for --kind clt/skip_clt)."""
+    """Train one CLT or crosscoder over the chosen layers (see `trainer.train`, which calls this for
+    --kind clt, skip_clt or crosscoder)."""
     _check_clt_run(cfg)
     device = resolve_device(cfg.device)
-    data, layers = _clt_data(cfg, device)
-    sites_in = [f"{i}.mlp_in" for i in layers]
-    sites_out = [f"{i}.mlp_out" for i in layers]
+    data, sites_in, sites_out = _run_sites(cfg, device)
+    layers = [Site.from_name(s).layer for s in sites_in]
+    label = "crosscoder" if cfg.kind == CROSSCODER else "CLT"
     scale_in = torch.tensor([data.scales[s] for s in sites_in], device=device)
     scale_out = torch.tensor([data.scales[s] for s in sites_out], device=device)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
@@ -241,11 +320,13 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     ccfg = _clt_config(cfg, data, sites_in, sites_out)
     clt = _initial_coder(cfg, ccfg, layers, scale_in.cpu(), scale_out.cpu()).to(device)
     state = _CLTState(clt, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens))
-    log.info("CLT over layers %d-%d: %d x %d latents", layers[0], layers[-1], len(layers), cfg.width)
+    log.info(
+        "%s over layers %s: %d x %d latents", label, _layers_text(cfg.kind, layers), len(layers), ccfg.width
+    )
 
     first = start_step(cfg, checkpoint, identity, [state], metrics_path)
 
-    batches = first_then_rest(data.batches(sites_in + sites_out, first))
+    batches = first_then_rest(data.batches(list(dict.fromkeys(sites_in + sites_out)), first))
     run = open_run(cfg)  # the data gave its first batch: now the run's folder is made
     metrics = metrics_path.open("a")
     t0 = time.perf_counter()
@@ -254,23 +335,24 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         initial=first * cfg.batch_size,
         unit="tok",
         unit_scale=True,
-        desc=f"train CLT {layers[0]}-{layers[-1]}",
+        desc=f"train {label} {_layers_text(cfg.kind, layers)}",
         disable=not progress,
         dynamic_ncols=True,
     )
 
     def one_step(step_index: int, batch: ActivationBatch) -> None:
         x = _stacked(batch, sites_in, scale_in, device, step_index)
-        y = _stacked(batch, sites_out, scale_out, device, step_index)
+        # A crosscoder's targets are its inputs (same sites, same scales).
+        y = x if sites_out == sites_in else _stacked(batch, sites_out, scale_out, device, step_index)
         if step_index == 0 and cfg.init_data_dependent and cfg.init_from is None:
             calibrate_clt(state.clt, x, y, cfg)
         stats = clt_train_step(state.clt, state.optimizer, x, y, step_cfg, step_index, state.tracker)
         if not math.isfinite(stats.loss):
-            raise OpenscopeError(f"loss became {stats.loss} at step {step_index} of the CLT; lower --lr")
+            raise OpenscopeError(f"loss became {stats.loss} at step {step_index} of the {label}; lower --lr")
         state.last = {
             "l0": stats.l0,
             "fvu": stats.fvu,
-            "dead_fraction": [v / cfg.width for v in stats.dead],
+            "dead_fraction": [v / widths(cfg)[0] for v in stats.dead],
         }
         if step_index % cfg.log_every == 0 or step_index == total_steps - 1:
             _log_metrics(metrics, stats, step_index, cfg, sites_in[0])
@@ -294,7 +376,7 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     if stop_after is not None and step < total_steps:
         return TrainResult({}, step, finals, time.perf_counter() - t0)
 
-    folder = _save(state, cfg, data, layers, out, step, scale_in, scale_out)
+    folder = _save(state, cfg, data, sites_in, sites_out, out, step, (scale_in, scale_out))
     run_json = {"config": cfg, "steps": step, "world_size": 1, "layers": layers, "final": finals}
     save_json(out / "run.json", {**run_json, "mean": state.means()})
     run.commit()
@@ -302,11 +384,16 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
 
 
 def _check_clt_run(cfg: TrainConfig) -> None:
-    """A CLT run is of a CLT kind, jumprelu or relu, in one process."""
+    """A CLT or crosscoder run is of one of CLT_KINDS, jumprelu or relu, in one process; a crosscoder's
+    sites are named (live) and it starts fresh. (One width and target L0: `trainer.train` checks.)"""
     if cfg.kind not in CLT_KINDS:
         raise OpenscopeError(f"train_clt trains {' or '.join(CLT_KINDS)}, not {cfg.kind!r}")
     if cfg.activation not in ("jumprelu", "relu"):
-        raise OpenscopeError(f"a CLT is jumprelu or relu, not {cfg.activation}")
+        raise OpenscopeError(f"a {cfg.kind} is jumprelu or relu, not {cfg.activation}")
+    if cfg.kind == CROSSCODER and cfg.init_from is not None:
+        raise OpenscopeError("--init-from starts a CLT from transcoders; a crosscoder starts fresh")
+    if cfg.kind == CROSSCODER and cfg.model and cfg.sites.strip() == "all":
+        raise OpenscopeError("a live crosscoder needs its sites named, e.g. --sites 5,9,12,15.resid_post")
     _, world = init_distributed()
     if world > 1:
         raise OpenscopeError(
@@ -315,16 +402,17 @@ def _check_clt_run(cfg: TrainConfig) -> None:
 
 
 def _clt_config(cfg: TrainConfig, data: TrainingData, sites_in: list[str], sites_out: list[str]) -> CLTConfig:
-    """The CLT's shape and start settings from the run's settings and the data's widths."""
+    """The coder's shape and start settings from the run's settings and the data's widths."""
     return CLTConfig(
         n_layers=len(sites_in),
-        d_in=_one_width(data, sites_in),
-        d_out=_one_width(data, sites_out),
-        width=cfg.width,
+        d_in=_one_width(data, sites_in, cfg.kind),
+        d_out=_one_width(data, sites_out, cfg.kind),
+        width=widths(cfg)[0],
         activation="relu" if cfg.activation == "relu" else "jumprelu",
         skip=cfg.kind == "skip_clt",
         init_threshold=cfg.init_threshold or 0.001,
         seed=cfg.seed,
+        kind="crosscoder" if cfg.kind == CROSSCODER else "clt",
     )
 
 
@@ -362,27 +450,35 @@ def _save(
     state: _CLTState,
     cfg: TrainConfig,
     data: TrainingData,
-    layers: list[int],
+    sites_in: list[str],
+    sites_out: list[str],
     out: Path,
     step: int,
-    scale_in: Tensor,
-    scale_out: Tensor,
+    scales: tuple[Tensor, Tensor],
 ) -> Path:
+    """Save the coder folded for raw activations: a CLT in `<first>-<last>_<kind>_...`, a crosscoder in
+    `<layers>_<site kind>_crosscoder_...` (e.g. `5_9_12_15_resid_post_crosscoder_jumprelu_w4096`)."""
+    layers = [Site.from_name(s).layer for s in sites_in]
     first, last = layers[0], layers[-1]
-    folder = out / f"{first}-{last}_{cfg.kind}_{cfg.activation}_w{cfg.width}"
+    crosscoder = cfg.kind == CROSSCODER
+    kind = Site.from_name(sites_in[0]).kind
+    where = f"{'_'.join(map(str, layers))}_{kind}" if crosscoder else f"{first}-{last}"
+    folder = out / f"{where}_{cfg.kind}_{cfg.activation}_w{widths(cfg)[0]}"
     means = state.means()
     save_clt(
-        state.clt.fold(scale_in, scale_out).cpu(),
+        state.clt.fold(*scales).cpu(),
         folder,
-        hook_point_in=data.hook_points[f"{first}.mlp_in"],
-        hook_point_out=data.hook_points[f"{first}.mlp_out"],
+        hook_point_in=data.hook_points[sites_in[0]],
+        hook_point_out=data.hook_points[sites_out[0]],
         model_name=data.model_name,
         l0=means.get("l0"),
+        layers=layers if crosscoder else None,
+        site_kind=kind if crosscoder else None,
         provenance={
             "openscope": {
-                "site_in": f"{first}.mlp_in",
-                "site_out": f"{first}.mlp_out",
-                "layers": [first, last],
+                "site_in": sites_in[0],
+                "site_out": sites_out[0],
+                "layers": layers if crosscoder else [first, last],
                 "data": data.description,
                 "tokens_seen": step * cfg.batch_size,
                 "final_l0": state.last.get("l0"),

@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+from openscope.config import parse_floats, parse_ints
+from openscope.errors import OpenscopeError
+
+N = TypeVar("N", int, float)
 
 
 @dataclass
@@ -30,17 +36,21 @@ class TrainConfig:
     kind: str = "sae"
     """sae, transcoder (mlp_in -> mlp_out of the same layer), skip_transcoder (adds x @ A), clt (one
     cross-layer transcoder over the chosen layers: layer l's latents write to mlp_out of l and every later
-    layer) or skip_clt (a CLT with a skip x @ A per layer)."""
+    layer), skip_clt (a CLT with a skip x @ A per layer) or crosscoder (one weakly causal crosscoder over
+    one site kind at the layers --sites names, e.g. `5,9,12,15.resid_post`: layer l's latents read l's
+    site and reconstruct it and the later chosen ones; --width counts latents per layer, as for a CLT)."""
     activation: str = "jumprelu"
     """jumprelu (Gemma Scope), topk, batchtopk or relu (L1 baseline)."""
-    width: int = 4096
-    """Latents per dictionary (a CLT: per layer)."""
+    width: int | str = 4096
+    """Latents per dictionary (a CLT: per layer). A comma list, e.g. `4096,16384`, trains one dictionary
+    per width and --target-l0 on each site, all from the same batches (SAEs and transcoders)."""
     k: int | None = None
     """Active latents per token for topk/batchtopk."""
     sparsity: str = "auto"
     """quadratic_l0 (Gemma Scope 2), l0 (Gemma Scope 1), l1, none; auto picks by activation."""
-    target_l0: float = 50.0
-    """Target L0 of the quadratic L0 loss."""
+    target_l0: float | str = 50.0
+    """Target L0 of the quadratic L0 loss. A comma list, e.g. `10,50,150`, trains one dictionary per
+    target and --width on each site, all from the same batches (SAEs and transcoders)."""
     sparsity_coeff: float = 1.0
     """λ of the sparsity loss after warm-up (quadratic L0: 1 holds L0 near its target; weaker values
     let reconstruction pull L0 above it)."""
@@ -96,15 +106,85 @@ class TrainConfig:
     log_every: int = 20
     """Steps between metric lines in metrics.jsonl."""
 
+    def __post_init__(self) -> None:
+        # The command line gives text. One number is kept as a number, so a one-dictionary run's saved
+        # settings, checkpoint identity and folders are what they were before lists were allowed.
+        self.width = _one_or_list(self.width, int)
+        self.target_l0 = _one_or_list(self.target_l0, float)
+
+
+def _one_or_list(value: N | str, number: Callable[[str], N]) -> N | str:
+    """One number in `value`'s text as that number; a list as its text without spaces; else unchanged
+    (`widths` and `target_l0s` say what is wrong with it)."""
+    if not isinstance(value, str):
+        return value
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if len(parts) == 1:
+        try:
+            return number(parts[0])
+        except ValueError:
+            return value
+    return ",".join(parts) if parts else value
+
+
+def _distinct_positive(values: tuple[N, ...], flag: str) -> tuple[N, ...]:
+    if not values:
+        raise OpenscopeError(f"{flag} needs a value")
+    bad = [v for v in values if not v > 0]
+    if bad:
+        raise OpenscopeError(f"{flag} must be positive, got {bad[0]}")
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise OpenscopeError(f"{flag} lists {twice[0]} twice")
+    return values
+
+
+def widths(cfg: TrainConfig) -> tuple[int, ...]:
+    """The run's widths (--width: one, or a comma list), in the order given; a one-line error unless
+    each is a positive integer, none repeated."""
+    values = parse_ints(cfg.width, "--width") if isinstance(cfg.width, str) else (cfg.width,)
+    return _distinct_positive(values, "--width")
+
+
+def target_l0s(cfg: TrainConfig) -> tuple[float, ...]:
+    """The run's target L0s (--target-l0: one, or a comma list), in the order given; a one-line error
+    unless each is a positive number, none repeated."""
+    values = (
+        parse_floats(cfg.target_l0, "--target-l0") if isinstance(cfg.target_l0, str) else (cfg.target_l0,)
+    )
+    return _distinct_positive(values, "--target-l0")
+
+
+def dictionaries_per_site(cfg: TrainConfig) -> int:
+    """How many dictionaries the run trains on each site: one per (width, target L0)."""
+    return len(widths(cfg)) * len(target_l0s(cfg))
+
+
+def number_text(value: float) -> str:
+    """A width or target L0 as it appears in names: `50`, `12.5` (never two values the same text)."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(float(value))
+
+
+def result_key(site: str, width: int, target_l0: float, cfg: TrainConfig) -> str:
+    """The key of one dictionary in `TrainResult` and run.json's `final`: its input site when the run
+    trains one dictionary per site, else `<site>_w<width>_l0_<target>` (e.g. `6.resid_post_w4096_l0_50`)."""
+    if dictionaries_per_site(cfg) == 1:
+        return site
+    return f"{site}_w{width}_l0_{number_text(target_l0)}"
+
 
 class TrainResult(NamedTuple):
     """What a training run produced."""
 
     folders: dict[str, Path]
-    """Dictionary folder per input site."""
+    """Dictionary folder per input site (several widths or targets per site: per `result_key`)."""
     steps: int
     """Optimisation steps taken in total."""
     final: dict[str, dict[str, float]]
-    """Last measured L0, FVU and dead fraction per dictionary."""
+    """Last measured L0, FVU and dead fraction per dictionary (keyed as `folders`; a CLT: per layer)."""
     seconds: float
     """Wall time of this run."""
+    failed: dict[str, str] | None = None
+    """Dictionaries that failed (keyed as `folders`) with the one-line reason, when the run isolates
+    failures (`train(..., isolate_failures=True)`: the others train on and are saved); None otherwise."""

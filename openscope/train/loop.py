@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TextIO, cast
@@ -41,7 +42,7 @@ from openscope.files import (
 )
 from openscope.models.load import load_model
 from openscope.models.sites import Site, locate, parse_sites, site_width
-from openscope.train.config import TrainConfig
+from openscope.train.config import TrainConfig, target_l0s
 from openscope.train.steps import StepConfig
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,29 @@ class TrainingData(NamedTuple):
     """(site names, first batch) -> batches of cfg.batch_size rows, in a seeded order."""
 
 
+def store_site_names(store: ActivationStore, spec: str) -> list[str]:
+    """The store's sites a --sites spec names: site names as given (`check_site` says when the store
+    lacks one), patterns (`*.mlp_in`, `0-5.resid_post`, `mid.resid_post`) expanded against the model's
+    layers and kept where the store holds them; "all" is every site of the store."""
+    if spec == "all":
+        return store.sites
+    n_layers = int(store.manifest["model"].get("n_layers") or 0) or 1 + max(
+        Site.from_name(s).layer for s in store.sites
+    )
+    names: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token or re.fullmatch(r"\d+\.\w+", token):
+            names += [token] if token else []
+            continue
+        matched = [s.name for s in parse_sites(token, n_layers) if s.name in store.sites]
+        if not matched:
+            raise OpenscopeError(
+                f"--sites {token!r} matches no site of the store at {store.root}; it has {', '.join(store.sites)}"
+            )
+        names += matched
+    return list(dict.fromkeys(names))
+
+
 def from_store(cfg: TrainConfig) -> tuple[TrainingData, list[str]]:
     """The activation store at cfg.store, and the site names cfg.sites picks from it."""
     store = ActivationStore(cfg.store)
@@ -80,7 +104,7 @@ def from_store(cfg: TrainConfig) -> tuple[TrainingData, list[str]]:
             f"the store at {cfg.store} is incomplete (its harvest was interrupted after {len(store.shards)} "
             "shards): run the same harvest again to finish it, or pass --incomplete-store"
         )
-    names = store.sites if cfg.sites == "all" else [s.strip() for s in cfg.sites.split(",") if s.strip()]
+    names = store_site_names(store, cfg.sites)
     for name in names:
         store.check_site(name)
 
@@ -135,9 +159,11 @@ def live(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[str]]:
 # ---- what a run is -------------------------------------------------------------------------------
 
 
-def step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
-    """The step's losses and schedules. Gemma Scope's warm-ups were set for runs of 100k+ steps; a
-    shorter run would end before its λ is up, so each is capped at a fraction of the run."""
+def step_config(cfg: TrainConfig, total_steps: int, target_l0: float | None = None) -> StepConfig:
+    """The step's losses and schedules, for the dictionary with `target_l0` (default: the run's one
+    target). Gemma Scope's warm-ups were set for runs of 100k+ steps; a shorter run would end before its
+    λ is up, so each is capped at a fraction of the run."""
+    target = target_l0s(cfg)[0] if target_l0 is None else target_l0
     sparsity = cfg.sparsity
     if sparsity == "auto":
         sparsity = {"jumprelu": "quadratic_l0", "relu": "l1"}.get(cfg.activation, "none")
@@ -149,7 +175,7 @@ def step_config(cfg: TrainConfig, total_steps: int) -> StepConfig:
         lr_decay_steps=round(cfg.lr_decay * total_steps),
         sparsity=sparsity,  # type: ignore[arg-type]
         sparsity_coeff=cfg.sparsity_coeff,
-        target_l0=cfg.target_l0 if sparsity == "quadratic_l0" else None,
+        target_l0=target if sparsity == "quadratic_l0" else None,
         sparsity_warmup_steps=min(cfg.sparsity_warmup_steps, total_steps // 5),
         freq_coeff=cfg.freq_coeff,
         max_fire_rate=cfg.max_fire_rate,

@@ -1,8 +1,9 @@
 """The single-layer trainer: one pass over shuffled batches feeds every dictionary of the run.
 
-Each site named in `sites` gets one dictionary (an SAE on that site, or a transcoder from a
-layer's `mlp_in` to its `mlp_out`). All read the same batch, so one harvest (or, later, one
-model forward) serves every layer. Checkpoints hold weights, Adam state, dead-latent counters
+Each site named in `sites` gets one dictionary per width and target L0 (an SAE on that site, or a
+transcoder from a layer's `mlp_in` to its `mlp_out`). All read the same batch, so one harvest (or one
+live model forward) serves every layer, width and target; a dictionary's seed is that of its site, so
+it ends the same as when trained alone. Checkpoints hold weights, Adam state, dead-latent counters
 and the step; the batch order is a pure function of the seed, so a resumed run sees exactly
 the batches an uninterrupted one would and ends with the same dictionaries (`openscope.train.loop`).
 `--kind clt` trains one cross-layer transcoder over many layers instead (`openscope.train.clt`).
@@ -11,6 +12,7 @@ the batches an uninterrupted one would and ends with the same dictionaries (`ope
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +21,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -29,11 +31,19 @@ from openscope.activations.batches import ActivationBatch
 from openscope.coders import CoderConfig, SparseCoder, ThresholdEstimator, topk_to_jumprelu
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_coder
-from openscope.config import check_numbers, parse_ints, save_json, to_jsonable
+from openscope.config import check_numbers, flag, parse_ints, save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.models.load import resolve_device
 from openscope.train.clt import CLT_KINDS, train_clt
-from openscope.train.config import TrainConfig, TrainResult
+from openscope.train.config import (
+    TrainConfig,
+    TrainResult,
+    dictionaries_per_site,
+    number_text,
+    result_key,
+    target_l0s,
+    widths,
+)
 from openscope.train.loop import (
     CHECKPOINT,
     METRICS,
@@ -55,25 +65,45 @@ from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer,
 log = logging.getLogger(__name__)
 
 
+SINGLE_LAYER_KINDS = ("sae", "transcoder", "skip_transcoder")
+"""The kinds this trainer trains (one site in, one out); several widths and targets each."""
+
+
+class _Spec(NamedTuple):
+    """One dictionary of a run: its sites, its width and target L0, and its seed."""
+
+    site_in: str
+    site_out: str
+    site_index: int
+    """The index of its site in the run: its seed is the run's seed + this (the same however many
+    widths and targets train beside it)."""
+    width: int
+    target_l0: float
+
+
 class _Dictionary:
     """One dictionary's training state."""
 
     def __init__(
         self,
-        site_in: str,
-        site_out: str,
+        spec: _Spec,
+        key: str,
         coder: SparseCoder,
+        step_cfg: StepConfig,
         lr: float,
         threshold_lr_scale: float,
         dead_after: int,
     ):
-        self.site_in, self.site_out = site_in, site_out
+        self.spec, self.key, self.step_cfg = spec, key, step_cfg
+        self.site_in, self.site_out = spec.site_in, spec.site_out
         self.coder = coder
         self.optimizer = make_optimizer(coder, lr, threshold_lr_scale)
         self.tracker = DeadLatentTracker(coder.cfg.width, dead_after)
         self.thresholds = ThresholdEstimator(coder.cfg.width)
         """BatchTopK: the batches' cut-offs over the run's last tenth, for the JumpReLU file."""
         self.last: dict[str, float] = {}
+        self.failed: str | None = None
+        """Why this dictionary stopped training (a run that isolates failures), else None."""
 
     def state(self) -> dict[str, Any]:
         t = self.thresholds
@@ -83,6 +113,7 @@ class _Dictionary:
             "tokens_since_fired": self.tracker.tokens_since_fired,
             "last": self.last,
             "thresholds": [t.batches, t.global_sum, t.latent_sum, t.latent_batches],
+            **({"failed": self.failed} if self.failed is not None else {}),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -90,6 +121,7 @@ class _Dictionary:
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.tokens_since_fired = state["tokens_since_fired"]
         self.last = dict(state["last"])
+        self.failed = state.get("failed")
         t = self.thresholds
         t.batches, t.global_sum, t.latent_sum, t.latent_batches = state["thresholds"]
 
@@ -121,12 +153,29 @@ def _pairs(cfg: TrainConfig, data: TrainingData, names: list[str]) -> list[tuple
     return pairs
 
 
-def _folder_name(site_in: str, cfg: TrainConfig) -> str:
-    return f"{site_in.replace('.', '_')}_{cfg.kind}_{cfg.activation}_w{cfg.width}"
+def _specs(cfg: TrainConfig, pairs: list[tuple[str, str]]) -> list[_Spec]:
+    """Every dictionary of the run: per site, per width, per target L0 (in the order given)."""
+    return [
+        _Spec(site_in, site_out, i, w, t)
+        for i, (site_in, site_out) in enumerate(pairs)
+        for w in widths(cfg)
+        for t in target_l0s(cfg)
+    ]
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train every dictionary of the run; `stop_after` ends early (as a crash would) after that many steps.
+def _folder_name(spec: _Spec, cfg: TrainConfig) -> str:
+    """`{site}_{kind}_{activation}_w{width}`, and `_l0_{target}` when a site has several dictionaries."""
+    name = f"{spec.site_in.replace('.', '_')}_{cfg.kind}_{cfg.activation}_w{spec.width}"
+    return name if dictionaries_per_site(cfg) == 1 else f"{name}_l0_{number_text(spec.target_l0)}"
+
+
+def train(
+    cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, isolate_failures: bool = False
+) -> TrainResult:
+    """Train every dictionary of the run (per site, one per width and target L0); `stop_after` ends
+    early (as a crash would) after that many steps. `isolate_failures` (many dictionaries from one pass,
+    as a suite runs them): a dictionary whose loss or data turns non-finite stops, is reported in
+    `TrainResult.failed` and not saved, and the others go on; otherwise the first such error ends the run.
 
     Under `torchrun`, the dictionaries are shared out across ranks (dictionary i goes to rank
     i mod world size); each rank reads the same seeded batches, so the result equals a
@@ -142,7 +191,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     data, names = live(cfg, device) if cfg.model else from_store(cfg)
     pairs = _pairs(cfg, data, names)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
-    step_cfg = step_config(cfg, total_steps)
+    step_cfgs = {t: step_config(cfg, total_steps, t) for t in target_l0s(cfg)}  # each target's own
     run = open_run(cfg, rank, world, create=False)
     out = run.folder
     identity = {**run_identity(cfg), "world_size": world}
@@ -150,8 +199,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     metrics_path = out / rank_file(METRICS, rank, world)
 
     dicts = [
-        _new_dictionary(cfg, data, i, site_in, site_out, device)
-        for i, (site_in, site_out) in enumerate(pairs)
+        _new_dictionary(cfg, data, spec, device, step_cfgs[spec.target_l0])
+        for i, spec in enumerate(_specs(cfg, pairs))
         if i % world == rank
     ]
     if cfg.init_from is not None:
@@ -173,10 +222,12 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     )
 
     def one_step(step_index: int, batch: ActivationBatch) -> None:
+        batch = batch._replace(acts={s: batch.acts[s].to(device) for s in sites})  # once for all widths
         if step_index == 0:
             _calibrate(dicts, batch, cfg, device)
         for d in dicts:
-            _train_one(d, batch, cfg, step_cfg, step_index, total_steps, device, metrics)
+            if d.failed is None:
+                _train_isolated(d, batch, cfg, step_index, total_steps, device, metrics, isolate_failures)
         bar.update(1)
         bar.set_postfix_str(_postfix(dicts), refresh=False)
 
@@ -194,18 +245,23 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if dicts:
         with metrics_path.open("a") as tail:
             save_checkpoint(checkpoint, step, dicts, identity, tail)
-    finals = {d.site_in: d.last for d in dicts}
+    finals = {d.key: d.last for d in dicts}
+    failed = {d.key: d.failed for d in dicts if d.failed is not None}
     if stop_after is not None and step < total_steps:
-        return TrainResult({}, step, finals, time.perf_counter() - t0)
+        return TrainResult({}, step, finals, time.perf_counter() - t0, failed if isolate_failures else None)
+    if dicts and len(failed) == len(
+        dicts
+    ):  # nothing left to save: the run fails as a whole, with the first reason
+        raise OpenscopeError(next(iter(failed.values())))
 
-    folders = {d.site_in: _save(d, cfg, data, out, step) for d in dicts}
+    folders = {d.key: _save(d, cfg, data, out, step) for d in dicts if d.failed is None}
     if world > 1:
         folders, finals = _gather(folders, finals, world)
     if rank == 0:
         save_json(out / "run.json", {"config": cfg, "steps": step, "world_size": world, "final": finals})
         run.commit()
-    folders = {site: Path(cfg.output) / folder.name for site, folder in folders.items()}
-    return TrainResult(folders, step, finals, time.perf_counter() - t0)
+    folders = {key: Path(cfg.output) / folder.name for key, folder in folders.items()}
+    return TrainResult(folders, step, finals, time.perf_counter() - t0, failed if isolate_failures else None)
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -215,8 +271,6 @@ def _check_config(cfg: TrainConfig) -> None:
         positive=(
             "batch_size",
             "tokens",
-            "target_l0",
-            "width",
             "k",
             "lr",
             "checkpoint_every",
@@ -235,28 +289,36 @@ def _check_config(cfg: TrainConfig) -> None:
         fractions=("max_fire_rate", "lr_decay"),
     )
     parse_ints(cfg.matryoshka, "--matryoshka")
+    for name, values in (("width", widths(cfg)), ("target_l0", target_l0s(cfg))):
+        if len(values) > 1 and cfg.kind not in SINGLE_LAYER_KINDS:
+            raise OpenscopeError(
+                f"{flag(name)} takes one value for --kind {cfg.kind} (a list trains several SAEs or "
+                f"transcoders per site), got {getattr(cfg, name)!r}"
+            )
     resolve_device(cfg.device)
 
 
 def _new_dictionary(
-    cfg: TrainConfig, data: TrainingData, i: int, site_in: str, site_out: str, device: str
+    cfg: TrainConfig, data: TrainingData, spec: _Spec, device: str, step_cfg: StepConfig
 ) -> _Dictionary:
-    """The run's i-th dictionary, freshly initialised (seed + i) with its sites' normalisation scales."""
+    """A dictionary of the run, freshly initialised (the run's seed + its site's index) with its sites'
+    normalisation scales, and its own step settings (its target L0)."""
     ccfg = CoderConfig(
-        d_in=data.widths[site_in],
-        d_out=data.widths[site_out],
-        width=cfg.width,
+        d_in=data.widths[spec.site_in],
+        d_out=data.widths[spec.site_out],
+        width=spec.width,
         kind=cfg.kind,  # type: ignore[arg-type]
         activation=cfg.activation,  # type: ignore[arg-type]
         k=cfg.k,
         init_threshold=cfg.init_threshold or 0.001,
-        seed=cfg.seed + i,
+        seed=cfg.seed + spec.site_index,
     )
     coder = SparseCoder(ccfg)
-    coder.set_scales(data.scales[site_in], data.scales[site_out])
+    coder.set_scales(data.scales[spec.site_in], data.scales[spec.site_out])
+    key = result_key(spec.site_in, spec.width, spec.target_l0, cfg)
     # A latent counts as dead after 1M tokens without firing (or the whole run, if shorter).
     return _Dictionary(
-        site_in, site_out, coder.to(device), cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens)
+        spec, key, coder.to(device), step_cfg, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens)
     )
 
 
@@ -294,18 +356,21 @@ def unfold_into(coder: SparseCoder, saved: SparseCoder) -> None:
 
 
 def _start_from_saved(dicts: list[_Dictionary], folder: Path, cfg: TrainConfig) -> None:
-    """--init-from for single-layer dictionaries: each starts from the saved one that reads its site."""
-    saved = {}
+    """--init-from for single-layer dictionaries: each starts from the saved one that reads its site
+    (of its width, when the folder holds several widths for that site)."""
+    saved, by_width = {}, {}
     for path in find_dictionaries(folder):
         d = load_dictionary(path)
         if isinstance(d.coder, SparseCoder):
             saved.setdefault(d.site_in.name, d)
+            by_width.setdefault((d.site_in.name, d.coder.cfg.width), d)
     for d in dicts:
         if d.site_in not in saved:
             have = ", ".join(sorted(saved)) or "none"
             raise OpenscopeError(f"--init-from {folder} has no dictionary for {d.site_in} (it has: {have})")
-        unfold_into(d.coder, cast(SparseCoder, saved[d.site_in].coder).to(d.coder.w_enc.device))
-        log.info("%s starts from %s", d.site_in, saved[d.site_in].folder)
+        source = by_width.get((d.site_in, d.spec.width), saved[d.site_in])
+        unfold_into(d.coder, cast(SparseCoder, source.coder).to(d.coder.w_enc.device))
+        log.info("%s starts from %s", d.key, source.folder)
 
 
 def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfig, device: str) -> None:
@@ -320,18 +385,37 @@ def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfi
         y = batch.acts[d.site_out].to(device)
         d.coder.init_decoder_bias_(y)
         if cfg.activation == "jumprelu" and cfg.init_threshold is None:
-            d.coder.calibrate_threshold_(x, cfg.target_l0)
+            d.coder.calibrate_threshold_(x, d.spec.target_l0)
         if d.site_in != d.site_out:
             d.coder.align_decoder_signs_(x, y)
         s = d.coder.fit_encoder_scale_(x, y)
-        log.info("%s: data-dependent init (encoder scale %.3g)", d.site_in, s)
+        log.info("%s: data-dependent init (encoder scale %.3g)", d.key, s)
+
+
+def _train_isolated(
+    d: _Dictionary,
+    batch: ActivationBatch,
+    cfg: TrainConfig,
+    step: int,
+    total_steps: int,
+    device: str,
+    metrics: Any,
+    isolate: bool,
+) -> None:
+    """One dictionary's step; with `isolate`, a non-finite loss or batch stops that dictionary only."""
+    try:
+        _train_one(d, batch, cfg, step, total_steps, device, metrics)
+    except OpenscopeError as exc:
+        if not isolate:
+            raise
+        d.failed = str(exc)
+        log.warning("%s stopped: %s", d.key, exc)
 
 
 def _train_one(
     d: _Dictionary,
     batch: ActivationBatch,
     cfg: TrainConfig,
-    step_cfg: StepConfig,
     step: int,
     total_steps: int,
     device: str,
@@ -344,7 +428,7 @@ def _train_one(
             f"non-finite activations at step {step}, site {d.site_in}: the data holds NaN/inf; "
             "nothing was lost (the last checkpoint and saved dictionaries are intact)"
         )
-    stats = train_step(d.coder, d.optimizer, x, y, step_cfg, step, d.tracker)
+    stats = train_step(d.coder, d.optimizer, x, y, d.step_cfg, step, d.tracker)
     if not math.isfinite(stats.loss):
         raise OpenscopeError(f"loss became {stats.loss} at step {step}, site {d.site_in}; lower --lr")
     d.last = {"l0": stats.l0, "fvu": stats.fvu, "dead_fraction": stats.dead / d.coder.cfg.width}
@@ -352,13 +436,16 @@ def _train_one(
         with torch.no_grad():
             d.thresholds.update(d.coder.encode(x), per_row=False)
     if step % cfg.log_every == 0 or step == total_steps - 1:
-        row = {"step": step, "site": d.site_in, "tokens": (step + 1) * cfg.batch_size, **stats._asdict()}
+        row: dict[str, Any] = {"step": step, "site": d.site_in}
+        if d.key != d.site_in:  # several dictionaries per site: say which one
+            row |= {"width": d.spec.width, "target_l0": d.spec.target_l0}
+        row |= {"tokens": (step + 1) * cfg.batch_size, **stats._asdict()}
         metrics.write(json.dumps(row) + "\n")
 
 
 def _postfix(dicts: list[_Dictionary]) -> str:
     shown = [
-        f"{d.site_in}: L0 {d.last['l0']:.0f} FVU {d.last['fvu']:.3f} dead {d.last['dead_fraction']:.0%}"
+        f"{d.key}: L0 {d.last['l0']:.0f} FVU {d.last['fvu']:.3f} dead {d.last['dead_fraction']:.0%}"
         for d in dicts[:3]
         if d.last
     ]
@@ -366,7 +453,7 @@ def _postfix(dicts: list[_Dictionary]) -> str:
 
 
 def _save(d: _Dictionary, cfg: TrainConfig, data: TrainingData, out: Path, step: int) -> Path:
-    folder = out / _folder_name(d.site_in, cfg)
+    folder = out / _folder_name(d.spec, cfg)
     coder = d.saved_coder()
     save_coder(
         coder.cpu(),
@@ -385,7 +472,10 @@ def _save(d: _Dictionary, cfg: TrainConfig, data: TrainingData, out: Path, step:
                 "final_l0": d.last.get("l0"),
                 "final_fvu": d.last.get("fvu"),
                 "dead_fraction": d.last.get("dead_fraction"),
-                "train_config": to_jsonable(cfg),
+                # its own width and target: the settings that train it alone
+                "train_config": to_jsonable(
+                    dataclasses.replace(cfg, width=d.spec.width, target_l0=d.spec.target_l0)
+                ),
                 "command_line": shlex.join(sys.argv),
             }
         },

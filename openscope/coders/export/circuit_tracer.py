@@ -13,9 +13,16 @@ Learned from safety-research/circuit-tracer (`circuit_tracer/utils/hf_utils.py` 
   cross_layer_transcoder`, `W_enc_{i}.safetensors` {`W_enc_{i}` [F, d_in], `b_enc_{i}` [F],
   `b_dec_{i}` [d_out], `threshold_{i}` [F]} and `W_dec_{i}.safetensors` {`W_dec_{i}` [F, L−i, d_out]}.
 
-No `transcoders:` list is written: circuit-tracer then finds the `layer_{i}.safetensors` files itself,
-so the folder works as is when uploaded to the Hugging Face hub (`ReplacementModel.from_pretrained(model,
-"user/repo", backend="nnsight")`); locally, pass `{i: path}` to `load_transcoder_set`. The hooks are
+No `transcoders:` list is written: circuit-tracer then finds the `layer_{i}.safetensors` files itself.
+Loading the folder (circuit-tracer 0.5, whose Gemma 3 support is its nnsight backend):
+
+    from circuit_tracer import ReplacementModel
+    model = ReplacementModel.from_pretrained(model_dir, "/abs/path/to/export", backend="nnsight")
+
+with the export's **absolute** path: circuit-tracer looks a transcoder reference up in its cache folder
+first, and joining an absolute path to that folder gives the path itself, so the local folder is found
+(a relative path is taken for a Hugging Face repo id); `model_dir` is the model's folder or hub id. The
+same folder works as is when uploaded to the hub (`"user/repo"`). The hooks are
 the circuit-tracer names of the MLP input and output — `mlp.hook_in` (Gemma 3: output of
 `pre_feedforward_layernorm`, our mlp_in) and `hook_mlp_out` (output of `post_feedforward_layernorm`,
 our mlp_out) — so only mlp_in → mlp_out transcoders are exportable. TopK/BatchTopK coders are refused
@@ -139,6 +146,7 @@ def circuit_tracer_files(
         config["model_kind"] = "transcoder_set"
         files = {f"layer_{i}.safetensors": transcoder_layer_tensors(c) for i, c in enumerate(coders)}
         sites = [d.site_in.name for d in by_layer]
+        dictionaries = by_layer  # `sources` below lines up with `sites_in`
     config["openscope"] = {
         "sites_in": sites,
         "sources": [str(d.folder) if d.folder is not None else d.name for d in dictionaries],

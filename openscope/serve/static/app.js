@@ -7,6 +7,7 @@
 //   #/steer                 steering playground (?dict=...&latent=...)
 //   #/graphs, #/graph/SLUG  attribution graphs (graph.js)
 //   #/chat, #/chat/NAME     chat-behaviour reports (chat.js)
+//   #/suite                 the catalogue of an `openscope suite run` folder (suite.js)
 // All text from the server is put in the page with textContent (never innerHTML): token pieces
 // are arbitrary strings.
 "use strict";
@@ -482,6 +483,7 @@ async function route() {
     else if (page === "roles" && parts.length >= 2) await pageRoles(parts.slice(1).join("/"), params);
     else if (page === "chat" && parts.length >= 2) await openscopeChat.show(parts.slice(1).join("/")); // chat.js
     else if (page === "chat") await openscopeChat.list();
+    else if (page === "suite") await openscopeSuite.show(params); // suite.js
     else await pageHome(params);
     document.title = `openscope · ${page}`;
   } catch (err) {

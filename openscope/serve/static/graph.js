@@ -203,9 +203,10 @@ const openscopeGraphs = (() => {
     const dictNames = info ? info.dictionaries.map((d) => d.name).join(", ") : (meta.transcoder_list || []).join(", ");
     fill(el,
       h("div", {class: "muted"}, h("a", {href: "#/graphs"}, "◀ all graphs"), ` · ${slug}`),
-      h("h1", {id: "graph-title", class: "mono"}, quote(meta.prompt)),
+      // Both tools write the prompt with its BOS text first ("<bos>The ..."): the title leaves it out.
+      h("h1", {id: "graph-title", class: "mono"}, quote(meta.prompt.replace(/^<[^<>\s]+>/, ""))),
       h("div", {class: "stats"},
-        stat(meta.scan, "model"), stat(dictNames || "–", "dictionaries"),
+        stat(info ? info.model : meta.scan, info ? "model" : "transcoders"), stat(dictNames || "–", "dictionaries"),
         metrics && stat(fmt(metrics.replacement_score, 2), "replacement score"),
         metrics && stat(fmt(metrics.completeness_score, 2), "completeness score"),
         stat(`${g.nodes.length} / ${g.links.length}`, "nodes / links")),
