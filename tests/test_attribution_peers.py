@@ -25,7 +25,7 @@ from attribution_helpers import transcoder
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from openscope.attribution import attribute, graph_file, intervene, load_graph
+from openscope.attribution import attribute, graph_file, intervene, load_graph, save_graph
 from openscope.attribution.commands import InterveneConfig, run_intervene
 from openscope.attribution.schema import LatentEdit
 from openscope.coders.dictionary import load_dictionary
@@ -98,6 +98,18 @@ def run_peer(model_dir: Path, export: Path, ids: list[int], out: Path) -> dict[s
     return load_file(str(out / "graph.safetensors"))
 
 
+def assert_circuit_tracer_reads(path: Path, n_nodes: int, n_links: int) -> None:
+    """circuit-tracer's `frontend.graph_models.Model` (pydantic, in its own environment) validates the
+    graph file, with every node and link."""
+    code = (
+        "import json, sys; from circuit_tracer.frontend.graph_models import Model; "
+        "m = Model.model_validate(json.load(open(sys.argv[1]))); print(len(m.nodes), len(m.links))"
+    )
+    done = subprocess.run([peer_python(), "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(n_nodes), str(n_links)]
+
+
 def check_adjacency(ours, theirs: dict[str, torch.Tensor], d_model: int, bos_equal: bool) -> None:
     """Equal but for token columns, which are √d_model times circuit-tracer's (BOS's: equal only when
     the skip conventions agree)."""
@@ -158,6 +170,9 @@ def test_circuit_tracer_agrees_and_its_files_round_trip(tiny, peer_model_dir, tm
     mine = graph_file(ours, model=str(peer_model_dir), tokenizer=tiny.tokenizer)
     assert mine.metadata.prompt == raw["metadata"]["prompt"]
     assert mine.metadata.scan == str(tc.resolve())
+    # ... and circuit-tracer's own graph model (what its viewer's server reads) accepts the file.
+    save_graph(mine, tmp_path / "plain" / "mine.json")
+    assert_circuit_tracer_reads(tmp_path / "plain" / "mine.json", len(mine.nodes), len(mine.links))
 
     # The explorer lists it; interventions on it equal those on openscope's own graph of the prompt.
     from openscope.serve.graphs import GraphStore, summary_of

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sqlite3
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import small_store
+from safetensors.torch import save_file
 
 from openscope.activations import ActivationStore, HarvestConfig, harvest
 from openscope.cli import run
@@ -116,6 +119,7 @@ def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.Temp
     (user / "notes.txt").write_text("a user's notes")
     (user / "sub" / "data.csv").write_text("a,b\n1,2\n")
     (root / "afile").write_text("just a file")
+    (root / "one_class.jsonl").write_text('{"text": "one", "label": "a"}\n{"text": "two", "label": "a"}\n')
     (root / "empty").mkdir()
     (root / "exports" / dictionary.name).mkdir(parents=True)  # an --export folder holding a user's file
     (root / "exports" / dictionary.name / "notes.txt").write_text("mine")
@@ -136,6 +140,11 @@ def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.Temp
     (root / "models" / "noweights" / "model.safetensors").unlink()
     weights = root / "models" / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
+    _unknown_architecture(root / "models" / "opt", tiny_model_dir)
+    shutil.copytree(tiny_model_dir, root / "models" / "badmap")  # a site map file with a field SiteMap lacks
+    (root / "models" / "badmap" / "openscope_sites.json").write_text(
+        json.dumps({"name": "x", "colour": "red"})
+    )
 
     # Dictionaries that must be refused: truncated weights; a Gemma Scope 1 npz holding a pickle.
     broken = root / "dictionaries" / "truncated"
@@ -145,6 +154,29 @@ def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.Temp
     pickled = root / "dictionaries" / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_9"
     pickled.mkdir(parents=True)
     np.savez(pickled / "params.npz", W_enc=np.array([{"run": "code"}], dtype=object))
+    # Peers' folders that must be refused: a SAELens folder missing W_dec, a sparsify folder whose
+    # weights do not match its cfg.json, a folder of pickles only, an ae.pt that would run code.
+    peers = root / "peers"
+    (peers / "saelens").mkdir(parents=True)
+    save_json(peers / "saelens" / "cfg.json", {"architecture": "standard", "d_in": 4, "d_sae": 8})
+    save_file(
+        {"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "b_dec": torch.zeros(4)},
+        str(peers / "saelens" / "sae_weights.safetensors"),
+    )
+    (peers / "sparsify" / "layers.1").mkdir(parents=True)
+    save_json(peers / "sparsify" / "layers.1" / "cfg.json", {"d_in": 4, "num_latents": 8, "k": 2})
+    weights = {
+        "encoder.weight": torch.zeros(6, 4),
+        "encoder.bias": torch.zeros(8),
+        "W_dec": torch.zeros(8, 4),
+        "b_dec": torch.zeros(4),
+    }
+    save_file(weights, str(peers / "sparsify" / "layers.1" / "sae.safetensors"))
+    (peers / "pickles").mkdir()
+    (peers / "pickles" / "sae_weights.pt").write_bytes(pickle.dumps({"W_enc": [1.0]}))
+    (peers / "evil").mkdir()
+    evil = pickle.dumps(os.system)  # unpickling it would hand over os.system: refused by weights_only
+    (peers / "evil" / "ae.pt").write_bytes(evil)
 
     # Stores with damaged manifests or shards, and one whose harvest never finished.
     _store_variant(root, store, "list", lambda m: "[1, 2, 3]")
@@ -152,6 +184,11 @@ def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.Temp
     _store_variant(root, store, "badjson", lambda m: '{"format": "openscope-activations", ')
     _store_variant(root, store, "escape", lambda m: {**m, "shards": [{**m["shards"][0], "file": "../../x"}]})
     _store_variant(root, store, "incomplete", lambda m: {**m, "complete": False})
+    # A store two torchrun ranks were harvesting when they stopped: only rank manifests, no manifest.json.
+    ranks2 = _store_variant(
+        root, store, "ranks2", lambda m: {**m, "complete": False, "rank": 0, "world_size": 2}
+    )
+    (ranks2 / "manifest.json").rename(ranks2 / "manifest.rank0.json")
     corrupt = _store_variant(root, store, "corrupt", lambda m: m)
     shard = corrupt / "shard_00000.safetensors"
     data = bytearray(shard.read_bytes())
@@ -163,6 +200,19 @@ def world(tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.Temp
     os.symlink(outside, root / "links" / "outside")
     _suite_files(root, tiny_model_dir)
     return World(root, outside, tiny_model_dir)
+
+
+def _unknown_architecture(folder: Path, tiny: Path) -> None:
+    """A tiny OPT (no site map: its blocks sit at model.decoder.layers) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    config = OPTConfig(
+        vocab_size=len(tok), hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+        word_embed_proj_dim=16, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    OPTForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
 
 
 def _suite_files(root: Path, model: Path) -> None:
@@ -239,6 +289,8 @@ DICT = "{w}/dicts/1_resid_post_sae_jumprelu_w32"
 STORE = "{w}/st/s"
 HARVEST = ["harvest", "--model", M, "--source", f"{W}/docs.jsonl", "--context-len", "32", "--tokens", "256"]
 TRAIN = ["train", "--store", STORE, "--width", "32", "--batch-size", "128", "--tokens", "256"]
+FTUNE = ["train", "--model", M, "--source", f"{W}/docs.jsonl", "--context-len", "32", "--finetune", "kl"]
+FTDICT = ["--init-from", f"{W}/dicts", "--batch-size", "64", "--tokens", "64"]
 EVAL = ["eval", "--dictionaries", DICT, "--model", M, "--source", f"{W}/docs.jsonl", "--tokens", "64"]
 FEATURES = ["features", "--dictionaries", DICT, "--store", STORE, "--tokens", "256"]
 CHAT = ["--model", M, "--positive", f"{W}/docs.jsonl", "--negative", f"{W}/docs.jsonl"]
@@ -297,6 +349,44 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
     ("harvest-kind", [*HARVEST, "--sites", "1.banana", "--output", f"{W}/n"], "unknown site", None),
     ("harvest-dtype", [*HARVEST, "--dtype", "float8", "--output", f"{W}/n"], "unknown dtype", None),
     ("harvest-flag", [*HARVEST, "--bogus"], "No such option", None),
+    # harvest into an object store (fsspec URL): unwritable, a filesystem whose package is missing, another world size
+    (
+        "harvest-url-unwritable",
+        [*HARVEST, "--output", "file:///proc/openscope-acts"],
+        "cannot write to store URL file:///proc/openscope-acts",
+        None,
+    ),
+    (
+        "harvest-url-package",
+        [*HARVEST, "--output", "gs://bucket/acts"],
+        "store URL gs://bucket/acts needs gcsfs",
+        None,
+    ),
+    (
+        "harvest-ranks-resume",
+        [*HARVEST, "--output", f"{W}/stores/ranks2"],
+        "harvested by 2 process(es), but this run has 1",
+        None,
+    ),
+    (
+        "harvest-ranks-other-sites",
+        [*HARVEST, "--sites", "0.attn_out", "--output", f"{W}/stores/ranks2"],
+        "harvested by 2 process(es)",
+        None,
+    ),
+    (
+        "show-url-missing",
+        ["show", "memory://nothing/here"],
+        "memory://nothing/here is not an activation store",
+        None,
+    ),
+    ("show-url-unreachable", ["show", "http://127.0.0.1:9/acts"], "store URL http://127.0.0.1:9/acts", None),
+    (
+        "show-url-secret",
+        ["show", "memory://me:hunter2@bucket/x"],
+        "memory://***@bucket/x is not an activation store",
+        None,
+    ),
     # any model that cannot be loaded
     ("model-badcfg", ["sites", "--model", f"{W}/models/badcfg"], "cannot load the model", None),
     ("model-unknown-type", ["sites", "--model", f"{W}/models/unknown"], "cannot load the model", None),
@@ -304,6 +394,35 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
     ("model-truncated", ["sites", "--model", f"{W}/models/truncated"], "cannot load the model", None),
     ("model-not-a-model", ["sites", "--model", f"{W}/user"], "not a Hugging Face model directory", None),
     ("model-unknown-name", ["sites", "--model", "no-such-model"], "unknown model", None),
+    (
+        "model-unknown-architecture",
+        ["sites", "--model", f"{W}/models/opt"],
+        "openscope does not know OPTForCausalLM (model_type 'opt'): no site map for its OPTDecoderLayer",
+        None,
+    ),
+    ("model-bad-site-map", ["sites", "--model", f"{W}/models/badmap"], "unknown field 'colour'", None),
+    # --device cuda where CUDA is not available: one line, whatever the command
+    ("eval-cuda", [*EVAL, "--device", "cuda", "--output", f"{W}/n"], "CUDA is not available", None),
+    (
+        "features-cuda",
+        [*FEATURES, "--device", "cuda", "--output", f"{W}/n.db"],
+        "CUDA is not available",
+        None,
+    ),
+    (
+        "attribute-cuda",
+        ["attribute", "hi", "--dictionaries", DICT, "--device", "cuda", "--output", f"{W}/g.json"],
+        "CUDA is not available",
+        None,
+    ),
+    ("serve-cuda", ["serve", "--db", f"{W}/features.db", "--device", "cuda"], "CUDA is not available", None),
+    (
+        "chat-cuda",
+        ["chat", "contrast", *CHAT, "--device", "cuda", "--output", f"{W}/n"],
+        "CUDA is not available",
+        None,
+    ),
+    ("suite-run-cuda", [*RUN, f"{W}/n", "--device", "cuda"], "CUDA is not available", None),
     # train: a run folder is replaced only with --overwrite, and only if openscope trained into it
     ("train-again", [*TRAIN, "--output", f"{W}/dicts"], "already holds a run's checkpoint", None),
     ("train-user-overwrite", [*TRAIN, "--output", f"{W}/user", "--overwrite"], "holds notes.txt", None),
@@ -362,6 +481,54 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         None,
     ),
     ("train-width-twice", [*TRAIN, "--width", "8,8", "--output", f"{W}/n"], "--width lists 8 twice", None),
+    ("train-log-unknown", [*TRAIN, "--log", "mlflow", "--output", f"{W}/n"], "--log takes wandb or", None),
+    ("train-eval-every", [*TRAIN, "--eval-every", "-1", "--output", f"{W}/n"], "--eval-every must be", None),
+    (
+        "train-eval-tokens",
+        [*TRAIN, "--eval-every", "5", "--eval-tokens", "1000000", "--output", f"{W}/n"],
+        "hold out at most a fifth",
+        None,
+    ),
+    (
+        "train-eval-live",
+        ["train", "--model", M, "--source", f"{W}/docs.jsonl", "--eval-every", "5", "--output", f"{W}/n"],
+        "a live run (--model) has no store",
+        None,
+    ),
+    # --finetune kl: a live model, trained dictionaries of this run's sites and width, β >= 0
+    (
+        "train-finetune-store",
+        [*TRAIN, "--finetune", "kl", "--init-from", f"{W}/dicts", "--output", f"{W}/n"],
+        "pass --model",
+        None,
+    ),
+    ("train-finetune-no-init", [*FTUNE, "--output", f"{W}/n"], "pass --init-from", None),
+    (
+        "train-finetune-beta",
+        [*FTUNE, *FTDICT, "--beta", "-1", "--output", f"{W}/n"],
+        "--beta must be zero or more",
+        None,
+    ),
+    ("train-beta-alone", [*TRAIN, "--beta", "1", "--output", f"{W}/n"], "pass --finetune kl too", None),
+    ("train-finetune-kind", [*FTUNE, *FTDICT, "--kind", "clt", "--output", f"{W}/n"], "not --kind clt", None),
+    (
+        "train-finetune-word",
+        [*TRAIN, "--finetune", "mse", "--output", f"{W}/n"],
+        "unknown --finetune 'mse'",
+        None,
+    ),
+    (
+        "train-finetune-site",
+        [*FTUNE, *FTDICT, "--sites", "0.resid_post", "--output", f"{W}/n"],
+        "has no dictionary for 0.resid_post",
+        None,
+    ),
+    (
+        "train-finetune-width",
+        [*FTUNE, *FTDICT, "--sites", "1.resid_post", "--width", "16", "--output", f"{W}/n"],
+        "the saved dictionary has width 32, this run 16",
+        None,
+    ),
     (
         "train-target-l0-word",
         [*TRAIN, "--target-l0", "a", "--output", f"{W}/n"],
@@ -406,6 +573,14 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         None,
     ),
     ("train-cuda", [*TRAIN, "--device", "cuda", "--output", f"{W}/n"], "CUDA is not available", None),
+    ("train-tf32-cpu", [*TRAIN, "--precision", "tf32", "--output", f"{W}/n"], "tf32 needs a CUDA", None),
+    ("train-precision", [*TRAIN, "--precision", "fp8", "--output", f"{W}/n"], "unknown --precision", None),
+    (
+        "train-data-parallel-world",
+        [*TRAIN, "--data-parallel", "2", "--output", f"{W}/n"],
+        "--data-parallel 2 does not divide the 1 process of this run; choose one of 1",
+        None,
+    ),
     # eval
     ("eval-output-file", [*EVAL, "--output", f"{W}/afile"], "exists and is not a folder", None),
     ("eval-output-user", [*EVAL, "--output", f"{W}/user", "--overwrite"], "holds notes.txt", None),
@@ -438,6 +613,52 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
     ),
     ("eval-tokens-0", [*EVAL, "--tokens", "0", "--output", f"{W}/n"], "must be positive", None),
     ("eval-roles", [*EVAL, "--roles", "model", "--output", f"{W}/n"], "needs a chat source", None),
+    # SAEBench's evals: the format, the labelled sets of --probing, --absorption's word count
+    (
+        "eval-format",
+        [*EVAL, "--format", "csv", "--output", f"{W}/n"],
+        "--format must be openscope or saebench",
+        None,
+    ),
+    (
+        "eval-probing-one-class",
+        [*EVAL, "--probing", "--probing-tasks", f"{W}/one_class.jsonl", "--output", f"{W}/n"],
+        "has 1 class (a): probing needs at least two",
+        None,
+    ),
+    (
+        "eval-probing-unlabelled",
+        [*EVAL, "--probing", "--probing-tasks", f"{W}/docs.jsonl", "--output", f"{W}/n"],
+        "not an object with a text and a label",
+        None,
+    ),
+    (
+        "eval-probing-unknown",
+        [*EVAL, "--probing", "--probing-tasks", "nope", "--output", f"{W}/n"],
+        "unknown labelled set 'nope'",
+        None,
+    ),
+    (
+        "eval-probing-truncated",
+        [
+            "eval",
+            "--dictionaries",
+            f"{W}/dictionaries/truncated",
+            "--probing",
+            "--probing-tasks",
+            "language",
+            "--output",
+            f"{W}/n",
+        ],
+        "truncated or corrupt",
+        None,
+    ),
+    (
+        "eval-absorption-words",
+        [*EVAL, "--absorption", "--absorption-words", "3", "--output", f"{W}/n"],
+        "--absorption-words must be at least 10",
+        None,
+    ),
     # features: never write into a file that is not our database
     (
         "features-foreign-sqlite",
@@ -496,6 +717,63 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         "export-pickle",
         ["export", f"{W}/dictionaries/gemma-scope-2b-pt-res", "--to", "saelens", "--out", f"{W}/n"],
         "unpickling",
+        None,
+    ),
+    # export from a Hub name with a typo, or from peers' damaged folders
+    (
+        "export-hub-typo",
+        [
+            "export",
+            "hf://google/gemma-scope-2-270m-pt/resid_post/layer_9_width_16k_l0_meduim",
+            "--to",
+            "saelens",
+            "--out",
+            f"{W}/n",
+        ],
+        "nearest: resid_post/layer_9_width_16k_l0_medium",
+        None,
+    ),
+    (
+        "export-release-typo",
+        [
+            "export",
+            "gemma-scope-2-270m-pt-rse:layer_9_width_16k_l0_medium",
+            "--to",
+            "saelens",
+            "--out",
+            f"{W}/n",
+        ],
+        "unknown release 'gemma-scope-2-270m-pt-rse'; nearest: gemma-scope-2-270m-pt-res",
+        None,
+    ),
+    (
+        "export-peer-keys",
+        ["export", f"{W}/peers/saelens", "--to", "gemma-scope", "--out", f"{W}/n"],
+        "is missing W_dec",
+        None,
+    ),
+    (
+        "export-peer-shape",
+        ["export", f"{W}/peers/sparsify", "--to", "gemma-scope", "--out", f"{W}/n"],
+        "but cfg.json",
+        None,
+    ),
+    (
+        "export-peer-pickles",
+        ["export", f"{W}/peers/pickles", "--to", "saelens", "--out", f"{W}/n"],
+        "never unpickles",
+        None,
+    ),
+    (
+        "export-peer-evil",
+        ["export", f"{W}/peers/evil", "--to", "saelens", "--out", f"{W}/n"],
+        "refusing to unpickle",
+        None,
+    ),
+    (
+        "export-from-wrong",
+        ["export", DICT, "--from", "saelens", "--to", "saelens", "--out", f"{W}/n"],
+        "--from saelens, but",
         None,
     ),
     # show: damaged manifests
@@ -561,6 +839,18 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         None,
     ),
     ("chat-ablate-user", ["chat", "ablate", "--model", M, "--output", f"{W}/user"], "holds notes.txt", None),
+    (
+        "chat-ablate-judge-tokens",
+        ["chat", "ablate", "--model", M, "--judge", "--max-new-tokens", "0", "--output", f"{W}/n"],
+        "--max-new-tokens must be positive",
+        None,
+    ),
+    (
+        "chat-jailbreak-judge-tokens",
+        ["chat", "jailbreak", "--model", M, "--judge", "--max-new-tokens", "0", "--output", f"{W}/n"],
+        "--max-new-tokens must be positive",
+        None,
+    ),
     (
         "chat-jailbreak-report",
         ["chat", "jailbreak", "--model", M, "--output", f"{W}/report"],
@@ -669,6 +959,67 @@ CASES: list[tuple[str, list[str], str, str | None]] = [
         "holds no catalogue",
         None,
     ),
+    # releases: a release name with a typo gets the nearest names
+    (
+        "releases-typo",
+        ["releases", "gemma-scope-2-270m-pt-resx"],
+        "unknown release 'gemma-scope-2-270m-pt-resx'; nearest: gemma-scope-2-270m-pt-res",
+        None,
+    ),
+    # push: a repository id, dictionaries to publish, and a --out that is not a user's folder (--dry-run:
+    # no token needed; the missing token is its own test below)
+    ("push-no-repo", ["push", DICT, "--dry-run", "--out", f"{W}/n"], "push needs --repo OWNER/NAME", None),
+    (
+        "push-bad-repo",
+        ["push", DICT, "--repo", "a/b/c", "--dry-run", "--out", f"{W}/n"],
+        "not a Hub repository id",
+        None,
+    ),
+    (
+        "push-nothing",
+        ["push", f"{W}/user", "--repo", "me/x", "--dry-run", "--out", f"{W}/n"],
+        "no dictionaries found",
+        None,
+    ),
+    (
+        "push-missing",
+        ["push", f"{W}/nope", "--repo", "me/x", "--dry-run", "--out", f"{W}/n"],
+        "no folder at",
+        None,
+    ),
+    (
+        "push-out-user",
+        ["push", DICT, "--repo", "me/x", "--dry-run", "--out", f"{W}/user", "--overwrite"],
+        "holds notes.txt",
+        None,
+    ),
+    (
+        "push-eval-none",
+        ["push", DICT, "--repo", "me/x", "--dry-run", "--eval", f"{W}/user", "--out", f"{W}/n"],
+        "holds no report.json",
+        None,
+    ),
+    # autointerp: a feature database, and an http(s) endpoint checked before any call (a database without
+    # the dictionary, a missing key and failing endpoints: tests/test_autointerp.py; reading a WAL database
+    # leaves SQLite's -shm/-wal files beside it, which this table's snapshot would count as a change)
+    (
+        "autointerp-foreign-db",
+        ["autointerp", f"{W}/other.sqlite", "--dictionary", "x", "--base-url", "http://127.0.0.1:9/v1"],
+        "not an openscope feature database",
+        None,
+    ),
+    (
+        "autointerp-no-db",
+        ["autointerp", f"{W}/none.db", "--dictionary", "x", "--base-url", "http://127.0.0.1:9/v1"],
+        "no feature database",
+        None,
+    ),
+    (
+        "autointerp-url",
+        ["autointerp", f"{W}/features.db", "--dictionary", "x", "--base-url", "ftp://h"],
+        "http(s) URL",
+        None,
+    ),
 ]
 
 
@@ -680,6 +1031,49 @@ def test_bad_input_is_one_line_and_changes_nothing(
     if argv[0] in ("harvest", "train", "eval", "features"):
         argv += ["--device", "cpu"] if "--device" not in argv else []
     refused(world, argv, expect, world.root / cwd if cwd else None, capsys, monkeypatch)
+
+
+def test_push_without_a_token_is_one_line_and_changes_nothing(world: World, capsys, monkeypatch) -> None:
+    """No HF_TOKEN and no stored login: refused before anything is written (`--dry-run` needs none)."""
+    import huggingface_hub
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(world.outside / "no-token"))
+    argv = ["push", DICT.replace(W, str(world.root)), "--repo", "me/x", "--out", str(world.root / "n")]
+    refused(world, argv, "push needs a Hugging Face token", None, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "args", "expect"),
+    [
+        (
+            "3",
+            [*TRAIN, "--output", f"{W}/n"],
+            "--batch-size 128 does not split evenly over 3 data-parallel replicas (3 processes): choose "
+            "--batch-size 126 or 129, or --data-parallel 1",
+        ),
+        ("4", [*TRAIN, "--data-parallel", "3", "--output", f"{W}/n"], "choose one of 1, 2, 4 (or 0: auto)"),
+        ("2", [*TRAIN, "--data-parallel", "1", "--output", f"{W}/n"], "so some would idle; choose one of 2"),
+        (
+            "2",
+            [*TRAIN, "--output", f"{W}/dicts", "--resume"],
+            "was written by 1 process, this run is 2 processes (1 dictionary group x 2 data-parallel "
+            "replicas); resume it with one process",
+        ),
+    ],
+    ids=["train-ranks-batch", "train-ranks-data-parallel", "train-ranks-idle", "train-resume-other-world"],
+)
+def test_a_torchrun_layout_that_cannot_work_fails_before_any_rank_waits(
+    world: World, world_size: str, args: list[str], expect: str, capsys, monkeypatch
+) -> None:
+    """Under torchrun's environment (this process its rank 0): refused before the process group is
+    joined, so every rank fails alike and none waits for another."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    argv = [a.replace(W, str(world.root)) for a in args] + ["--device", "cpu"]
+    refused(world, argv, expect, None, capsys, monkeypatch)
 
 
 def test_the_table_covers_every_command() -> None:
@@ -750,7 +1144,7 @@ def test_a_replacement_that_fails_midway_keeps_the_old_store(
     store = tmp_path / "s"
     harvest(_harvest_cfg(world, store, sites="1.resid_post"), loaded=tiny, progress=False)
     before = snapshot(tmp_path)
-    real, calls = h._harvest_shard, []
+    real, calls = h.harvest_shard, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -758,14 +1152,14 @@ def test_a_replacement_that_fails_midway_keeps_the_old_store(
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(h, "_harvest_shard", failing)
+    monkeypatch.setattr(h, "harvest_shard", failing)
     replacement = _harvest_cfg(world, store, overwrite=True)  # other sites, three shards
     with pytest.raises(OSError, match="No space left"):
         harvest(replacement, loaded=tiny, progress=False)
     staged = tmp_path / ".s.openscope-new"
     assert {k: v for k, v in snapshot(tmp_path).items() if ".s.openscope-new" not in k} == before
     assert staged.is_dir()  # the replacement so far, kept to resume
-    monkeypatch.setattr(h, "_harvest_shard", real)
+    monkeypatch.setattr(h, "harvest_shard", real)
     result = harvest(replacement, loaded=tiny, progress=False)
     assert result.resumed_shards == 1  # the replacement resumed where it stopped
     assert len(ActivationStore(store).sites) == 6

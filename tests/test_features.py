@@ -392,10 +392,10 @@ def test_export_json_is_the_schema(built, tmp_path):
     assert [p.name for p in files] == ["0.json", "1.json", "2.json"]
     with FeatureDB(built) as db:
         assert FeatureDetail.model_validate_json(files[1].read_text()) == db.feature("sae", 1)
+    # --neuronpedia: Neuronpedia's import batches (checked in tests/test_neuronpedia_export.py)
     np_files = export_features(built, "sae", tmp_path / "np", [4], neuronpedia=True)
-    data = json.loads(np_files[0].read_text())
-    assert {"activations", "pos_str", "neg_values", "frac_nonzero", "topkCosSimIndices"} <= set(data)
-    assert data["index"] == "4"
+    assert [p.name for p in np_files] == ["batch-0.json", "skipped_indexes.json"]
+    assert [f["feature_index"] for f in json.loads(np_files[0].read_text())["features"]] == [4]
 
 
 def test_bad_input_is_one_line_errors(tiny, built, store, sae, tmp_path):

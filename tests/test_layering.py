@@ -3,7 +3,7 @@
 openscope is built in layers. The top-level helpers (`errors`, `config`, `files`, `reports`) come first;
 then the packages, each of which may import only from layers before it:
 
-    models → data → activations → coders → train → eval → features → suite → interventions
+    models → data → activations → coders → train → eval → features → interp → suite → interventions
     → attribution → analysis → serve → the entry points (`cli.py`, `demo.py` and the deprecated alias
     `steer.py`)
 
@@ -39,6 +39,7 @@ PACKAGES = (
     "train",
     "eval",
     "features",
+    "interp",
     "suite",
     "interventions",
     "attribution",

@@ -288,8 +288,8 @@ def test_a_nan_in_one_dictionary_of_a_shared_run_fails_that_item_only(
 
     real = trainer.train_step
 
-    def poisoned(coder: Any, optimizer: Any, x: Any, y: Any, cfg: Any, step: int, tracker: Any) -> Any:
-        stats = real(coder, optimizer, x, y, cfg, step, tracker)
+    def poisoned(coder: Any, optimizer: Any, x: Any, y: Any, cfg: Any, step: int, *rest: Any) -> Any:
+        stats = real(coder, optimizer, x, y, cfg, step, *rest)
         return stats._replace(loss=math.nan) if coder.cfg.width == 64 and step >= 3 else stats
 
     plan = plan_file(tmp_path, make_plan(tiny_model_dir, text, ITEMS[:2]))

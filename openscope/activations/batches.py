@@ -41,6 +41,11 @@ class ActivationBatch(NamedTuple):
     role: Tensor | None = None
     """Role of each row's token [batch] (chat stores; index into the manifest's `roles`), else None."""
 
+    def to(self, device: str | torch.device) -> ActivationBatch:
+        """The activations on `device`; copies from page-locked memory (`batches(pin_memory=True)`) do not
+        block, so the copy of the next batch overlaps the work on this one."""
+        return self._replace(acts={k: v.to(device, non_blocking=v.is_pinned()) for k, v in self.acts.items()})
+
 
 class TokenBatch(NamedTuple):
     """A batch of whole contexts and the encoded rows (kept positions) of each site."""
@@ -78,7 +83,7 @@ class ShardedStore(Protocol):
     """What `store_batches` reads of an activation store (`ActivationStore` is one; the store module
     imports this one for `ActivationBatch`, so it is named by its shape, not imported)."""
 
-    root: Path
+    root: Path | str
 
     @property
     def shards(self) -> list[dict[str, Any]]: ...

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from openscope.activations.capture import harvest_shard
+from openscope.activations.ranks import Ranks, agree, barrier, current_ranks, from_rank0, rank_device
+from openscope.activations.remote import RemoteFolder, store_url
 from openscope.activations.store import (
     CHECKSUM,
     FORMAT,
+    MANIFEST,
     STATS,
     STORE,
     VERSION,
@@ -38,10 +41,10 @@ from openscope.activations.store import (
     tokens_digest,
     write_tensors,
 )
+from openscope.activations.targets import Target, decide, finish, merge, own_manifest, shard_file
 from openscope.config import to_jsonable
 from openscope.data.chat import ROLES, role_ids
 from openscope.data.contexts import source_contexts
-from openscope.data.packing import to_batch
 from openscope.data.sources import is_chat_source, split_slice
 from openscope.errors import OpenscopeError
 from openscope.files import (
@@ -53,7 +56,6 @@ from openscope.files import (
     prepare_output,
     recover,
 )
-from openscope.models.hooks import run_with_readers
 from openscope.models.load import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -63,7 +65,6 @@ from openscope.models.load import (
     resolve_device,
 )
 from openscope.models.sites import Site, SitePoint, locate, parse_sites, site_width
-from openscope.models.tokens import keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ def _check_output(cfg: HarvestConfig) -> None:
     root = absolute(cfg.output)
     recover(root)
     check_target(root)
+    if root.is_dir() and not is_store(root) and any(root.glob("manifest.rank*.json")):
+        decide(Target(root), {}, Ranks(0, 1), cfg.overwrite, _differs)  # names the ranks it needs
     if root.is_dir() and not is_empty_folder(root) and not is_store(root):
         check_replaceable(root, STORE, inputs=_harvest_inputs(cfg))
 
@@ -244,7 +247,16 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
     wanted = role_ids(cfg.roles)
     if wanted and not chat:
         raise OpenscopeError(f"--roles needs a chat source (sharegpt or chat:PATH), not {cfg.source!r}")
-    _check_output(cfg)
+    ranks = current_ranks()
+    device = rank_device(device, ranks)
+    url = store_url(cfg.output)
+    if url is not None:
+        RemoteFolder(url).check_writable()  # an unreachable or read-only store fails before the model loads
+    elif ranks.world > 1:
+        recover(absolute(cfg.output))
+        check_target(absolute(cfg.output))
+    else:
+        _check_output(cfg)
     if loaded is None:
         loaded = load_model(cfg.model, cfg.model_dtype, device, cfg.cache_dir)
     sites = parse_sites(cfg.sites, loaded.n_layers)
@@ -271,6 +283,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, progress: boo
         total_contexts,
         ident,
     )
+    if url is not None or ranks.world > 1:
+        return fill_ranks(cfg, plan, progress, url, ranks)
     try:
         return _fill(cfg, plan, progress, replace_same=False)
     except _DataChanged:
@@ -299,16 +313,21 @@ def _new_manifest(cfg: HarvestConfig, plan: _Plan) -> dict[str, Any]:
     }
 
 
-def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -> HarvestResult:
-    """Harvest every shard the store lacks (checking that finished ones still match the data), then
-    finish the store and swap it into place if it replaces another."""
+def _contexts(cfg: HarvestConfig, plan: _Plan) -> Iterator[Any]:
+    """The harvest's contexts; the first is read before anything is written, so a source that is not
+    text fails here."""
     stream = source_contexts(cfg.source, cfg.text_field, plan.loaded.tokenizer, cfg.context_len)
     contexts = itertools.islice(stream, plan.total_contexts)
-    # The first context is read before anything is written: a source that is not text fails here.
     first = next(contexts, None)
     if first is None:
         raise OpenscopeError(f"text source {cfg.source!r} gave no contexts")
-    contexts = itertools.chain([first], contexts)
+    return itertools.chain([first], contexts)
+
+
+def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -> HarvestResult:
+    """Harvest every shard the store lacks (checking that finished ones still match the data), then
+    finish the store and swap it into place if it replaces another."""
+    contexts = _contexts(cfg, plan)
     staged, manifest = _open_store(cfg, plan.ident, replace_same)
     root = staged.folder
     if manifest is None:
@@ -328,43 +347,11 @@ def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -
         disable=not progress,
         dynamic_ncols=True,
     )
-    start, fed = time.perf_counter(), 0
-    index = 0
-    writer = _ShardWriter(root, manifest)
-    with bar, writer:
-        while chunk := list(itertools.islice(contexts, plan.shard_contexts)):
-            ctx = torch.tensor([c.input_ids for c in chunk], dtype=torch.long)
-            roles = torch.tensor([c.roles for c in chunk], dtype=torch.uint8) if plan.chat else None
-            if index < done:
-                if tokens_digest(ctx) != manifest["shards"][index]["tokens_sha256"]:
-                    raise _DataChanged(
-                        f"the text source gives different contexts than those stored in {shard_name(index)}: "
-                        "the data changed since the store was made; use --overwrite or another --output"
-                    )
-            else:
-                shard = _harvest_shard(
-                    plan.loaded,
-                    plan.widths,
-                    ctx,
-                    index * plan.shard_contexts,
-                    cfg.batch_size,
-                    plan.store_dtype,
-                    plan.device,
-                    bar,
-                    roles,
-                    plan.wanted,
-                )
-                entry = {
-                    "file": shard_name(index),
-                    "context_start": index * plan.shard_contexts,
-                    "n_contexts": len(chunk),
-                    "n_rows": shard.n_rows,
-                    "tokens_sha256": tokens_digest(ctx),
-                    "sum_sq_norm": shard.sum_sq_norm,
-                }
-                writer.submit(shard.tensors, entry)
-                fed += ctx.numel()
-            index += 1
+    start = time.perf_counter()
+    writer = _ShardWriter(
+        lambda name, tensors: write_tensors(root / name, tensors), lambda m: save_manifest(root, m), manifest
+    )
+    index, fed = harvest_loop(cfg, plan, contexts, manifest, writer, bar, Ranks(0, 1))
     if index == 0:
         raise OpenscopeError(f"text source {cfg.source!r} gave no contexts")
     _finish(root, manifest, plan.sites)
@@ -384,6 +371,153 @@ def _fill(cfg: HarvestConfig, plan: _Plan, progress: bool, replace_same: bool) -
     )
 
 
+def harvest_loop(
+    cfg: HarvestConfig,
+    plan: _Plan,
+    contexts: Iterator[Any],
+    manifest: dict[str, Any],
+    writer: _ShardWriter,
+    bar: Any,
+    ranks: Ranks,
+) -> tuple[int, int]:
+    """Cut the contexts into shards and harvest this rank's (shards rank, rank+world, …) that its
+    manifest lacks; a finished one is checked against the data instead. Returns (shards seen in the
+    stream, context tokens fed to the model)."""
+    done = len(manifest["shards"])
+    index = fed = 0
+    with writer:
+        while chunk := list(itertools.islice(contexts, plan.shard_contexts)):
+            mine, k = index % ranks.world == ranks.rank, index // ranks.world
+            ctx = torch.tensor([c.input_ids for c in chunk], dtype=torch.long) if mine else None
+            if ctx is None:
+                pass  # another rank's shard: read from the stream, never run
+            elif k < done:
+                if tokens_digest(ctx) != manifest["shards"][k]["tokens_sha256"]:
+                    raise _DataChanged(
+                        f"the text source gives different contexts than those stored in {shard_name(index)}: "
+                        "the data changed since the store was made; use --overwrite or another --output"
+                    )
+            else:
+                roles = torch.tensor([c.roles for c in chunk], dtype=torch.uint8) if plan.chat else None
+                shard = harvest_shard(
+                    plan.loaded,
+                    plan.widths,
+                    ctx,
+                    index * plan.shard_contexts,
+                    cfg.batch_size,
+                    plan.store_dtype,
+                    plan.device,
+                    bar,
+                    roles,
+                    plan.wanted,
+                )
+                entry = {
+                    "file": shard_file(index, ranks),
+                    "context_start": index * plan.shard_contexts,
+                    "n_contexts": len(chunk),
+                    "n_rows": shard.n_rows,
+                    "tokens_sha256": tokens_digest(ctx),
+                    "sum_sq_norm": shard.sum_sq_norm,
+                }
+                writer.submit(shard.tensors, entry)
+                fed += ctx.numel()
+            index += 1
+    return index, fed
+
+
+def _place(cfg: HarvestConfig, ident: dict[str, Any], url: str | None, ranks: Ranks) -> tuple[str, Any, Any]:
+    """Rank 0: (state, where to write, the folder a staged replacement goes to or None); see `decide`."""
+    if url is not None:
+        target = Target(url)
+        state = decide(target, ident, ranks, cfg.overwrite, _differs)
+        if state == "replace":
+            log.warning("--overwrite: deleting the store at %s before harvesting again", target.shown)
+            target.clear()
+            state = "fresh"
+        return state, url, None
+    root = absolute(cfg.output)
+    recover(root)
+    check_target(root)
+    leftovers = root.is_dir() and any(not p.name.endswith(".tmp") for p in root.iterdir())
+    if leftovers and not is_store(root) and not any(root.glob("manifest.rank*.json")):
+        check_replaceable(root, STORE, inputs=_harvest_inputs(cfg))  # names what is there
+    state = decide(Target(root), ident, ranks, cfg.overwrite, _differs)
+    if state != "replace":
+        root.mkdir(parents=True, exist_ok=True)
+        return state, root, None
+    staged = prepare_output(root, STORE, overwrite=True, inputs=_harvest_inputs(cfg), fresh=False)
+    try:  # an interrupted replacement by as many ranks resumes
+        again = decide(Target(staged.folder), ident, ranks, False, _differs)
+    except OpenscopeError:
+        again = "fresh"
+    if again != "resume":
+        staged = prepare_output(root, STORE, overwrite=True, inputs=_harvest_inputs(cfg), fresh=True)
+    return ("resume" if again == "resume" else "fresh"), staged.folder, root
+
+
+def fill_ranks(
+    cfg: HarvestConfig, plan: _Plan, progress: bool, url: str | None, ranks: Ranks
+) -> HarvestResult:
+    """`_fill` for a store at a URL or written by every rank of a torchrun harvest (`targets`): rank 0
+    decides where the store goes, each rank harvests its shards into its own manifest, rank 0 merges them
+    into `manifest.json` after a barrier, last."""
+    contexts = _contexts(cfg, plan)
+    decision, error = ("", None, None), None
+    if ranks.rank == 0:
+        try:
+            decision = _place(cfg, plan.ident, url, ranks)
+        except OpenscopeError as exc:
+            error = str(exc)
+    agree(error, ranks)
+    state, location, swap_into = from_rank0(decision, ranks)
+    target, own = Target(location), own_manifest(ranks)
+    manifest, error = None, None
+    if state == "resume":
+        try:
+            manifest = target.load(own)
+            names = target.names()
+            if manifest is not None and (
+                _differs(manifest, plan.ident) or any(not target.intact(e, names) for e in manifest["shards"])
+            ):
+                error = (
+                    f"{target.shown}/{own} is from another harvest or lists a missing shard; use --overwrite"
+                )
+        except OpenscopeError as exc:
+            error = str(exc)
+    agree(error, ranks)
+    start, fed, resumed = time.perf_counter(), 0, 0
+    if state != "complete":
+        if manifest is None:
+            ranked = {"rank": ranks.rank, "world_size": ranks.world} if ranks.world > 1 else {}
+            manifest = {**_new_manifest(cfg, plan), **ranked}
+            target.save(manifest, own)
+        resumed = len(manifest["shards"])
+        total = -(-plan.total_contexts // ranks.world) * cfg.context_len
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not progress) as bar:
+            writer = _ShardWriter(target.write_shard, lambda m: target.save(m, own), manifest)
+            fed = harvest_loop(cfg, plan, contexts, manifest, writer, bar, ranks)[1]
+        barrier(ranks)
+        if ranks.rank == 0:
+            if ranks.world > 1:
+                merge(target, ranks, [s.name for s in plan.sites])
+            else:
+                finish(target, manifest, [s.name for s in plan.sites])
+            if swap_into is not None:
+                Staged(swap_into, location).commit()
+    barrier(ranks)
+    final = Target(swap_into or location).load(MANIFEST) or {}
+    seconds = time.perf_counter() - start
+    return HarvestResult(
+        Path(cfg.output),
+        int(final.get("n_contexts", 0)),
+        int(final.get("n_rows", 0)),
+        len(final.get("shards", [])),
+        resumed if state != "complete" else len(final.get("shards", [])),
+        seconds,
+        fed / seconds if seconds > 0 else 0.0,
+    )
+
+
 class _ShardWriter:
     """Writes finished shards in a background thread while the model computes the next one.
 
@@ -392,15 +526,20 @@ class _ShardWriter:
     Serialising, hashing and the fsync overlap with the forward passes instead of adding to them.
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
-        self.root, self.manifest = root, manifest
+    def __init__(
+        self,
+        write: Callable[[str, dict[str, torch.Tensor]], str],
+        save: Callable[[dict[str, Any]], None],
+        manifest: dict[str, Any],
+    ):
+        self.write, self.save, self.manifest = write, save, manifest
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending: Future | None = None
 
     def _write(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
-        digest = write_tensors(self.root / entry["file"], tensors)
+        digest = self.write(entry["file"], tensors)
         self.manifest["shards"].append({**entry, CHECKSUM: digest})
-        save_manifest(self.root, self.manifest)
+        self.save(self.manifest)
 
     def submit(self, tensors: dict[str, torch.Tensor], entry: dict[str, Any]) -> None:
         self.wait()  # keeps at most one shard in flight: memory stays bounded by the shard size
@@ -419,89 +558,6 @@ class _ShardWriter:
             self.wait()  # on an error too: a shard already computed is still saved
         finally:
             self.pool.shutdown(wait=True)
-
-
-class _Shard(NamedTuple):
-    tensors: dict[str, torch.Tensor]
-    n_rows: int
-    sum_sq_norm: dict[str, float]
-
-
-def _harvest_shard(
-    loaded: LoadedModel,
-    widths: dict[Site, int],
-    contexts: torch.Tensor,
-    context_start: int,
-    batch_size: int,
-    store_dtype: torch.dtype,
-    device: str,
-    bar: Any,
-    roles: torch.Tensor | None = None,
-    wanted: list[int] | None = None,
-) -> _Shard:
-    """Run the model over one shard's contexts and gather the kept rows of every site.
-
-    roles: [n, context_len] role of every token (chat sources): stored per row, and with `wanted`
-    only rows of those roles are kept.
-    """
-    keep = keep_mask(contexts, loaded.tokenizer)
-    if roles is not None and wanted:
-        keep &= torch.isin(roles, torch.tensor(wanted, dtype=roles.dtype))
-    n_rows = int(keep.sum())
-    bufs: dict[Site, torch.Tensor] = {}
-    sums: dict[Site, torch.Tensor] = {}
-    sites = list(widths)
-    sum_sq: dict[str, float] = {s.name: 0.0 for s in sites}
-    for s in sites:
-        bufs[s] = torch.empty(n_rows, widths[s], dtype=store_dtype)
-        sums[s] = torch.zeros(widths[s], dtype=torch.float64)
-    filled = 0
-    for b in range(0, len(contexts), batch_size):
-        batch = to_batch(contexts[b : b + batch_size].tolist(), loaded.tokenizer)
-        rows_idx = keep[b : b + batch_size].reshape(-1).nonzero().squeeze(1).to(device)
-        n = len(rows_idx)
-
-        def reader(
-            x: torch.Tensor, s: Site, start: int = filled, n: int = n, rows_idx: torch.Tensor = rows_idx
-        ) -> None:
-            # Copy the kept rows straight into the shard inside the hook, so the layer's output is
-            # freed as usual and the allocator reuses its memory.
-            flat = x.reshape(-1, x.shape[-1])
-            out = bufs[s][start : start + n]
-            if flat.device == out.device and flat.dtype == out.dtype:
-                torch.index_select(flat, 0, rows_idx, out=out)
-            else:
-                out.copy_(flat.index_select(0, rows_idx))
-            # Statistics of the stored values while they are in cache: float32 BLAS sums,
-            # accumulated in float64 across batches (a fixed order, so reruns give the same bytes).
-            stored = out.float()
-            sum_sq[s.name] += float(torch.dot(stored.reshape(-1), stored.reshape(-1)))
-            sums[s] += stored.sum(0).double()
-
-        readers = {s: partial(reader, s=s) for s in sites}
-        run_with_readers(loaded, batch.input_ids.to(device), readers, batch.attention_mask.to(device))
-        filled += n
-        bar.update(batch.input_ids.numel())
-    positions = torch.arange(contexts.shape[1]).expand_as(contexts)
-    global_ctx = context_start + torch.arange(len(contexts)).unsqueeze(1).expand_as(contexts)
-    tensors: dict[str, torch.Tensor] = {s.name: bufs[s] for s in sites}
-    tensors["token_ids"] = contexts[keep].to(torch.int32)
-    tensors["context"] = global_ctx[keep].to(torch.int64)
-    tensors["position"] = positions[keep].to(torch.int32)
-    tensors["contexts"] = contexts.to(torch.int32)
-    if roles is not None:
-        tensors["role"] = roles[keep].contiguous()
-    for s in sites:
-        tensors[f"stats.sum.{s.name}"] = sums[s]
-        # A NaN or inf anywhere makes the sums non-finite: that is how a float16 overflow or a
-        # broken model is caught, once per shard rather than per value.
-        if not (math.isfinite(sum_sq[s.name]) and torch.isfinite(sums[s]).all()):
-            raise OpenscopeError(
-                f"site {s.name} has NaN or inf values in the shard starting at context {context_start} "
-                f"(stored as {dtype_name(store_dtype)}); float16 overflows on large residuals: "
-                "use --dtype bfloat16 or float32"
-            )
-    return _Shard(tensors, n_rows, sum_sq)
 
 
 def _finish(root: Path, manifest: dict[str, Any], sites: list[Site]) -> None:

@@ -22,13 +22,16 @@ On the positive prompts the command ablates (direction: to zero and to the mean;
 restores the clean projections (its KL must be ≈ 0); on the negative prompts it adds. For each
 condition: KL(clean ‖ edited) of the next-token distribution at the last prompt token, the
 probability of a few watched first tokens (default I / Sorry / Sure / Here) before and after, and
-greedy continuations of a few prompts side by side.
+greedy continuations of a few prompts side by side. With `--judge`, every prompt is also answered
+greedily, clean and edited: the refusal rate of each (the string judge of `openscope.analysis.refusal`)
+and the coherence of the answers (their mean per-token loss under the unedited model), which is what
+shows on a refusing chat model that ablation removes refusals and addition induces them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,7 @@ from openscope.analysis.contrast import (
     load_directions,
     top_latents_from_report,
 )
+from openscope.analysis.refusal import EditFactory, Judged, answer_nll, judge_answers, mean_finite, no_edit
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.data.prompts import load_prompts
 from openscope.errors import OpenscopeError
@@ -164,6 +168,8 @@ class AblateConfig(ChatRunConfig):
     """Prompts of each set to continue greedily, clean and edited, in the report."""
     max_new_tokens: int = 24
     """Tokens per continuation."""
+    judge: bool = False
+    """Also answer every prompt greedily (--max-new-tokens), clean and edited: the refusal rate of each (a string judge) and its coherence (the answers' mean per-token loss under the unedited model)."""
     output: Path = Path("openscope-out/chat/ablate")
     """Folder for report.json, report.md and plots."""
 
@@ -184,11 +190,15 @@ class Condition(NamedTuple):
     top1_same: float
     """Fraction of prompts whose most likely next token is unchanged."""
     samples: list[dict[str, str]]
-    """Greedy continuations: prompt, clean, edited."""
-
-
-EditFactory = Callable[[Tensor], AbstractContextManager[object]]
-"""Given a prompt's ids [1, n], the context manager that applies an edit while it is open."""
+    """Greedy continuations: prompt, clean, edited (with --judge: every prompt's, with clean_refused and edited_refused)."""
+    refusal_clean: float | None = None
+    """Share of clean answers judged refusals (None: not judged, --judge off)."""
+    refusal_edited: float | None = None
+    """Share of edited answers judged refusals."""
+    nll_clean: float | None = None
+    """Coherence: mean per-token loss of the clean answers under the unedited model."""
+    nll_edited: float | None = None
+    """Coherence: mean per-token loss of the edited answers under the unedited model."""
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -256,6 +266,8 @@ class PromptSet(NamedTuple):
     """The prompts."""
     seqs: list[list[int]]
     """Their token ids (BOS + rendered prompt)."""
+    clean: dict[str, Judged]
+    """The clean answers once judged (--judge), kept so every condition on the set reuses them."""
 
 
 def _measure(
@@ -267,10 +279,33 @@ def _measure(
     watch: Sequence[int],
     generate: bool = True,
 ) -> Condition:
-    """`measure_condition` on one prompt set (continuations only when `generate`)."""
-    n_generate, max_new = (cfg.n_generate, cfg.max_new_tokens) if generate else (0, 0)
-    return measure_condition(
-        loaded, name, ps.which, ps.prompts, ps.seqs, make_edit, watch, n_generate, max_new
+    """`measure_condition` on one prompt set (continuations only when `generate`). With --judge every
+    prompt is answered clean and edited, and the samples are those answers (all of them, with verdicts)."""
+    judge = cfg.judge and generate
+    n_generate, max_new = (cfg.n_generate, cfg.max_new_tokens) if generate and not judge else (0, 0)
+    c = measure_condition(loaded, name, ps.which, ps.prompts, ps.seqs, make_edit, watch, n_generate, max_new)
+    if not judge:
+        return c
+    if "answers" not in ps.clean:
+        ps.clean["answers"] = judge_answers(loaded, ps.seqs, no_edit, cfg.max_new_tokens)
+    clean = ps.clean["answers"]
+    edited = judge_answers(loaded, ps.seqs, make_edit, cfg.max_new_tokens)
+    nll = [  # coherence: each answer read by the unedited model
+        mean_finite([answer_nll(loaded, s, a) for s, a in zip(ps.seqs, j.ids, strict=True)])
+        for j in (clean, edited)
+    ]
+    samples = [
+        {"prompt": p, "clean": a, "edited": b, "clean_refused": str(ra), "edited_refused": str(rb)}
+        for p, a, b, ra, rb in zip(
+            ps.prompts, clean.answers, edited.answers, clean.refused, edited.refused, strict=True
+        )
+    ]
+    return c._replace(
+        samples=samples,
+        refusal_clean=clean.rate,
+        refusal_edited=edited.rate,
+        nll_clean=nll[0],
+        nll_edited=nll[1],
     )
 
 
@@ -367,6 +402,8 @@ def run_ablate(
     """Ablate / add the contrast direction (and top latents); writes the report unless write=False."""
     if write:
         check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
+    if cfg.judge and cfg.max_new_tokens < 1:
+        raise OpenscopeError(f"--max-new-tokens must be positive to judge answers, got {cfg.max_new_tokens}")
     sd = load_direction(cfg.contrast, cfg.site)
     positive = load_prompts(cfg.positive, cfg.n, cfg.max_chars)
     negative = load_prompts(cfg.negative, cfg.n, cfg.max_chars)
@@ -377,8 +414,8 @@ def run_ablate(
         )
     if dictionary is None and cfg.dictionary is not None:
         dictionary = load_dictionary(cfg.dictionary, loaded, device=str(loaded.device))
-    pos = PromptSet("positive", positive, encode_prompts(loaded, positive, cfg.chat_template))
-    neg = PromptSet("negative", negative, encode_prompts(loaded, negative, cfg.chat_template))
+    pos = PromptSet("positive", positive, encode_prompts(loaded, positive, cfg.chat_template), {})
+    neg = PromptSet("negative", negative, encode_prompts(loaded, negative, cfg.chat_template), {})
     watch = first_tokens(loaded.tokenizer, cfg.watch)
     conditions = direction_conditions(cfg, loaded, sd, pos, neg, watch)
     latents: list[int] = []
@@ -437,8 +474,30 @@ def write_ablate(cfg: AblateConfig, loaded: LoadedModel, result: AblateResult) -
                 ],
             ),
         ]
+        if cfg.judge:
+            md += [
+                "",
+                f"Refusals judged on every prompt's greedy answer ({cfg.max_new_tokens} tokens, string judge of "
+                "openscope.analysis.refusal); coherence = the answers' mean per-token loss under the unedited model.",
+                "",
+                *md_table(
+                    ["condition", "prompts", "refusal clean", "refusal edited", "loss clean", "loss edited"],
+                    [
+                        [
+                            c.name,
+                            c.prompts,
+                            fmt(c.refusal_clean, ".0%"),
+                            fmt(c.refusal_edited, ".0%"),
+                            fmt(c.nll_clean, ".2f"),
+                            fmt(c.nll_edited, ".2f"),
+                        ]
+                        for c in result.conditions
+                        if c.refusal_clean is not None
+                    ],
+                ),
+            ]
         for c in result.conditions:
-            for s in c.samples:
+            for s in c.samples[: cfg.n_generate]:
                 md += [
                     "",
                     f"**{c.name}** — {s['prompt'][:120]!r}",

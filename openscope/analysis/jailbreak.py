@@ -13,19 +13,25 @@ at the contrast direction's site, per template:
   it, so a template's own effect is its shift beyond the control's;
 - with a dictionary at that site: the latents the template **switches on** (firing on at least
   `min_gap` more of the wrapped requests than of the plain ones), and the mean change of the
-  contrast's top harmful-vs-harmless latents.
+  contrast's top harmful-vs-harmless latents;
+- with `--judge`, the **refusal rate**: every wrapped request (and every plain one) is answered
+  greedily and judged by the string judge of `openscope.analysis.refusal`; across templates, the
+  correlation (Pearson and Spearman) between the refusal rate and the shift says whether moving a
+  request toward the harmless side is what makes the model comply.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from torch import Tensor
 
+from openscope.analysis import stats
 from openscope.analysis.common import ChatRunConfig, last_token_activations, load_for, write_report
 from openscope.analysis.contrast import (
     SiteDirection,
@@ -34,6 +40,7 @@ from openscope.analysis.contrast import (
     load_direction,
     top_latents_from_report,
 )
+from openscope.analysis.refusal import judge_answers
 from openscope.coders.dictionary import Dictionary, load_dictionary
 from openscope.data.prompts import Template, fill_template, load_prompts, load_templates, sample
 from openscope.errors import OpenscopeError
@@ -82,6 +89,10 @@ class JailbreakConfig(ChatRunConfig):
     """Latents listed per template, and top contrast latents followed."""
     min_gap: float = 0.5
     """A latent is switched on by a template when it fires on this much larger a share of wrapped than of plain requests."""
+    judge: bool = False
+    """Also answer every plain and wrapped request greedily and report each template's refusal rate (a string judge) and its correlation with the shift across templates."""
+    max_new_tokens: int = 24
+    """Tokens per answer judged (--judge)."""
     output: Path = Path("openscope-out/chat/jailbreak")
     """Folder for report.json, report.md and plots."""
 
@@ -116,6 +127,8 @@ class TemplateShift(NamedTuple):
     """Mean change of the contrast's top latents' activations (None without them)."""
     n_tokens: float
     """Mean length of the wrapped requests in tokens."""
+    refusal: float | None = None
+    """Share of the wrapped requests the model refuses (None: not judged, --judge off)."""
 
 
 class JailbreakResult(NamedTuple):
@@ -131,6 +144,10 @@ class JailbreakResult(NamedTuple):
     """The control: the requests after a benign preamble (`NEUTRAL`)."""
     output: Path | None
     """Report folder (None when not written)."""
+    plain_refusal: float | None = None
+    """Share of the plain requests the model refuses (None: not judged)."""
+    correlation: dict[str, float] | None = None
+    """Across templates, Pearson's r and Spearman's ρ of refusal rate vs shift (None: not judged)."""
 
 
 # ---- math (pure) ---------------------------------------------------------------------------------------
@@ -163,6 +180,17 @@ def shift_of(wrapped: Tensor, plain: Tensor) -> tuple[float, float]:
     return float(diff.mean()), se
 
 
+def correlations(rows: Sequence[TemplateShift]) -> dict[str, float]:
+    """Pearson's r and Spearman's ρ of refusal rate vs shift across the judged templates."""
+    judged = [r for r in rows if r.refusal is not None]
+    shift, refusal = [r.shift for r in judged], [float(r.refusal or 0.0) for r in judged]
+    return {
+        "pearson": stats.pearson(shift, refusal),
+        "spearman": stats.pearson(stats.ranks(shift), stats.ranks(refusal)),
+        "n": len(judged),
+    }
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
@@ -178,6 +206,8 @@ def run_jailbreak(
     """Rank the templates (lists may be passed in directly); writes the report unless write=False."""
     if write:
         check_report_output(cfg.output, cfg.overwrite)  # a bad --output is refused before the work
+    if cfg.judge and cfg.max_new_tokens < 1:
+        raise OpenscopeError(f"--max-new-tokens must be positive to judge answers, got {cfg.max_new_tokens}")
     sd = load_direction(cfg.contrast, cfg.site)
     reqs = requests if requests is not None else load_prompts(cfg.requests, cfg.n_requests)
     if not reqs:
@@ -224,10 +254,26 @@ def run_jailbreak(
             if top:
                 change = float((fw[:, top] - f_plain[:, top]).double().mean())
         length = sum(len(q) for q in wrapped_seqs[rows_i]) / n
-        rows.append(TemplateShift(t.name, float(pos_w.mean()), shift, se, on, change, length))
+        refusal = (
+            judge_answers(loaded, wrapped_seqs[rows_i], max_new_tokens=cfg.max_new_tokens).rate
+            if cfg.judge
+            else None
+        )
+        rows.append(TemplateShift(t.name, float(pos_w.mean()), shift, se, on, change, length, refusal))
     neutral = rows.pop()
     rows.sort(key=lambda r: (r.shift, r.name))
-    result = JailbreakResult(sd.site.name, float(pos_plain.mean()), rows, neutral, None)
+    plain_refusal = (
+        judge_answers(loaded, plain_seqs, max_new_tokens=cfg.max_new_tokens).rate if cfg.judge else None
+    )
+    result = JailbreakResult(
+        sd.site.name,
+        float(pos_plain.mean()),
+        rows,
+        neutral,
+        None,
+        plain_refusal,
+        correlations(rows) if cfg.judge else None,
+    )
     if write:
         result = result._replace(output=write_jailbreak(cfg, loaded, result, top))
     return result
@@ -281,6 +327,7 @@ def write_jailbreak(
                     "position",
                     "tokens",
                     "top-latent change",
+                    "refusal",
                     "switched on",
                 ],
                 [
@@ -293,6 +340,7 @@ def write_jailbreak(
                         fmt(r.position, ".2f"),
                         f"{r.n_tokens:.0f}",
                         fmt(r.top_latent_change, ".2f"),
+                        fmt(r.refusal, ".0%"),
                         ", ".join(
                             f"{s.latent} ({s.fires_wrapped:.0%} vs {s.fires_plain:.0%})"
                             for s in r.switched_on
@@ -302,6 +350,15 @@ def write_jailbreak(
                 ],
             ),
         ]
+        if result.correlation is not None:
+            c = result.correlation
+            md += [
+                "",
+                f"Refusal (greedy answers of {cfg.max_new_tokens} tokens, string judge): plain requests "
+                f"{fmt(result.plain_refusal, '.0%')}, benign preamble {fmt(result.neutral.refusal, '.0%')}. "
+                f"Across {c['n']:.0f} templates, refusal rate vs shift: Pearson r {fmt(c['pearson'], '.2f')}, "
+                f"Spearman ρ {fmt(c['spearman'], '.2f')}.",
+            ]
         notes = []
         if not getattr(loaded.tokenizer, "chat_template", None):
             notes.append(
@@ -322,6 +379,8 @@ def write_jailbreak(
             "site": result.site,
             "plain_position": result.plain_position,
             "top_latents": top,
+            "plain_refusal": result.plain_refusal,
+            "correlation": result.correlation,
             "neutral": {
                 **result.neutral._asdict(),
                 "switched_on": [s._asdict() for s in result.neutral.switched_on],

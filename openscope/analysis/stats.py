@@ -4,7 +4,8 @@
 - AUROC (Mann–Whitney, ties count one half) with DeLong's standard error and a normal interval;
 - Welch's t-test per column with exact two-sided p-values (Student t through the regularised
   incomplete beta function, so no SciPy is needed), Cohen's d, and Benjamini–Hochberg q-values;
-- repetition rate of a token sequence (a coherence measure of steered text).
+- repetition rate of a token sequence (a coherence measure of steered text);
+- Pearson's correlation and ranks (Spearman's ρ is Pearson's r of the ranks).
 
 Rows are samples, columns are features (latents or residual dimensions) throughout.
 """
@@ -213,3 +214,27 @@ def repetition_rate(ids: Sequence[int], n: int = 2) -> float:
         repeats += g in seen
         seen.add(g)
     return repeats / len(grams) if grams else 0.0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's correlation of two equally long sequences (nan when either is constant or too short)."""
+    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    if a.numel() < 2 or float(a.std()) == 0 or float(b.std()) == 0:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def ranks(x: Sequence[float]) -> list[float]:
+    """Ranks from 1 (ties share their mean rank)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    out = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out

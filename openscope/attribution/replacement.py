@@ -60,7 +60,7 @@ from openscope.coders.dictionary import Dictionary
 from openscope.errors import OpenscopeError
 from openscope.eval.splice import check_dictionaries
 from openscope.models.hooks import StopForward, hook_site
-from openscope.models.load import LoadedModel
+from openscope.models.load import LoadedModel, check_attribution_support
 from openscope.models.sites import Site, locate
 from openscope.models.tokens import keep_mask
 
@@ -314,6 +314,7 @@ class ReplacementModel:
             input_ids = input_ids[0]
         if input_ids.numel() == 0:
             raise OpenscopeError("the prompt has no tokens")
+        check_attribution_support(loaded)
         self.loaded = loaded
         self.slots = replacement_slots(loaded, dictionaries)
         self.input_ids = input_ids.to(loaded.device)

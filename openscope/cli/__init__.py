@@ -7,22 +7,27 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 
-from openscope.cli import chat, pipeline, suite
+from openscope.cli import autointerp, chat, pipeline, push, releases, suite
 from openscope.cli.app import app, chat_app, config_command, console
 from openscope.cli.suite import suite_app
 from openscope.errors import OpenscopeError
+from openscope.train.parallel import leave_process_groups
 
 __all__ = [
     "app",
+    "autointerp",
     "chat",
     "chat_app",
     "config_command",
     "console",
     "main",
     "pipeline",
+    "push",
+    "releases",
     "run",
     "suite",
     "suite_app",
@@ -39,7 +44,7 @@ def run(argv: list[str] | None = None) -> int:
     status 2, never a traceback; an interrupt keeps what was written and says how to resume (130).
     Anything else is a bug and keeps its traceback."""
     try:
-        status = app(args=argv, prog_name="openscope", standalone_mode=False)
+        status = _run_app(argv)
     except OpenscopeError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -56,6 +61,14 @@ def run(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return status if isinstance(status, int) else 0
+
+
+def _run_app(argv: list[str] | None) -> Any:
+    """The command's own status; under torchrun the process group is left however the command ends."""
+    try:
+        return app(args=argv, prog_name="openscope", standalone_mode=False)
+    finally:
+        leave_process_groups()
 
 
 def main() -> None:

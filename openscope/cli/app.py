@@ -18,6 +18,7 @@ from typing import Any, Optional, TypeVar
 import typer
 from rich.console import Console
 
+import openscope
 from openscope.config import check_numbers, field_docs
 
 app = typer.Typer(
@@ -101,9 +102,18 @@ chat_app = typer.Typer(
 app.add_typer(chat_app, name="chat")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"openscope {openscope.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main_options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log more (debug level)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

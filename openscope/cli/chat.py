@@ -124,6 +124,11 @@ def _run_chat_ablate(cfg: Any) -> None:
     r = run_ablate(cfg)
     lines = [
         f"{c.name} ({c.prompts}): KL {c.kl:.4f}, P(watch) {c.watch_clean:.3f} -> {c.watch_edited:.3f}"
+        + (
+            f", refusals {c.refusal_clean:.0%} -> {c.refusal_edited:.0%}"
+            if c.refusal_clean is not None and c.refusal_edited is not None
+            else ""
+        )
         for c in r.conditions
     ]
     _chat_done("ablate", r.output, "\n".join(lines))
@@ -132,8 +137,15 @@ def _run_chat_ablate(cfg: Any) -> None:
 def _run_chat_jailbreak(cfg: Any) -> None:
     r = run_jailbreak(cfg)
     top = ", ".join(f"{t.name} ({t.shift:+.2f})" for t in r.templates[:3])
+    judged = (
+        f"; refusals: plain {r.plain_refusal:.0%}, Pearson r (refusal vs shift) {r.correlation['pearson']:.2f}"
+        if r.plain_refusal is not None and r.correlation is not None
+        else ""
+    )
     _chat_done(
-        "jailbreak", r.output, f"plain requests at {r.plain_position:.2f}; most harmless-looking: {top}"
+        "jailbreak",
+        r.output,
+        f"plain requests at {r.plain_position:.2f}; most harmless-looking: {top}{judged}",
     )
 
 

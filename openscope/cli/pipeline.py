@@ -69,7 +69,7 @@ def print_store_summary(root: Path) -> None:
     m = store.manifest
     ident = m["identity"]
     console.print(
-        f"[bold]{root}[/]: {m['model']['name']}, source {ident['source']!r}, "
+        f"[bold]{store.root}[/]: {m['model']['name']}, source {ident['source']!r}, "
         f"{sum(s['n_contexts'] for s in store.shards)} contexts x {ident['context_len']} tokens, "
         f"{store.n_rows} rows stored (BOS/EOS/pad excluded), {len(store.shards)} shards, "
         f"dtype {ident['dtype']}, {'complete' if store.complete else 'INCOMPLETE (run again to resume)'}"
@@ -244,24 +244,41 @@ app.command(
 
 @app.command("export")
 def export_command(
-    sources: list[Path] = typer.Argument(..., help="Dictionary folders, or folders to search for them."),
-    to: str = typer.Option(..., "--to", help="Format: saelens or circuit-tracer."),
+    sources: list[Path] = typer.Argument(
+        ...,
+        help="Dictionary folders, folders to search, Hub references (hf://OWNER/REPO/FOLDER) or release names.",
+    ),
+    to: str = typer.Option(
+        ..., "--to", help="Format: saelens, circuit-tracer or gemma-scope (openscope's own)."
+    ),
+    source: str = typer.Option(
+        "auto",
+        "--from",
+        help="Format of the sources: auto, gemma-scope, saelens, sparsify, circuit-tracer or dictionary-learning.",
+    ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder to write; several dictionaries for SAELens get a subfolder each."
     ),
     model_name: Optional[str] = typer.Option(None, help="Model name to record (default: config.json's)."),  # noqa: UP045
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
 ) -> None:
-    """Export dictionaries (ours, Gemma Scope 1 or 2) for SAELens or circuit-tracer."""
+    """Export dictionaries (ours, Gemma Scope 1 or 2, or a peer's) for SAELens or circuit-tracer, or into
+    openscope's own Gemma Scope 2 layout."""
 
-    target, written = export_folders(sources, to, out, model_name=model_name, overwrite=overwrite)
+    target, written = export_folders(
+        sources, to, out, model_name=model_name, overwrite=overwrite, source=source
+    )
     for d in written:
         console.print(f"{d.name}: {d.site_in.name} -> {d.site_out.name}")
     console.print(f"exported {len(written)} dictionaries for {to} to {target}")
 
 
 @app.command("show")
-def show_command(store: Path = typer.Argument(..., help="An activation store folder.")) -> None:
+def show_command(
+    store: Path = typer.Argument(
+        ..., help="An activation store: a folder or an fsspec URL (s3://, gs://, …)."
+    ),
+) -> None:
     """Summarise an activation store: model, data, sites, sizes and normalisation statistics."""
     print_store_summary(store)
 

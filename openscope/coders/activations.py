@@ -171,10 +171,14 @@ class ThresholdEstimator:
         big = torch.where(kept, f, torch.full_like(f, torch.inf))
         if per_row:
             row_min = big.min(dim=1).values
-            self.global_sum += float(row_min[torch.isfinite(row_min)].mean())
+            self.add(float(row_min[torch.isfinite(row_min)].mean()), big.min(dim=0).values)
         else:
-            self.global_sum += float(big.min())
-        col_min = big.min(dim=0).values
+            self.add(float(big.min()), big.min(dim=0).values)
+
+    def add(self, batch_min: float, col_min: Tensor) -> None:
+        """Add one batch's minima: the global value of `update` and each latent's smallest kept activation
+        [F] (inf where it never fired). A batch split across processes reduces both (min) first."""
+        self.global_sum += batch_min
         fired = torch.isfinite(col_min)
         self.latent_sum[fired] += col_min[fired]
         self.latent_batches[fired] += 1

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from openscope.coders import activations as act
 from openscope.coders.coder import SparseCoder, unit_rows
 from openscope.coders.protocol import Reconstruction
-from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode, sum_to_targets
+from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode_blocks, sum_to_targets
 from openscope.errors import OpenscopeError
 
 
@@ -171,9 +171,10 @@ class CrossLayerCoder(nn.Module):
             raise OpenscopeError(f"CLT {name} must be [{n} layers, batch, {d}], got {list(x.shape)}")
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        """z [L, B, F] for raw inputs x [L, B, d_in]."""
+        """z [L, B, F] for raw inputs x [L, B, d_in] (float32 even under autocast: a bfloat16 product, cast,
+        so the activations, losses and statistics that follow are float32)."""
         self._check_input(x)
-        return torch.baddbmm(self.b_enc.unsqueeze(1), x, self.w_enc)
+        return torch.baddbmm(self.b_enc.unsqueeze(1), x, self.w_enc).float()
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents a [L, B, F] for raw inputs x [L, B, d_in]."""
@@ -272,14 +273,16 @@ class CrossLayerCoder(nn.Module):
         *,
         prefixes: tuple[int, ...] = (),
         path: Literal["auto", "sparse", "dense"] = "auto",
-        sparse_max_density: float = 0.03,
+        sparse_max_density: float = 0.15,
     ) -> CLTTrainOutput:
         """The training pass on inputs x [L, B, d_in]: reconstructions, Matryoshka prefix
         reconstructions, per-layer L0 and firing rates.
 
         path: "dense" (plain batched products: the reference) or "sparse" (encoder backward and decoder
         through the active latents only; the same numbers); "auto" takes the sparse path while at most
-        `sparse_max_density` of the L·B·F latents are touched.
+        `sparse_max_density` of the L·B·F latents are touched. The default is higher than a single-layer
+        coder's 3%: the dense decoder costs ~(L+1)/2 times a transcoder's, the sparse one the same per
+        entry and target block (at 18 layers of Gemma 3 270M, 8% of latents touched, sparse is ~2× faster).
         """
         self._check_input(x)
         for p in prefixes:
@@ -373,15 +376,14 @@ class CrossLayerCoder(nn.Module):
                 theta = thresholds[src][cols]
                 a_e = act.jumprelu(z_e, theta, self.cfg.bandwidth)
                 fired_e = act.step(z_e.detach(), theta, self.cfg.bandwidth)
-            # One embedding_bag over the concatenated rows [F, (L−ℓ)·d] writes every target layer at once.
-            table = self.w_dec[src].reshape(f, -1)
+            # Decoded one target layer's block at a time (cache-sized tables), into [B, (L−ℓ)·d].
             for contributions, (lo, hi) in zip(parts, groups, strict=True):
                 if len(groups) == 1:
                     values, sub = a_e, e
                 else:
                     keep = (cols >= lo) & (cols < hi)
                     values, sub = a_e[keep], make_entries(rows[keep], cols[keep], b, f)
-                contributions.append(sparse_decode(values, table, sub))
+                contributions.append(sparse_decode_blocks(values, self.w_dec[src], sub))
             l0.append(fired_e.sum() / b)
             l1.append(a_e.sum() / b)
             rates.append(torch.zeros(f, dtype=a_e.dtype, device=x.device).index_add(0, cols, fired_e) / b)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -41,6 +41,8 @@ from openscope.errors import OpenscopeError
 Kind = Literal["sae", "transcoder", "skip_transcoder"]
 Activation = Literal["jumprelu", "topk", "batchtopk", "relu"]
 Path = Literal["auto", "sparse", "dense"]
+Cutoff = Callable[[Tensor], Tensor]
+"""BatchTopK over a batch split across processes: these rows' pre-activations z → the whole batch's cut-off."""
 
 KINDS = ("sae", "transcoder", "skip_transcoder")
 ACTIVATIONS = ("jumprelu", "topk", "batchtopk", "relu")
@@ -288,23 +290,25 @@ class SparseCoder(nn.Module):
         """z [B, F] for raw input x."""
         return torch.addmm(self._encoder_bias(), self._normalised_input(x), self.w_enc)
 
-    def _activate_dense(self, z: Tensor) -> Tensor:
+    def _activate_dense(self, z: Tensor, cutoff: Cutoff | None = None) -> Tensor:
         a = self.cfg.activation
         if a == "jumprelu":
             return act.jumprelu(z, self.threshold(), self.cfg.bandwidth)
         if a == "relu":
             return act.relu(z)
         assert self.cfg.k is not None
-        mask = (
-            act.topk_mask(z.detach(), self.cfg.k)
-            if a == "topk"
-            else act.batchtopk_mask(z.detach(), self.cfg.k)
-        )
+        if a == "topk":
+            mask = act.topk_mask(z.detach(), self.cfg.k)
+        elif cutoff is not None:
+            mask = z.detach() >= cutoff(z.detach())
+        else:
+            mask = act.batchtopk_mask(z.detach(), self.cfg.k)
         return torch.relu(z) * mask.to(z.dtype)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense latents f [B, F] (normalised units) for raw input x [B, d_in]."""
-        return self._activate_dense(self.pre_activations(x))
+    def encode(self, x: Tensor, batch_cutoff: Cutoff | None = None) -> Tensor:
+        """Dense latents f [B, F] (normalised units) for raw input x [B, d_in] (`batch_cutoff`: see
+        `forward`)."""
+        return self._activate_dense(self.pre_activations(x), batch_cutoff)
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
         """Raw-unit ŷ [B, d_out] from dense latents f; a skip-transcoder also needs the raw input x."""
@@ -380,12 +384,16 @@ class SparseCoder(nn.Module):
         dead: Tensor | None = None,
         aux_k: int = 0,
         path: Path = "auto",
+        batch_cutoff: Cutoff | None = None,
     ) -> CoderOutput:
         """Forward pass for training and evaluation on raw input x [B, d_in].
 
         prefixes: Matryoshka prefix sizes to reconstruct from as well; dead: [F] bool mask of dead
         latents and aux_k how many of them to use per row for the AuxK reconstruction; path: which
-        implementation ("auto" = sparse when few latents fire).
+        implementation ("auto" = sparse when few latents fire); batch_cutoff: BatchTopK over a batch
+        split across processes, the function that gives the whole batch's k·B-th largest
+        pre-activation from these rows' z (called once; entries ≥ it are kept). The pre-activations
+        are float32 even under autocast (a bfloat16 product, cast), so losses and statistics are too.
         """
         if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
             raise OpenscopeError(f"coder input must be [batch, {self.cfg.d_in}], got {list(x.shape)}")
@@ -395,15 +403,18 @@ class SparseCoder(nn.Module):
         xs = self._normalised_input(x)
         b_eff = self._encoder_bias()
         if path == "dense":
-            return self._forward_dense(xs, b_eff, prefixes, dead, aux_k)
+            return self._forward_dense(xs, b_eff, prefixes, dead, aux_k, batch_cutoff)
         with torch.no_grad():
-            z = torch.addmm(b_eff, xs, self.w_enc)
-            rows, cols = self._select(z)
+            z = torch.addmm(b_eff, xs, self.w_enc).float()
+            cut = batch_cutoff(z) if batch_cutoff is not None and self.cfg.activation == "batchtopk" else None
+            rows, cols = self._select(z, cut)
         if path == "auto" and rows.numel() > self.cfg.sparse_max_density * z.numel():
-            return self._forward_dense(xs, b_eff, prefixes, dead, aux_k)
+            return self._forward_dense(
+                xs, b_eff, prefixes, dead, aux_k, None if cut is None else lambda _: cut
+            )
         return self._forward_sparse(xs, b_eff, z, rows, cols, prefixes, dead, aux_k)
 
-    def _select(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _select(self, z: Tensor, cut: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The entries (rows, cols, row-major) the sparse path must touch."""
         a, n, width = self.cfg.activation, z.shape[0], z.shape[1]
         if a == "topk":
@@ -413,7 +424,10 @@ class SparseCoder(nn.Module):
             return rows, idx.reshape(-1)
         if a == "batchtopk":
             assert self.cfg.k is not None
-            flat = act.batchtopk_flat_indices(z, self.cfg.k)
+            if cut is not None:  # the whole batch's cut-off (batch split across processes)
+                flat = (z.reshape(-1) >= cut).nonzero().squeeze(1)
+            else:
+                flat = act.batchtopk_flat_indices(z, self.cfg.k)
             return flat // width, flat % width
         if a == "jumprelu":
             # Firing latents plus those within ε/2 below θ: the kernel window, where θ gets gradient.
@@ -479,10 +493,16 @@ class SparseCoder(nn.Module):
         )
 
     def _forward_dense(
-        self, xs: Tensor, b_eff: Tensor, prefixes: tuple[int, ...], dead: Tensor | None, aux_k: int
+        self,
+        xs: Tensor,
+        b_eff: Tensor,
+        prefixes: tuple[int, ...],
+        dead: Tensor | None,
+        aux_k: int,
+        batch_cutoff: Cutoff | None = None,
     ) -> CoderOutput:
-        z = torch.addmm(b_eff, xs, self.w_enc)
-        f = self._activate_dense(z)
+        z = torch.addmm(b_eff, xs, self.w_enc).float()
+        f = self._activate_dense(z, batch_cutoff)
         if self.cfg.activation == "jumprelu":
             fired = act.step(z.detach(), self.threshold(), self.cfg.bandwidth)
         else:

@@ -12,6 +12,10 @@ openscope knows and `find_dictionaries` finds them under a folder:
   allow_pickle=False) and no config.json: the site comes from the release name in the path
   (`gemma-scope-2b-pt-res/layer_9/...` → 9.resid_post; `-mlp` → mlp_out; `-att` → attn_out, the
   o_proj input; `-transcoders` → mlp_in → mlp_out) or from explicit `site_in`/`site_out`.
+- other tools' folders (SAELens, sparsify, circuit-tracer, dictionary_learning), read by
+  `openscope.coders.peers`; a circuit-tracer transcoder set is one dictionary per layer file;
+- anywhere a folder is named, a Hub reference or a release name (`openscope.coders.hub`), fetched
+  into the Hugging Face cache first.
 
 Sites come, in this order, from explicit arguments, config.json's `hf_hook_point_in/out` (any spelling
 `openscope.models.hookpoints` reads; with a model, checked against it), our provenance
@@ -43,6 +47,7 @@ from typing import Any, NamedTuple
 
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import SparseCoder
+from openscope.coders.hub import resolve
 from openscope.coders.io import (
     CONFIG_FILE,
     PARAMS_FILE,
@@ -53,6 +58,7 @@ from openscope.coders.io import (
     read_npz,
     read_params,
 )
+from openscope.coders.peers import peer_entries, peer_format, read_peer, refuse_pickles
 from openscope.errors import OpenscopeError
 from openscope.models.hookpoints import gemma_scope_hook_point, site_for_hook_point
 from openscope.models.load import KNOWN_MODELS, LoadedModel
@@ -138,19 +144,29 @@ def in_memory(coder: SparseCoder, site_in: Site, site_out: Site | None = None, n
 
 def is_dictionary_folder(folder: Path) -> bool:
     """Whether a folder holds a dictionary in a format openscope reads."""
+    return is_own_folder(folder) or peer_format(folder) is not None
+
+
+def is_own_folder(folder: Path) -> bool:
+    """Whether a folder holds a dictionary in openscope's or Gemma Scope's own layout."""
     return (folder / PARAMS_FILE).is_file() or (folder / NPZ_FILE).is_file() or is_multilayer_folder(folder)
 
 
 def find_dictionaries(root: str | Path) -> list[Path]:
-    """Every dictionary folder at or below root, sorted (a dictionary's own folder is not searched further)."""
-    root = Path(root)
+    """Every dictionary at or below root, sorted (a dictionary's own folder is not searched further).
+
+    root may be a Hub reference or a release name (`openscope.coders.hub`; downloaded if needed). Each
+    entry is a folder, except the layers of a circuit-tracer transcoder set: one layer file each."""
+    root = resolve(root)
+    if root.is_file() and peer_format(root) is not None:
+        return [root]
     if not root.is_dir():
         raise OpenscopeError(f"no folder at {root} to search for dictionaries")
     found: list[Path] = []
     for dirpath, dirnames, _ in os.walk(root):
         here = Path(dirpath)
         if is_dictionary_folder(here):
-            found.append(here)
+            found.extend([here] if is_own_folder(here) else peer_entries(here))
             dirnames.clear()
         else:
             dirnames.sort()
@@ -169,9 +185,13 @@ def load_dictionary(
 
     With `loaded`, hook points are resolved against that model and the result is validated: every
     layer exists and the coder's widths match the widths of its sites. `site_in`/`site_out` (a Site
-    or a name such as `9.resid_post`) override what the folder says.
+    or a name such as `9.resid_post`) override what the folder says. `folder` may also be a Hub
+    reference or a release name (`openscope.coders.hub`), a peer's folder (`openscope.coders.peers`:
+    SAELens, sparsify, circuit-tracer, dictionary_learning) or one layer file of a circuit-tracer set.
     """
-    folder = Path(folder)
+    folder = resolve(folder)
+    if folder.is_file() and peer_format(folder) is not None:
+        return _bind_peer(folder, loaded, _as_site(site_in), _as_site(site_out), device)
     if not folder.is_dir():
         raise OpenscopeError(f"no dictionary folder at {folder}")
     override_in, override_out = _as_site(site_in), _as_site(site_out)
@@ -205,15 +225,33 @@ def load_dictionary(
         coder = coder_from_tensors(params, config, folder / NPZ_FILE)
         config["width"] = coder.cfg.width
         name = "/".join(folder.parts[-3:])  # layer_9/width_16k/average_l0_71 says more than its last part
+    elif peer_format(folder) is not None:
+        return _bind_peer(folder, loaded, override_in, override_out, device)
     else:
+        refuse_pickles(folder)
         raise OpenscopeError(
-            f"{folder} holds no dictionary: expected {PARAMS_FILE}, params_layer_0.safetensors or {NPZ_FILE}"
+            f"{folder} holds no dictionary: expected {PARAMS_FILE}, params_layer_0.safetensors, {NPZ_FILE} "
+            "or a SAELens, sparsify, circuit-tracer or dictionary_learning folder"
         )
     dictionary = Dictionary(coder.to(device), s_in, s_out, name, folder, config, layers)
     check_layers(dictionary)
     if loaded is not None:
         validate_dictionary(dictionary, loaded)
     log.debug("loaded %s: %s -> %s", folder, s_in.name, s_out.name)
+    return dictionary
+
+
+def _bind_peer(
+    path: Path, loaded: LoadedModel | None, site_in: Site | None, site_out: Site | None, device: str
+) -> Dictionary:
+    """A peer's folder (or circuit-tracer layer file) read by `openscope.coders.peers` and bound to sites."""
+    peer = read_peer(path)
+    transcoder = peer.coder.kind != "sae"
+    s_in, s_out = resolve_sites(path, peer.config, loaded, site_in, site_out, transcoder=transcoder)
+    dictionary = Dictionary(peer.coder.to(device), s_in, s_out, peer.name, path, peer.config)
+    if loaded is not None:
+        validate_dictionary(dictionary, loaded)
+    log.debug("loaded %s (%s): %s -> %s", path, peer.config.get("format"), s_in.name, s_out.name)
     return dictionary
 
 
@@ -437,11 +475,12 @@ def dictionary_folders(paths: Sequence[Path]) -> list[Path]:
     """Dictionary folders named by paths: each is a dictionary folder or a tree to search."""
     found: list[Path] = []
     for path in paths:
-        path = Path(path).expanduser()
+        path = resolve(path)
         if not path.exists():
             raise OpenscopeError(f"no dictionary folder at {path}")
         inside = find_dictionaries(path)
         if not inside:
+            refuse_pickles(path)
             raise OpenscopeError(f"{path} holds no dictionary")
         found.extend(inside)
     return list(dict.fromkeys(found))

@@ -348,17 +348,11 @@ def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossL
     """Load a Gemma Scope 2 multi-layer folder into a CrossLayerCoder (CPU, float32): a crosscoder when
     config.json's `type` says so, else a CLT.
 
-    Layers are the files params_layer_0 .. params_layer_{L−1} (no gaps). w_dec may hold all L target
-    layers (Gemma Scope 2; entries for targets m < i are ignored: a latent never writes backwards) or
-    only the L − i layers from i on. config.json's `width` may count one layer's latents (as openscope
-    writes it) or all of them (as Gemma Scope 2 does).
+    Layers are the files params_layer_0 .. params_layer_{L−1} (no gaps); see `clt_from_layers`.
     """
     folder = Path(folder)
     if config is None:
         config = read_coder_config(folder) if (folder / CONFIG_FILE).is_file() else {}
-    arch = config.get("architecture", "jump_relu")
-    if arch != "jump_relu":
-        raise OpenscopeError(f"unsupported architecture {arch!r} for the multi-layer coder in {folder}")
     n = 0
     while (folder / CLT_FILE.format(n)).is_file():
         n += 1
@@ -367,9 +361,28 @@ def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossL
         raise OpenscopeError(
             f"{folder} must hold params_layer_0 .. params_layer_{{L-1}}.safetensors without gaps; found {', '.join(extra) or 'none'}"
         )
+    paths = [folder / CLT_FILE.format(i) for i in range(n)]
+    return clt_from_layers([read_safetensors(p) for p in paths], config, paths)
+
+
+def clt_from_layers(
+    layers: Sequence[dict[str, Tensor]], config: dict[str, Any], paths: Sequence[Path]
+) -> CrossLayerCoder:
+    """A CrossLayerCoder (CPU, float32) from one Gemma Scope 2 tensor set per input layer i (w_enc
+    [d_in, F], b_enc, threshold, w_dec, b_dec, optional affine_skip_connection); `paths` name each
+    layer's file in error messages.
+
+    w_dec may hold all L target layers (Gemma Scope 2; entries for targets m < i are ignored: a latent
+    never writes backwards) or only the L − i layers from i on. config's `width` may count one layer's
+    latents (as openscope writes it) or all of them (as Gemma Scope 2 does).
+    """
+    folder = paths[0].parent
+    arch = config.get("architecture", "jump_relu")
+    if arch != "jump_relu":
+        raise OpenscopeError(f"unsupported architecture {arch!r} for the multi-layer coder in {folder}")
+    n = len(layers)
     affine = bool(config.get("affine_connection", False))
-    layers = [read_safetensors(folder / CLT_FILE.format(i)) for i in range(n)]
-    first = folder / CLT_FILE.format(0)
+    first = paths[0]
     if "w_enc" not in layers[0] or layers[0]["w_enc"].ndim != 2:
         raise OpenscopeError(f"{first} needs a 2-D w_enc [d_in, width]")
     d_in, width = layers[0]["w_enc"].shape
@@ -378,7 +391,7 @@ def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossL
     d_out = layers[0]["b_dec"].shape[0]
     affine = affine or "affine_skip_connection" in layers[0]
     if "width" in config and config["width"] not in (width, n * width):
-        raise OpenscopeError(f"config.json in {folder} says width {config['width']}, weights have {width}")
+        raise OpenscopeError(f"the config of {folder} says width {config['width']}, weights have {width}")
     kind = "crosscoder" if config.get("type") == "crosscoder" else "clt"
     if kind == "crosscoder" and (affine or d_in != d_out):
         raise OpenscopeError(
@@ -393,7 +406,7 @@ def load_clt(folder: str | Path, config: dict[str, Any] | None = None) -> CrossL
     )
     with torch.no_grad():
         for i, params in enumerate(layers):
-            path = folder / CLT_FILE.format(i)
+            path = paths[i]
             missing = [k for k in required if k not in params]
             if missing:
                 raise OpenscopeError(f"{path} is missing {', '.join(missing)}")

@@ -68,8 +68,13 @@ def aux_k_loss(residual: Tensor, aux_recon: Tensor, coeff: float) -> Tensor:
     α·‖e − ê‖² / ‖e‖² (each summed over dims, mean over batch): the normalised form, so the term
     stays O(α) however small the residual gets. The residual must be detached by the caller.
     """
-    norm = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
-    return coeff * reconstruction_loss(residual, aux_recon) / norm
+    return aux_k_normalised(reconstruction_loss(residual, aux_recon), residual.pow(2).sum(-1).mean(), coeff)
+
+
+def aux_k_normalised(error: Tensor, norm: Tensor, coeff: float) -> Tensor:
+    """AuxK from its two batch means, α·error / norm (error = mean ‖e − ê‖², norm = mean ‖e‖²): a batch
+    split across processes reduces both over the whole batch first."""
+    return coeff * error / norm.clamp_min(1e-12)
 
 
 def matryoshka_weights(n: int, weights: Sequence[float] | None) -> tuple[float, ...]:

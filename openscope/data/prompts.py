@@ -23,10 +23,11 @@ The chain-of-thought questions shipped with openscope live in `openscope/data/co
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -96,10 +97,10 @@ def _plain_request(text: str, max_chars: int) -> bool:
     return ascii_share > 0.97 and "http" not in text
 
 
-def sharegpt_first_turns(n: int, max_chars: int = 300) -> list[str]:
-    """The first human turns of ShareGPT conversations that are short single-paragraph requests, in
-    file order, without repeats; at most n."""
-    found: list[str] = []
+def sharegpt_exchanges(max_chars: int = 300) -> Iterator[tuple[str, str]]:
+    """(first human turn, the model's answer to it; "" when none) of the ShareGPT conversations whose
+    first turn is a short single-paragraph request, in file order, without repeated turns. The turns
+    are those of `sharegpt_first_turns`, in the same order: the i-th of each is the same request."""
     seen: set[str] = set()
     for messages in sharegpt_conversations():
         if not messages or messages[0].role != "user":
@@ -107,10 +108,14 @@ def sharegpt_first_turns(n: int, max_chars: int = 300) -> list[str]:
         text = messages[0].content.strip()
         if _plain_request(text, max_chars) and text.lower() not in seen:
             seen.add(text.lower())
-            found.append(text)
-            if len(found) >= n:
-                break
-    return found
+            answer = messages[1].content.strip() if len(messages) > 1 and messages[1].role == "model" else ""
+            yield text, answer
+
+
+def sharegpt_first_turns(n: int, max_chars: int = 300) -> list[str]:
+    """The first human turns of ShareGPT conversations that are short single-paragraph requests, in
+    file order, without repeats; at most n."""
+    return [turn for turn, _ in itertools.islice(sharegpt_exchanges(max_chars), n)]
 
 
 def _read_prompt_file(path: Path) -> list[str]:

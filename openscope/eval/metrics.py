@@ -11,6 +11,8 @@ target are both kept, i.e. neither is BOS/EOS/pad):
 - delta LM loss = CE with the reconstruction spliced in − clean CE.
 - KL(clean ‖ spliced) of the next-token distributions.
 - loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), CE_zero with the site zero-ablated.
+`next_token_ce`/`next_token_kl` take full logits (the reference); `head_losses` gives both from final
+residual streams of many versions at once without ever holding [positions, vocab] logits (the fast path).
 
 Everything that runs over many batches accumulates in float64 sums (`Moments`, `MeanSum`,
 `ReconstructionSums`) so no per-token values are kept; the one-shot functions (`fvu`, `l0`, `mse`…)
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from openscope.coders.losses import fvu as _fvu
+from openscope.models.restart import cap_logits
 
 DENSE_FREQUENCY = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
@@ -35,6 +38,9 @@ DENSE_FREQUENCY = 0.1
 _LOGIT_CHUNK_ROWS = 256
 """Positions per chunk when computing log-softmaxes over the vocabulary: Gemma's 262k-entry vocabulary
 makes a full [batch·seq, vocab] temporary cost gigabytes, a chunk of 256 rows costs 256 MB."""
+
+_VOCAB_BLOCK = 4096
+"""Vocabulary entries per block in `head_losses`: a block of logits for all versions' rows stays in cache."""
 
 
 # ---- one-shot reconstruction metrics ------------------------------------------------------------
@@ -138,6 +144,54 @@ def next_token_kl(clean_logits: Tensor, logits: Tensor) -> Tensor:
         log_q = torch.log_softmax(q_flat[rows].float(), dim=-1)
         out[rows] = (log_p.exp() * (log_p - log_q)).sum(-1).double()
     return out.reshape(b, t)
+
+
+def head_losses(
+    normed: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(CE [V, N], KL(P_0 ‖ P_v) [V, N]), float64, of V versions of the same N positions given their
+    final-normed last residual streams normed [V, N, d] (version 0 the clean one, so KL[0] = 0) and the
+    next tokens targets [N], through the unembedding (weight [vocab, d], bias, soft-cap).
+
+    Equal to `next_token_ce` and `next_token_kl` on the full logits, but the logits are made a block of
+    the vocabulary at a time, for all versions at once, and folded into running log-sum-exps (rescaled
+    when the running maximum grows), so no [N, vocab] tensor is ever held and each block of the
+    unembedding is read once for every version: with p = softmax(l_0) and q = softmax(l_v),
+    KL = Σ p·(l_0 − l_v) − lse_0 + lse_v, the sum accumulated as Σ e^(l_0 − m_0)·(l_0 − l_v) beside the
+    clean normaliser Σ e^(l_0 − m_0).
+    """
+    n_versions, n, d = normed.shape
+    ce = torch.empty(n_versions, n, dtype=torch.float64, device=normed.device)
+    kl = torch.empty_like(ce)
+    rows_per_block = max(1, _LOGIT_CHUNK_ROWS * 2 // n_versions)
+    for rows in _row_chunks(n, rows_per_block):
+        h = normed[:, rows]
+        r = h.shape[1]
+        flat = h.reshape(-1, d)
+        top = torch.full((n_versions, r), -math.inf, device=h.device)
+        norm = torch.zeros(n_versions, r, dtype=torch.float64, device=h.device)
+        weighted = torch.zeros(n_versions, r, dtype=torch.float64, device=h.device)
+        for cols in _row_chunks(weight.shape[0], _VOCAB_BLOCK):
+            logits = torch.nn.functional.linear(flat, weight[cols], None if bias is None else bias[cols])
+            logits = cap_logits(logits.float(), softcap).reshape(n_versions, r, -1)
+            new_top = torch.maximum(top, logits.amax(-1))
+            e = torch.exp(logits - new_top.unsqueeze(-1))
+            scale = torch.exp(top - new_top).double()
+            norm = norm * scale + e.sum(-1).double()
+            gap = (e[0] * (logits[0] - logits)).sum(-1).double()
+            weighted = weighted * scale[0] + gap
+            top = new_top
+        lse = top.double() + norm.log()
+        picked = (h * weight[targets[rows]]).sum(-1)
+        if bias is not None:
+            picked = picked + bias[targets[rows]]
+        ce[:, rows] = lse - cap_logits(picked.float(), softcap).double()
+        kl[:, rows] = weighted / norm[0] - lse[0] + lse
+    return ce, kl
 
 
 def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:

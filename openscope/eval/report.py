@@ -20,6 +20,7 @@ from openscope.activations.store import write_tensors
 from openscope.config import save_json, to_jsonable
 from openscope.eval.metrics import ReconstructionMetrics, pareto_front
 from openscope.eval.results import DictionaryReport, EvalConfig, EvalReport, LMMetrics
+from openscope.eval.saebench import absorption_parts, probing_parts
 from openscope.files import atomic_file, write_text
 from openscope.models.sites import Site
 from openscope.reports import REPORT_JSON, REPORT_MD, finite_or_none, report_folder
@@ -119,6 +120,7 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
                 **d.lm._asdict(),
                 "frequency_histogram": d.histogram._asdict(),
                 "layers": [_layer_json(d, i, lr) for i, lr in enumerate(d.layers)],
+                **saebench_json(d),
             }
         )
     data = {
@@ -134,6 +136,19 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
         "config": to_jsonable(cfg) if cfg is not None else None,
     }
     return finite_or_none(data)
+
+
+def saebench_json(d: DictionaryReport) -> dict[str, Any]:
+    """SAEBench's core metric categories and, when run, sparse probing and absorption, under SAEBench's
+    names (the report.json keys `saebench`, `sparse_probing`, `absorption`)."""
+    out: dict[str, Any] = {"saebench": d.saebench}
+    if d.probing is not None:
+        metrics, details, per_class = probing_parts(d.probing)
+        out["sparse_probing"] = {"metrics": metrics, "tasks": details, "per_class": per_class}
+    if d.absorption is not None:
+        metrics, details, unstructured = absorption_parts(d.absorption)
+        out["absorption"] = {"metrics": metrics, "letters": details, **unstructured}
+    return out
 
 
 def _layer_sites(d: DictionaryReport, i: int) -> tuple[str, str]:
@@ -355,16 +370,23 @@ def write_plots(report: EvalReport, output: Path) -> list[Path]:
 
 
 def write_report(
-    report: EvalReport, output: Path, cfg: EvalConfig | None = None, overwrite: bool = False
+    report: EvalReport,
+    output: Path,
+    cfg: EvalConfig | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write report.json, report.md, frequencies.safetensors and the plots into a report folder
-    (`openscope.reports.report_folder`: staged, an earlier report replaced only with `overwrite`);
-    returns the files."""
+    (`openscope.reports.report_folder`: staged, an earlier report replaced only with `overwrite`), and
+    `extra` JSON files (relative path -> data, e.g. SAEBench's layout); returns the files."""
     with report_folder(Path(output), overwrite) as folder:
+        for rel, data in (extra or {}).items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_json(folder / rel, finite_or_none(data))
         save_json(folder / REPORT_JSON, report_json(report, cfg))
         write_text(folder / REPORT_MD, report_markdown(report), sync=False)
         write_tensors(
             folder / FREQUENCIES, {d.name: d.recon.frequencies.float().cpu() for d in report.dictionaries}
         )
         files = [folder / REPORT_JSON, folder / REPORT_MD, folder / FREQUENCIES, *write_plots(report, folder)]
-    return [Path(output) / f.name for f in files]
+    return [Path(output) / f.name for f in files] + [Path(output) / rel for rel in extra or {}]

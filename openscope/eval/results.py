@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from openscope.eval import metrics as m
+from openscope.eval.absorption import AbsorptionReport
+from openscope.eval.probing import ProbingReport
 
 
 @dataclass
@@ -46,6 +48,22 @@ class EvalConfig:
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None
     """Where converted models are cached (default: $OPENSCOPE_CACHE or ~/.cache/openscope)."""
+    format: str = "openscope"
+    """Result files: openscope (report.json, report.md, plots), or saebench: those and, per dictionary and eval type, a file in SAEBench's JSON layout and field names under saebench/<eval type>/ (core; sparse_probing and absorption_first_letter when run), comparable with published SAEBench results."""
+    probing: bool = False
+    """Sparse probing (SAEBench's sparse_probing) on real labelled text: per class, the k latents (k = 1, 2, 5, 10, 20) with the largest class-mean difference get a logistic probe; held-out accuracy beside a dense probe on the raw activations. Single-layer dictionaries only."""
+    probing_tasks: str = "topics,language,code,shakespeare"
+    """Labelled sets for --probing, comma-separated: topics (12 Wikipedia topics), language (English/Spanish/French), code (Python stdlib vs prose), shakespeare (vs modern prose), or .jsonl files of {"text", "label"}."""
+    probing_texts: int = 200
+    """Texts per class for --probing (a seeded draw; 80% train, 20% held out)."""
+    probing_context_len: int = 128
+    """Tokens read of each labelled text (BOS included), mean-pooled without BOS."""
+    absorption: bool = False
+    """Feature absorption (SAEBench's absorption_first_letter): the first-letter task on single-token words; absorption rate and fraction fully absorbed per letter. Single-layer SAEs only."""
+    absorption_words: int = 3000
+    """Single-token words drawn for --absorption (80% train the probes, 20% are scored)."""
+    seed: int = 42
+    """Seed of --probing's and --absorption's text draws, splits and prompts."""
     catalogue: Path | None = None
     """An `openscope suite run` folder: evaluate every finished dictionary of its catalogue instead of --dictionaries (on --source, by default the plan's held-out slice: `wiki[:9000]` -> `wiki[9000:]`), draw the Gemma Scope 2 report's figures (delta loss and FVU against L0 per site kind, across depth, width ladders, skip vs no skip) into --output (default: DIR/eval) and write the held-out numbers into its catalogue.json."""
 
@@ -65,6 +83,8 @@ class LMMetrics(NamedTuple):
     """Cross-entropy with the output site(s) zero-ablated (None when not measured)."""
     loss_recovered: float | None
     """(ce_zero − ce_spliced) / (ce_zero − ce_clean); None when not measured."""
+    kl_zero: float | None = None
+    """Mean KL(clean ‖ zero-ablated) of the next-token distributions (None when not measured)."""
 
 
 class DictionaryReport(NamedTuple):
@@ -96,6 +116,12 @@ class DictionaryReport(NamedTuple):
     model_layers: tuple[int, ...] = ()
     """A CLT or crosscoder: the model layer of each of its layers (a crosscoder's need not be
     consecutive); empty: consecutive from site_in's layer."""
+    saebench: dict[str, dict[str, float]] | None = None
+    """SAEBench's core metrics under its names, by its categories (`openscope.eval.saebench`)."""
+    probing: ProbingReport | None = None
+    """Sparse probing (with --probing; None otherwise or for a multi-layer dictionary)."""
+    absorption: AbsorptionReport | None = None
+    """Feature absorption (with --absorption; None otherwise or for a dictionary that is not an SAE)."""
 
 
 class EvalReport(NamedTuple):

@@ -64,6 +64,7 @@ from openscope.features.directions import LogitRows, logit_rows, neighbour_lists
 from openscope.features.examples import finish_examples
 from openscope.features.export import FEATURE_EXPORT, export_features
 from openscope.features.index import ExampleRow, FeatureRow, connect, mark_pending, write_results
+from openscope.features.neuronpedia import decoder_directions
 from openscope.features.roles import role_rows
 from openscope.features.schema import DictionaryInfo
 from openscope.features.streaming import LatentStats, hist_edges
@@ -408,7 +409,14 @@ def compute_features(
     if cfg.export is not None:
         for d in dicts:
             exported += export_features(
-                cfg.output, d.name, cfg.export, cfg.export_latents, cfg.neuronpedia, cfg.overwrite
+                cfg.output,
+                d.name,
+                cfg.export,
+                cfg.export_latents,
+                cfg.neuronpedia,
+                cfg.overwrite,
+                directions=decoder_directions(d.coder) if cfg.neuronpedia else None,
+                context_len=data.context_len,
             )
     return FeaturesResult(
         Path(cfg.output),

@@ -57,13 +57,13 @@ class FeaturesConfig:
     force: bool = False
     """Recompute dictionaries whose dashboards are already complete."""
     export: Path | None = None
-    """Also write each feature's JSON (FeatureDetail, Neuronpedia-style) to <export>/<dictionary>/<latent>.json."""
+    """Also write each feature's JSON (FeatureDetail) to <export>/<dictionary>/<latent>.json (with --neuronpedia: Neuronpedia's import batches there)."""
     export_latents: str = ""
     """Latents to export, e.g. `0-99,512` (default: all)."""
     overwrite: bool = False
     """Replace earlier --export files of these dictionaries (only folders of feature JSON openscope wrote)."""
     neuronpedia: bool = False
-    """Export with Neuronpedia's key names (activations, pos_str, ...) instead of openscope's schema."""
+    """--export writes Neuronpedia's dashboard import batches (SAEDashboard's batch-N.json files and skipped_indexes.json: activations with bins, logit tables, histograms, frac_nonzero, neuron alignment) instead of one FeatureDetail JSON per latent."""
     device: str = "auto"
     """Device: auto (cuda if available), cpu, cuda, ..."""
     cache_dir: Path | None = None

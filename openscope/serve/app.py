@@ -39,6 +39,7 @@ from openscope.features.schema import (
     SteerResult,
 )
 from openscope.models.load import LoadedModel
+from openscope.serve.autointerp import autointerp_router
 from openscope.serve.chat_reports import DEFAULT_CHAT_REPORTS, chat_router
 from openscope.serve.config import ServeConfig
 from openscope.serve.graphs import graph_router
@@ -146,6 +147,7 @@ def create_app(
     _add_error_handlers(app)
     _add_routes(app, state)
     app.include_router(graph_router(state, ERRORS))  # attribution graphs: /api/graphs
+    app.include_router(autointerp_router(state, ERRORS))  # `openscope autointerp` results and search
     app.include_router(chat_router(config.chat_reports or DEFAULT_CHAT_REPORTS))  # `openscope chat` reports
     app.include_router(
         suite_router(state, suite_folder(Path(config.db), config.suite))

@@ -312,9 +312,9 @@ def load_state(
 ) -> ServerState:
     """Open the database, load the dictionaries and the model they need (or use those given)."""
     check_serve_config(config)
+    device = resolve_device(config.device)  # before the database is opened: a bad device touches no file
     db = db or FeatureDB(config.db)
     infos = db.dictionaries()
-    device = resolve_device(config.device)
     if dictionaries is None:
         folders = dictionary_folders(config.dictionaries) if config.dictionaries else _folders_from_db(infos)
         dictionaries = [load_dictionary(f, loaded, device=device) for f in folders]

@@ -23,8 +23,9 @@ schedules, checkpoints, metrics and provenance of the single-layer trainer (all 
   mean target, θ per layer where L0 = target, each decoder row's sign turned to agree with the
   residual its latent's tokens leave, encoder scaled per layer to the best reconstruction size;
   or from single-layer transcoders (`--init-from`, `clt_from_transcoders`).
-- One process: torchrun data parallelism is not implemented for CLTs (a CLT is one coder; the
-  single-layer trainer shares dictionaries out across ranks).
+- Under torchrun every rank is a data-parallel replica of the one coder: each trains on its share of
+  every global batch, with batch statistics reduced and gradients averaged (`openscope.train.parallel`),
+  so the result is the single process's.
 
 A crosscoder starts like a CLT (the data-dependent start; not from single-layer dictionaries) and is
 saved in the same multi-layer layout with `type: crosscoder` and its `layers`.
@@ -33,7 +34,7 @@ saved in the same multi-layer layout with `type: crosscoder` and its `layers`.
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import logging
 import math
 import re
@@ -42,9 +43,10 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -59,21 +61,24 @@ from openscope.errors import OpenscopeError
 from openscope.models.load import resolve_device
 from openscope.models.sites import Site, parse_sites
 from openscope.train.config import TrainConfig, TrainResult, target_l0s, widths
+from openscope.train.logs import Logs, MetricsSink, check_logs, log_heldout_clt, open_logs
 from openscope.train.loop import (
     CHECKPOINT,
     METRICS,
     TrainingData,
     first_then_rest,
     from_store,
-    init_distributed,
     live,
     open_run,
+    replica_batches,
     run_identity,
+    run_layout,
     run_steps,
     save_checkpoint,
     start_step,
     step_config,
 )
+from openscope.train.parallel import Replicas, env_world, rank_device
 from openscope.train.steps import CLTStepStats, DeadLatentTracker, clt_train_step, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -288,10 +293,19 @@ class _CLTState:
         return {k: sum(v) / len(v) for k, v in self.last.items() if v}
 
 
-def _stacked(batch: ActivationBatch, sites: list[str], scales: Tensor, device: str, step: int) -> Tensor:
-    """[L, B, d] normalised activations of the sites (one per layer)."""
+def _stacked(
+    batch: ActivationBatch,
+    sites: list[str],
+    scales: Tensor,
+    device: str,
+    step: int,
+    replicas: Replicas | None = None,
+) -> Tensor:
+    """[L, B, d] normalised activations of the sites (one per layer), checked finite (with `replicas`:
+    on every replica, so all of them stop together on bad data and none waits on one that stopped)."""
     t = torch.stack([batch.acts[s] for s in sites]).to(device)
-    if not bool(torch.isfinite(t).all()):
+    finite = torch.isfinite(t).all()
+    if not bool(finite if replicas is None else replicas.all_true(finite)):
         raise OpenscopeError(
             f"non-finite activations at step {step} in {sites[0]}..{sites[-1]}: the data holds NaN/inf; "
             "nothing was lost (the last checkpoint and saved dictionaries are intact)"
@@ -301,34 +315,42 @@ def _stacked(batch: ActivationBatch, sites: list[str], scales: Tensor, device: s
 
 def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train one CLT or crosscoder over the chosen layers (see `trainer.train`, which calls this for
-    --kind clt, skip_clt or crosscoder)."""
+    --kind clt, skip_clt or crosscoder); under torchrun every rank is a data-parallel replica."""
     _check_clt_run(cfg)
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
     data, sites_in, sites_out = _run_sites(cfg, device)
+    par = run_layout(cfg, 1, device)
     layers = [Site.from_name(s).layer for s in sites_in]
     label = "crosscoder" if cfg.kind == CROSSCODER else "CLT"
     scale_in = torch.tensor([data.scales[s] for s in sites_in], device=device)
     scale_out = torch.tensor([data.scales[s] for s in sites_out], device=device)
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
-    step_cfg = step_config(cfg, total_steps)
-    run = open_run(cfg, create=False)
+    step_cfg = step_config(cfg, total_steps, bf16=par.bf16)
+    run = open_run(cfg, par.layout, create=False)
     out = run.folder
-    identity = {**run_identity(cfg), "world_size": 1}
+    identity = {**run_identity(cfg), **par.identity()}
     checkpoint = out / CHECKPOINT
     metrics_path = out / METRICS
 
     ccfg = _clt_config(cfg, data, sites_in, sites_out)
     clt = _initial_coder(cfg, ccfg, layers, scale_in.cpu(), scale_out.cpu()).to(device)
-    state = _CLTState(clt, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens))
+    state = _CLTState(clt, cfg.lr, cfg.threshold_lr_scale, min(cfg.dead_tokens, cfg.tokens))
     log.info(
         "%s over layers %s: %d x %d latents", label, _layers_text(cfg.kind, layers), len(layers), ccfg.width
     )
 
-    first = start_step(cfg, checkpoint, identity, [state], metrics_path)
+    first = start_step(cfg, checkpoint, identity, [state], metrics_path if par.writes else None)
 
-    batches = first_then_rest(data.batches(list(dict.fromkeys(sites_in + sites_out)), first))
-    run = open_run(cfg)  # the data gave its first batch: now the run's folder is made
-    metrics = metrics_path.open("a")
+    reps = par.replicas
+    sites = list(dict.fromkeys(sites_in + sites_out))
+    batches = first_then_rest(replica_batches(data, sites, first, reps))  # this replica's rows only
+    run = open_run(cfg, par.layout)  # the data gave its first batch: now the run's folder is made
+    metrics = metrics_path.open("a") if par.writes else io.StringIO()  # other replicas write nothing
+    logs = (
+        open_logs(cfg, out, metrics, first, (0, 1), sites_in + sites_out, total_steps)
+        if par.writes
+        else Logs([])
+    )
     t0 = time.perf_counter()
     bar = tqdm(
         total=total_steps * cfg.batch_size,
@@ -336,26 +358,24 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         unit="tok",
         unit_scale=True,
         desc=f"train {label} {_layers_text(cfg.kind, layers)}",
-        disable=not progress,
+        disable=not progress or not par.writes,
         dynamic_ncols=True,
     )
 
     def one_step(step_index: int, batch: ActivationBatch) -> None:
-        x = _stacked(batch, sites_in, scale_in, device, step_index)
-        # A crosscoder's targets are its inputs (same sites, same scales).
-        y = x if sites_out == sites_in else _stacked(batch, sites_out, scale_out, device, step_index)
+        x, y = _inputs(batch, (sites_in, sites_out), (scale_in, scale_out), device, step_index, reps)
         if step_index == 0 and cfg.init_data_dependent and cfg.init_from is None:
-            calibrate_clt(state.clt, x, y, cfg)
-        stats = clt_train_step(state.clt, state.optimizer, x, y, step_cfg, step_index, state.tracker)
+            # Every replica starts from the whole first batch (its rows gathered), so all start alike.
+            whole = (x, y) if reps is None else (reps.gather_rows(x, 1), reps.gather_rows(y, 1))
+            calibrate_clt(state.clt, *whole, cfg)
+        stats = clt_train_step(state.clt, state.optimizer, x, y, step_cfg, step_index, state.tracker, reps)
         if not math.isfinite(stats.loss):
             raise OpenscopeError(f"loss became {stats.loss} at step {step_index} of the {label}; lower --lr")
-        state.last = {
-            "l0": stats.l0,
-            "fvu": stats.fvu,
-            "dead_fraction": [v / widths(cfg)[0] for v in stats.dead],
-        }
+        dead = [v / widths(cfg)[0] for v in stats.dead]
+        state.last = {"l0": stats.l0, "fvu": stats.fvu, "dead_fraction": dead}
         if step_index % cfg.log_every == 0 or step_index == total_steps - 1:
-            _log_metrics(metrics, stats, step_index, cfg, sites_in[0])
+            _log_metrics(logs, stats, step_index, cfg, sites_in[0])
+        log_heldout_clt(logs, state.clt, step_index, cfg, (sites_in, sites_out), (scale_in, scale_out))
         bar.update(cfg.batch_size)
         bar.set_postfix_str(_postfix(state), refresh=False)
 
@@ -366,21 +386,43 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
         end,
         one_step,
         cfg.checkpoint_every,
-        lambda step: save_checkpoint(checkpoint, step, [state], identity, metrics),
+        lambda step: save_checkpoint(checkpoint, step, [state], identity, metrics) if par.writes else None,
         bar,
-        metrics,
+        logs,
     )
-    with metrics_path.open("a") as tail:
-        save_checkpoint(checkpoint, step, [state], identity, tail)
+    if par.writes:
+        with metrics_path.open("a") as tail:
+            save_checkpoint(checkpoint, step, [state], identity, tail)
     finals = {site: {k: v[i] for k, v in state.last.items()} for i, site in enumerate(sites_in) if state.last}
     if stop_after is not None and step < total_steps:
         return TrainResult({}, step, finals, time.perf_counter() - t0)
 
-    folder = _save(state, cfg, data, sites_in, sites_out, out, step, (scale_in, scale_out))
-    run_json = {"config": cfg, "steps": step, "world_size": 1, "layers": layers, "final": finals}
-    save_json(out / "run.json", {**run_json, "mean": state.means()})
-    run.commit()
+    folder = out / _folder_name(cfg, sites_in)
+    if par.writes:
+        _save(state, cfg, data, sites_in, sites_out, out, step, (scale_in, scale_out))
+    if par.layout.world > 1:
+        dist.barrier()  # every replica is done before the run's folder is committed
+    if par.layout.rank == 0:
+        run_json = {"config": cfg, "steps": step, **par.identity(), "layers": layers, "final": finals}
+        run_json.pop("precision", None)
+        save_json(out / "run.json", {**run_json, "mean": state.means()})
+        run.commit()
     return TrainResult({sites_in[0]: Path(cfg.output) / folder.name}, step, finals, time.perf_counter() - t0)
+
+
+def _inputs(
+    batch: ActivationBatch,
+    sites: tuple[list[str], list[str]],
+    scales: tuple[Tensor, Tensor],
+    device: str,
+    step: int,
+    replicas: Replicas | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The coder's normalised inputs and targets [L, B, d] from a batch (a replica's own rows under
+    data parallelism, checked on every replica: `_stacked`)."""
+    x = _stacked(batch, sites[0], scales[0], device, step, replicas)
+    # A crosscoder's targets are its inputs (same sites, same scales).
+    return x, x if sites[1] == sites[0] else _stacked(batch, sites[1], scales[1], device, step, replicas)
 
 
 def _check_clt_run(cfg: TrainConfig) -> None:
@@ -390,14 +432,16 @@ def _check_clt_run(cfg: TrainConfig) -> None:
         raise OpenscopeError(f"train_clt trains {' or '.join(CLT_KINDS)}, not {cfg.kind!r}")
     if cfg.activation not in ("jumprelu", "relu"):
         raise OpenscopeError(f"a {cfg.kind} is jumprelu or relu, not {cfg.activation}")
+    check_logs(cfg)
     if cfg.kind == CROSSCODER and cfg.init_from is not None:
         raise OpenscopeError("--init-from starts a CLT from transcoders; a crosscoder starts fresh")
     if cfg.kind == CROSSCODER and cfg.model and cfg.sites.strip() == "all":
         raise OpenscopeError("a live crosscoder needs its sites named, e.g. --sites 5,9,12,15.resid_post")
-    _, world = init_distributed()
-    if world > 1:
+    _, world, _ = env_world()
+    if cfg.data_parallel not in (0, world):
         raise OpenscopeError(
-            "CLT training runs in one process (torchrun data parallelism is not implemented for CLTs)"
+            f"a {cfg.kind} is one dictionary: under torchrun every process is a data-parallel replica of it; "
+            f"--data-parallel must be 0 (auto) or {world}, not {cfg.data_parallel}"
         )
 
 
@@ -416,7 +460,7 @@ def _clt_config(cfg: TrainConfig, data: TrainingData, sites_in: list[str], sites
     )
 
 
-def _log_metrics(metrics: TextIO, stats: CLTStepStats, step: int, cfg: TrainConfig, site: str) -> None:
+def _log_metrics(metrics: MetricsSink, stats: CLTStepStats, step: int, cfg: TrainConfig, site: str) -> None:
     n = len(stats.l0)
     row = {
         "step": step,
@@ -435,7 +479,7 @@ def _log_metrics(metrics: TextIO, stats: CLTStepStats, step: int, cfg: TrainConf
         "fvu_per_layer": stats.fvu,
         "dead_per_layer": stats.dead,
     }
-    metrics.write(json.dumps(row) + "\n")
+    metrics.log(row)
 
 
 def _postfix(state: _CLTState) -> str:
@@ -444,6 +488,14 @@ def _postfix(state: _CLTState) -> str:
         return ""
     n = state.clt.cfg.n_layers
     return f"per-layer mean: L0 {m['l0']:.1f} FVU {m['fvu']:.3f} dead {m['dead_fraction']:.0%} ({n} layers)"
+
+
+def _folder_name(cfg: TrainConfig, sites_in: list[str]) -> str:
+    """`<first>-<last>_<kind>_<activation>_w<width>` (a CLT), `<layers>_<site kind>_crosscoder_...`."""
+    layers = [Site.from_name(s).layer for s in sites_in]
+    kind = Site.from_name(sites_in[0]).kind
+    where = f"{'_'.join(map(str, layers))}_{kind}" if cfg.kind == CROSSCODER else f"{layers[0]}-{layers[-1]}"
+    return f"{where}_{cfg.kind}_{cfg.activation}_w{widths(cfg)[0]}"
 
 
 def _save(
@@ -462,8 +514,7 @@ def _save(
     first, last = layers[0], layers[-1]
     crosscoder = cfg.kind == CROSSCODER
     kind = Site.from_name(sites_in[0]).kind
-    where = f"{'_'.join(map(str, layers))}_{kind}" if crosscoder else f"{first}-{last}"
-    folder = out / f"{where}_{cfg.kind}_{cfg.activation}_w{widths(cfg)[0]}"
+    folder = out / _folder_name(cfg, sites_in)
     means = state.means()
     save_clt(
         state.clt.fold(*scales).cpu(),

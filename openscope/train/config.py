@@ -67,6 +67,16 @@ class TrainConfig:
     """Weight of the penalty on latents firing on more than max_fire_rate of tokens (jumprelu)."""
     max_fire_rate: float = 0.1
     """Fire rate above which a latent is penalised."""
+    revive: str = "none"
+    """Dead latents of a jumprelu/relu dictionary: `none`; `resample` (every --resample-every steps, each
+    latent dead for the dead window restarts as a detector of a poorly reconstructed token, Adam state
+    reset; SAEs, transcoders and CLTs); `aux` (the AuxK loss of topk: dead latents' pre-activations learn
+    the residual error; single-layer dictionaries)."""
+    resample_every: int = 250
+    """--revive resample: steps between resamplings."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many training tokens counts as dead (the dead fraction, and
+    what --revive revives); capped at the run's --tokens."""
     matryoshka: str = ""
     """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off; a CLT: per layer)."""
     init_from: Path | None = None
@@ -75,6 +85,13 @@ class TrainConfig:
     CLT: start from single-layer transcoders found under this folder (one per layer, e.g. an earlier
     `--kind transcoder` run): their first --width latents (a Matryoshka prefix) give each layer's encoder,
     threshold and own-layer decoder; later-layer decoder blocks start at zero."""
+    finetune: str = ""
+    """`kl`: end-to-end fine-tuning of the --init-from dictionaries through the live --model (Gemma Scope 2
+    §2.4): minimise (MSE + α·β·KL)/(1 + β), α = MSE/(KL + 1e-8) held constant per step, the KL between
+    the clean next-token distribution and the one with the reconstruction spliced in (BOS/pad excluded);
+    batches are whole contexts. Empty: plain training."""
+    beta: float | None = None
+    """β of --finetune kl: how much the KL counts against the MSE (0: plain training; unset: 1)."""
     lr: float = 7e-5
     """Adam learning rate (β = (0, 0.999))."""
     threshold_lr_scale: float = 50.0
@@ -103,14 +120,35 @@ class TrainConfig:
     """Train on a store whose harvest has not finished (its finished shards only)."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, ..."""
+    precision: str = "auto"
+    """float32; tf32 (CUDA: float32 with TF32 products); bf16 (the dictionaries' products in bfloat16 under
+    autocast, float32 master weights, Adam state, losses and statistics); auto: bf16 on CUDA, else float32."""
+    data_parallel: int = 0
+    """Under torchrun: data-parallel replicas per dictionary (each trains on its share of every batch,
+    gradients averaged); the processes form world/N dictionary groups that share the dictionaries out.
+    0: auto, world / gcd(world, dictionaries) (a CLT: every process; dictionaries only shared out when
+    the world divides their number)."""
     log_every: int = 20
     """Steps between metric lines in metrics.jsonl."""
+    log: str = ""
+    """Also send the metrics rows to `wandb` (Weights & Biases; WANDB_MODE=offline needs no network)
+    and/or `tensorboard` (event files), a comma list, under the output folder's logs/ (optional extras:
+    pip install 'openscope[wandb]'). metrics.jsonl is always written."""
+    eval_every: int = 0
+    """Steps between held-out evaluations: every dictionary's L0 and FVU on the store's last contexts,
+    which are then held out of training (0: off; store runs only)."""
+    eval_tokens: int = 8192
+    """Rows held out of training for --eval-every (the store's last contexts; at most a fifth of them)."""
 
     def __post_init__(self) -> None:
         # The command line gives text. One number is kept as a number, so a one-dictionary run's saved
         # settings, checkpoint identity and folders are what they were before lists were allowed.
         self.width = _one_or_list(self.width, int)
         self.target_l0 = _one_or_list(self.target_l0, float)
+        if self.dead_tokens < 1:
+            raise OpenscopeError(f"--dead-tokens must be positive, got {self.dead_tokens}")
+        if self.revive not in ("none", "aux", "resample"):
+            raise OpenscopeError(f"--revive {self.revive!r} is not one of none, aux, resample")
 
 
 def _one_or_list(value: N | str, number: Callable[[str], N]) -> N | str:

@@ -7,9 +7,11 @@ once per batch, returning a `StepStats` / `CLTStepStats` of plain floats.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +20,11 @@ from openscope.coders import losses as L
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import Path, SparseCoder
 from openscope.errors import OpenscopeError
+from openscope.train.parallel import Replicas, fvu_of, fvu_sums
+from openscope.train.revive import resample_dead_, resample_dead_clt_
 
 Sparsity = Literal["quadratic_l0", "l0", "l1", "none"]
+Revive = Literal["none", "aux", "resample"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ class StepConfig:
     """AuxK: dead latents used per token (topk/batchtopk)."""
     aux_coeff: float = 1 / 32
     """α of the AuxK loss (0 disables it)."""
+    revive: Revive = "none"
+    """Dead latents of a jumprelu/relu coder: none; aux (the AuxK loss as for topk: the top aux_k dead
+    pre-activations must reconstruct the error; single-layer coders only); resample (every resample_every
+    steps, restart each dead latent on a poorly reconstructed token, Adam state reset:
+    `openscope.train.revive`). Needs the trainer's dead-latent tracker."""
+    resample_every: int = 250
+    """revive resample: steps between resamplings (a latent resampled gets a fresh dead window)."""
     matryoshka_prefixes: tuple[int, ...] = ()
     """Nested prefix sizes (strictly increasing); the full width is appended if missing. Empty:
     plain reconstruction loss."""
@@ -58,6 +70,9 @@ class StepConfig:
     """One weight per prefix (including the appended full width); None: equal, summing to 1."""
     path: Path = "auto"
     """Forward implementation: auto, sparse or dense (see SparseCoder.forward)."""
+    bf16: bool = False
+    """Run the dictionary's matrix products in bfloat16 under autocast (float32 master weights, Adam
+    state, losses and statistics); off: float32 throughout."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -71,6 +86,10 @@ class StepConfig:
                 raise OpenscopeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.aux_k < 0:
             raise OpenscopeError(f"aux_k must be >= 0, got {self.aux_k!r}")
+        if self.revive not in ("none", "aux", "resample"):
+            raise OpenscopeError(f"unknown revival {self.revive!r}; expected none, aux or resample")
+        if self.resample_every < 1:
+            raise OpenscopeError(f"resample_every must be >= 1, got {self.resample_every!r}")
         p = self.matryoshka_prefixes
         if any(m < 1 for m in p) or any(b <= a for a, b in itertools.pairwise(p)):
             raise OpenscopeError(f"Matryoshka prefixes must be positive and strictly increasing, got {p}")
@@ -117,6 +136,22 @@ class DeadLatentTracker:
         """[F] bool, True for dead latents."""
         return self.tokens_since_fired >= self.dead_after_tokens
 
+    def revived_(self, resampled: Tensor) -> None:
+        """Give the latents `resampled` ([F] bool) a fresh dead window: they count as alive until they
+        have had one to fire in."""
+        self.tokens_since_fired[resampled.cpu()] = 0
+
+
+def resample_due(cfg: StepConfig, step: int, replicas: Replicas | None) -> bool:
+    """Whether this step ends with a resampling of the dead latents (revive resample)."""
+    if cfg.revive != "resample" or (step + 1) % cfg.resample_every:
+        return False
+    if replicas is not None:
+        raise OpenscopeError(
+            "revive resample draws from one process's batch: not with data-parallel replicas"
+        )
+    return True
+
 
 def make_optimizer(coder: nn.Module, lr: float = 7e-5, threshold_lr_scale: float = 1.0) -> torch.optim.Adam:
     """Adam with β = (0, 0.999) (Gemma Scope); JumpReLU's log θ may learn `threshold_lr_scale`× faster.
@@ -142,6 +177,34 @@ def check_sparsity(cfg: StepConfig, activation: str) -> None:
         raise OpenscopeError(f"{cfg.sparsity} sparsity needs a {needs} coder, not {activation}")
 
 
+def autocast(cfg: StepConfig, x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast of the products on x's device when cfg.bf16, else nothing."""
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype=torch.bfloat16)
+
+
+def _schedules(cfg: StepConfig, optimizer: torch.optim.Optimizer, step: int) -> tuple[float, float]:
+    """(learning rate, λ) at this step; the rate is set on the optimiser's groups (× their lr_scale)."""
+    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps, cfg.total_steps, cfg.lr_decay_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr, L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
+
+
+def sparsity_loss(cfg: StepConfig, l0: Tensor, l1: Tensor, lam: float, zero: Tensor) -> Tensor:
+    """The step's sparsity loss (λ = lam included) of the batch's L0 and L1 (per layer for a CLT);
+    `zero` for sparsity none (topk/batchtopk: sparsity is structural)."""
+    if cfg.sparsity == "quadratic_l0":
+        assert cfg.target_l0 is not None
+        return L.l0_quadratic_loss(l0, cfg.target_l0, lam)
+    if cfg.sparsity == "l0":
+        return L.l0_linear_loss(l0, lam)
+    if cfg.sparsity == "l1":
+        return L.l1_loss(l1, lam)
+    return zero
+
+
 def train_step(
     coder: SparseCoder,
     optimizer: torch.optim.Optimizer,
@@ -150,8 +213,13 @@ def train_step(
     cfg: StepConfig,
     step: int,
     tracker: DeadLatentTracker | None = None,
+    replicas: Replicas | None = None,
+    loss_term: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> StepStats:
-    """One optimisation step on raw activations x (input) and y (target; None for an SAE)."""
+    """One optimisation step on raw activations x (input) and y (target; None for an SAE). With `replicas`,
+    this replica's rows of the global batch: statistics reduced and gradients averaged over the replicas,
+    so the step is a single process's on the whole batch (`openscope.train.parallel`). `loss_term(rec, raw
+    reconstruction)` replaces the reconstruction loss rec (KL fine-tuning, `openscope.train.finetune`)."""
     ccfg = coder.cfg
     check_sparsity(cfg, ccfg.activation)
     target = x if y is None else y
@@ -161,15 +229,19 @@ def train_step(
     if any(m > ccfg.width for m in cfg.matryoshka_prefixes):
         raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
 
-    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps, cfg.total_steps, cfg.lr_decay_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
+    lr, lam = _schedules(cfg, optimizer, step)
 
-    use_aux = tracker is not None and ccfg.activation in ("topk", "batchtopk") and cfg.aux_coeff > 0
+    aux_kind = ccfg.activation in ("topk", "batchtopk") or cfg.revive == "aux"
+    use_aux = tracker is not None and aux_kind and cfg.aux_coeff > 0
     dead = tracker.dead_mask().to(x.device) if tracker is not None else None
     optimizer.zero_grad(set_to_none=True)
-    out = coder(x, prefixes=prefixes, dead=dead if use_aux else None, aux_k=cfg.aux_k, path=cfg.path)
+    cutoff = None
+    if replicas is not None and ccfg.activation == "batchtopk":
+        assert ccfg.k is not None
+        cutoff = replicas.batchtopk_cutoff(ccfg.k, x.shape[0] * replicas.size)
+    with autocast(cfg, x):
+        aux_dead = dead if use_aux else None
+        out = coder(x, prefixes=prefixes, dead=aux_dead, aux_k=cfg.aux_k, path=cfg.path, batch_cutoff=cutoff)
 
     # Losses in normalised units: divide raw targets/reconstructions by C_out.
     c = coder.scale_out
@@ -179,32 +251,44 @@ def train_step(
         rec = L.matryoshka_loss(yn, recons, L.matryoshka_weights(len(recons), cfg.matryoshka_weights))
     else:
         rec = L.reconstruction_loss(yn, recon)
+    l0, fire_rate, l1, fvu = out.l0, out.fire_rate, out.l1, None
+    aux_terms = None
+    if out.aux_reconstruction is not None:
+        residual = (yn - recon).detach()
+        aux_terms = (
+            L.reconstruction_loss(residual, out.aux_reconstruction / c),
+            residual.pow(2).sum(-1).mean(),
+        )
+    if replicas is not None:
+        g = replicas.global_means(
+            {"rec": rec, "l0": l0, "fire_rate": fire_rate, "l1": l1}
+            | ({"aux": aux_terms[0], "aux_norm": aux_terms[1]} if aux_terms is not None else {}),
+            fvu_sums(yn, recon, ()),
+        )
+        rec, l0, fire_rate, l1, fvu = g["rec"], g["l0"], g["fire_rate"], g["l1"], fvu_of(g)
+        aux_terms = (g["aux"], g["aux_norm"]) if aux_terms is not None else None
     zero = rec.new_zeros(())
-    if cfg.sparsity == "quadratic_l0":
-        assert cfg.target_l0 is not None
-        sparsity = L.l0_quadratic_loss(out.l0, cfg.target_l0, lam)
-    elif cfg.sparsity == "l0":
-        sparsity = L.l0_linear_loss(out.l0, lam)
-    elif cfg.sparsity == "l1":
-        sparsity = L.l1_loss(out.l1, lam)
-    else:
-        sparsity = zero
+    sparsity = sparsity_loss(cfg, l0, l1, lam, zero)
     freq = zero
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
-        freq = L.frequency_penalty(out.fire_rate, cfg.max_fire_rate, cfg.freq_coeff)
-    aux = zero
-    if out.aux_reconstruction is not None:
-        aux = L.aux_k_loss((yn - recon).detach(), out.aux_reconstruction / c, cfg.aux_coeff)
+        freq = L.frequency_penalty(fire_rate, cfg.max_fire_rate, cfg.freq_coeff)
+    aux = zero if aux_terms is None else L.aux_k_normalised(*aux_terms, cfg.aux_coeff)
 
-    loss = rec + sparsity + freq + aux
+    loss = (rec if loss_term is None else loss_term(rec, out.reconstruction)) + sparsity + freq + aux
     loss.backward()
+    if replicas is not None:
+        replicas.average_grads_(coder)
     coder.remove_parallel_grad_()
     optimizer.step()
     coder.normalize_decoder_()
 
-    fired = out.fire_rate.detach() > 0
+    fired = fire_rate.detach() > 0
     if tracker is not None:
-        tracker.update(fired, x.shape[0])
+        tracker.update(fired, x.shape[0] * (1 if replicas is None else replicas.size))
+        if resample_due(cfg, step, replicas):
+            dead_now = tracker.dead_mask()
+            resample_dead_(coder, optimizer, x, target, dead_now, ccfg.seed + step)
+            tracker.revived_(dead_now)
     n_dead = int(tracker.dead_mask().sum()) if tracker is not None else 0
     return StepStats(
         loss=float(loss.detach()),
@@ -212,8 +296,8 @@ def train_step(
         sparsity=float(sparsity.detach()),
         frequency=float(freq.detach()),
         aux=float(aux.detach()),
-        l0=float(out.l0.detach()),
-        fvu=float(L.fvu(yn, recon.detach())),
+        l0=float(l0.detach()),
+        fvu=float(L.fvu(yn, recon.detach()) if fvu is None else fvu),
         dead=n_dead,
         lr=lr,
         sparsity_coeff=lam,
@@ -251,8 +335,10 @@ def clt_train_step(
     cfg: StepConfig,
     step: int,
     tracker: DeadLatentTracker | None = None,
+    replicas: Replicas | None = None,
 ) -> CLTStepStats:
-    """One optimisation step on normalised inputs x [L, B, d_in] and targets y [L, B, d_out]."""
+    """One optimisation step on normalised inputs x [L, B, d_in] and targets y [L, B, d_out] (with
+    `replicas`: this replica's rows of the global batch, as in `train_step`)."""
     ccfg = clt.cfg
     check_sparsity(cfg, ccfg.activation)
     if cfg.sparsity == "none":
@@ -263,14 +349,14 @@ def clt_train_step(
     if any(p > ccfg.width for p in cfg.matryoshka_prefixes):
         raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
     prefixes = tuple(p for p in cfg.matryoshka_prefixes if p < ccfg.width)
+    if cfg.revive == "aux":
+        raise OpenscopeError("revive aux (AuxK) is for single-layer coders; a CLT revives with resample")
 
-    lr = L.lr_at(step, cfg.lr, cfg.lr_warmup_steps, cfg.total_steps, cfg.lr_decay_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    lam = L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
+    lr, lam = _schedules(cfg, optimizer, step)
 
     optimizer.zero_grad(set_to_none=True)
-    out = clt.train_forward(x, prefixes=prefixes, path=cfg.path)
+    with autocast(cfg, x):
+        out = clt.train_forward(x, prefixes=prefixes, path=cfg.path)
     # reconstruction_loss means over all leading dims ([L, B]): × L makes it the sum over layers.
     if cfg.matryoshka_prefixes:
         recons = [*out.prefix_reconstructions, out.reconstruction]
@@ -278,34 +364,41 @@ def clt_train_step(
         rec = n * L.matryoshka_loss(y, recons, weights)
     else:
         rec = n * L.reconstruction_loss(y, out.reconstruction)
-    if cfg.sparsity == "quadratic_l0":
-        assert cfg.target_l0 is not None
-        sparsity = L.l0_quadratic_loss(out.l0, cfg.target_l0, lam).sum()
-    elif cfg.sparsity == "l0":
-        sparsity = L.l0_linear_loss(out.l0, lam).sum()
-    else:
-        sparsity = L.l1_loss(out.l1, lam).sum()
+    l0, fire_rate, l1, fvu = out.l0, out.fire_rate, out.l1, None
+    if replicas is not None:
+        g = replicas.global_means(
+            {"rec": rec, "l0": l0, "fire_rate": fire_rate, "l1": l1}, fvu_sums(y, out.reconstruction, (0,))
+        )
+        rec, l0, fire_rate, l1, fvu = g["rec"], g["l0"], g["fire_rate"], g["l1"], fvu_of(g)
+    sparsity = sparsity_loss(cfg, l0, l1, lam, rec.new_zeros(())).sum()  # per layer, summed
     freq = rec.new_zeros(())
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
-        freq = L.frequency_penalty(out.fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)
+        freq = L.frequency_penalty(fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)
 
     loss = rec + sparsity + freq
     loss.backward()
+    if replicas is not None:
+        replicas.average_grads_(clt)
     clt.remove_parallel_grad_()
     optimizer.step()
     clt.normalize_decoder_()
 
     dead = [0] * n
     if tracker is not None:
-        tracker.update((out.fire_rate.detach() > 0).flatten(), x.shape[1])
+        rows = x.shape[1] * (1 if replicas is None else replicas.size)
+        tracker.update((fire_rate.detach() > 0).flatten(), rows)
+        if resample_due(cfg, step, replicas):
+            dead_now = tracker.dead_mask()
+            resample_dead_clt_(clt, optimizer, x, y, dead_now, ccfg.seed + step)
+            tracker.revived_(dead_now)
         dead = [int(v) for v in tracker.dead_mask().view(n, -1).sum(1)]
     return CLTStepStats(
         loss=float(loss.detach()),
         reconstruction=float(rec.detach()),
         sparsity=float(sparsity.detach()),
         frequency=float(freq.detach()),
-        l0=[float(v) for v in out.l0.detach()],
-        fvu=[float(v) for v in L.fvu_per_layer(y, out.reconstruction.detach())],
+        l0=[float(v) for v in l0.detach()],
+        fvu=[float(v) for v in (L.fvu_per_layer(y, out.reconstruction.detach()) if fvu is None else fvu)],
         dead=dead,
         lr=lr,
         sparsity_coeff=lam,

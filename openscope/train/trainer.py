@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import io
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_coder
 from openscope.config import check_numbers, flag, parse_ints, save_json, to_jsonable
 from openscope.errors import OpenscopeError
+from openscope.files import Staged
 from openscope.models.load import resolve_device
 from openscope.train.clt import CLT_KINDS, train_clt
 from openscope.train.config import (
@@ -44,22 +44,27 @@ from openscope.train.config import (
     target_l0s,
     widths,
 )
+from openscope.train.finetune import KLFineTune, KLTerm, check_finetune
+from openscope.train.logs import Logs, check_logs, heldout_row, open_logs
 from openscope.train.loop import (
     CHECKPOINT,
     METRICS,
+    RunLayout,
     TrainingData,
+    check_precision,
     first_then_rest,
     from_store,
-    init_distributed,
     live,
     open_run,
-    rank_file,
+    replica_batches,
     run_identity,
+    run_layout,
     run_steps,
     save_checkpoint,
     start_step,
     step_config,
 )
+from openscope.train.parallel import Replicas, rank_device, update_thresholds
 from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -104,6 +109,10 @@ class _Dictionary:
         self.last: dict[str, float] = {}
         self.failed: str | None = None
         """Why this dictionary stopped training (a run that isolates failures), else None."""
+        self.replicas: Replicas | None = None
+        """Its data-parallel replicas under torchrun (None: it trains on whole batches)."""
+        self.finetune: KLTerm | None = None
+        """--finetune kl: its KL term (None: plain training)."""
 
     def state(self) -> dict[str, Any]:
         t = self.thresholds
@@ -177,91 +186,123 @@ def train(
     as a suite runs them): a dictionary whose loss or data turns non-finite stops, is reported in
     `TrainResult.failed` and not saved, and the others go on; otherwise the first such error ends the run.
 
-    Under `torchrun`, the dictionaries are shared out across ranks (dictionary i goes to rank
-    i mod world size); each rank reads the same seeded batches, so the result equals a
-    single-process run. Each rank checkpoints its own dictionaries.
+    Under `torchrun`, the ranks form dictionary groups x data-parallel replicas (`--data-parallel`,
+    `openscope.train.parallel`): dictionary i goes to group i mod groups, each replica of a group trains
+    on its rows of every global batch with batch statistics reduced and gradients averaged, so the
+    result equals a single-process run (live, each replica runs the model on its own share of the
+    contexts: other batches than one process's, of the same distribution). Each group's first replica
+    checkpoints its dictionaries.
     """
     _check_config(cfg)
     if cfg.kind in CLT_KINDS:
         return train_clt(cfg, progress, stop_after)
-    rank, world = init_distributed()
-    device = resolve_device(cfg.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    data, names = live(cfg, device) if cfg.model else from_store(cfg)
-    pairs = _pairs(cfg, data, names)
+    device = rank_device(resolve_device(cfg.device))
+    ft = KLFineTune(cfg, device) if cfg.finetune else None
+    data, names = (ft.data, ft.names) if ft else live(cfg, device) if cfg.model else from_store(cfg)
+    specs = _specs(cfg, _pairs(cfg, data, names))
+    par = run_layout(cfg, len(specs), device)
+    lay = par.layout
     total_steps = math.ceil(cfg.tokens / cfg.batch_size)
-    step_cfgs = {t: step_config(cfg, total_steps, t) for t in target_l0s(cfg)}  # each target's own
-    run = open_run(cfg, rank, world, create=False)
+    step_cfgs = {t: step_config(cfg, total_steps, t, par.bf16) for t in target_l0s(cfg)}  # each target's own
+    run = open_run(cfg, lay, create=False)
     out = run.folder
-    identity = {**run_identity(cfg), "world_size": world}
-    checkpoint = out / rank_file(CHECKPOINT, rank, world)
-    metrics_path = out / rank_file(METRICS, rank, world)
+    identity = {**run_identity(cfg), **par.identity()}
+    checkpoint = out / par.file(CHECKPOINT)
+    metrics_path = out / par.file(METRICS)
 
     dicts = [
-        _new_dictionary(cfg, data, spec, device, step_cfgs[spec.target_l0])
-        for i, spec in enumerate(_specs(cfg, pairs))
-        if i % world == rank
+        _new_dictionary(cfg, data, spec, device, step_cfgs[spec.target_l0], par.replicas)
+        for i, spec in enumerate(specs)
+        if i % lay.groups == lay.group
     ]
     if cfg.init_from is not None:
         _start_from_saved(dicts, Path(cfg.init_from), cfg)
-    first = start_step(cfg, checkpoint, identity, dicts, metrics_path)
+    if ft is not None:
+        for d in dicts:
+            d.finetune = ft.term(d.site_out)
+    first = start_step(cfg, checkpoint, identity, dicts, metrics_path if par.writes else None)
 
     sites = sorted({s for d in dicts for s in (d.site_in, d.site_out)})
-    batches = first_then_rest(data.batches(sites, first) if dicts else iter(()))
-    run = open_run(cfg, rank, world)  # the data gave its first batch: now the run's folder is made
-    metrics = metrics_path.open("a")
+    batches = first_then_rest(replica_batches(data, sites, first, par.replicas) if dicts else iter(()))
+    run = open_run(cfg, lay)  # the data gave its first batch: now the run's folder is made
+    metrics = metrics_path.open("a") if par.writes else io.StringIO()  # other replicas write nothing
+    logs = (
+        open_logs(cfg, out, metrics, first, (lay.group, lay.groups), sites, total_steps)
+        if par.writes
+        else Logs([])
+    )
     t0 = time.perf_counter()
     bar = tqdm(
         total=total_steps,
         initial=first,
         unit="step",
-        desc=f"train{f' rank {rank}' if world > 1 else ''}",
-        disable=not progress or not dicts,
+        desc=f"train{f' rank {lay.rank}' if lay.world > 1 else ''}",
+        disable=not progress or not dicts or not par.writes,
         dynamic_ncols=True,
     )
 
     def one_step(step_index: int, batch: ActivationBatch) -> None:
+        # `batch` holds this replica's rows only (`replica_batches`).
         batch = batch._replace(acts={s: batch.acts[s].to(device) for s in sites})  # once for all widths
-        if step_index == 0:
-            _calibrate(dicts, batch, cfg, device)
+        reps = par.replicas
+        if step_index == 0:  # every replica starts from the whole first batch, so all start alike
+            _calibrate(dicts, _whole_batch(batch, sites, reps), cfg, device)
+        finite = None if reps is None else _finite_everywhere(batch, sites, reps)
         for d in dicts:
             if d.failed is None:
-                _train_isolated(d, batch, cfg, step_index, total_steps, device, metrics, isolate_failures)
+                args = (cfg, step_index, total_steps, device, logs)
+                _train_isolated(d, batch, *args, isolate_failures, finite)
         bar.update(1)
         bar.set_postfix_str(_postfix(dicts), refresh=False)
 
     end = total_steps if stop_after is None else min(total_steps, stop_after)
+    save = par.writes and bool(dicts)
     step = run_steps(
         batches,
         first,
         end,
         one_step,
         cfg.checkpoint_every,
-        lambda step: save_checkpoint(checkpoint, step, dicts, identity, metrics),
+        lambda step: save_checkpoint(checkpoint, step, dicts, identity, metrics) if save else None,
         bar,
-        metrics,
+        logs,
     )
-    if dicts:
+    if save:
         with metrics_path.open("a") as tail:
             save_checkpoint(checkpoint, step, dicts, identity, tail)
     finals = {d.key: d.last for d in dicts}
     failed = {d.key: d.failed for d in dicts if d.failed is not None}
     if stop_after is not None and step < total_steps:
         return TrainResult({}, step, finals, time.perf_counter() - t0, failed if isolate_failures else None)
-    if dicts and len(failed) == len(
-        dicts
-    ):  # nothing left to save: the run fails as a whole, with the first reason
+    if dicts and len(failed) == len(dicts):  # nothing left to save: the run fails, with the first reason
         raise OpenscopeError(next(iter(failed.values())))
-
-    folders = {d.key: _save(d, cfg, data, out, step) for d in dicts if d.failed is None}
-    if world > 1:
-        folders, finals = _gather(folders, finals, world)
-    if rank == 0:
-        save_json(out / "run.json", {"config": cfg, "steps": step, "world_size": world, "final": finals})
-        run.commit()
-    folders = {key: Path(cfg.output) / folder.name for key, folder in folders.items()}
+    folders, finals = _finish(dicts, cfg, data, run, step, par)
     return TrainResult(folders, step, finals, time.perf_counter() - t0, failed if isolate_failures else None)
+
+
+def _whole_batch(batch: ActivationBatch, sites: list[str], reps: Replicas | None) -> ActivationBatch:
+    """The global batch of which `batch` holds this replica's rows (its sites' activations gathered from
+    every replica; `batch` itself with one replica)."""
+    if reps is None:
+        return batch
+    return batch._replace(acts={s: reps.gather_rows(batch.acts[s]) for s in sites})
+
+
+def _finish(
+    dicts: list[_Dictionary], cfg: TrainConfig, data: TrainingData, run: Staged, step: int, par: RunLayout
+) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
+    """Save the dictionaries (each group's first replica), gather every rank's folders and final
+    metrics, and on rank 0 write run.json and commit the run's folder: (folders, final metrics)."""
+    lay, out = par.layout, run.folder
+    finals = {d.key: d.last for d in dicts}
+    folders = {d.key: _save(d, cfg, data, out, step) for d in dicts if d.failed is None and par.writes}
+    if lay.world > 1:
+        folders, finals = _gather(folders, finals, lay.world)
+    if lay.rank == 0:
+        layout = {"world_size": lay.world} | ({"data_parallel": lay.replicas} if lay.replicas > 1 else {})
+        save_json(out / "run.json", {"config": cfg, "steps": step, **layout, "final": finals})
+        run.commit()
+    return {key: Path(cfg.output) / folder.name for key, folder in folders.items()}, finals
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -285,24 +326,32 @@ def _check_config(cfg: TrainConfig) -> None:
             "threshold_lr_scale",
             "lr_warmup_steps",
             "sparsity_warmup_steps",
+            "data_parallel",
         ),
         fractions=("max_fire_rate", "lr_decay"),
     )
     parse_ints(cfg.matryoshka, "--matryoshka")
+    check_logs(cfg)
+    check_finetune(cfg)
     for name, values in (("width", widths(cfg)), ("target_l0", target_l0s(cfg))):
         if len(values) > 1 and cfg.kind not in SINGLE_LAYER_KINDS:
             raise OpenscopeError(
                 f"{flag(name)} takes one value for --kind {cfg.kind} (a list trains several SAEs or "
                 f"transcoders per site), got {getattr(cfg, name)!r}"
             )
-    resolve_device(cfg.device)
+    check_precision(cfg, resolve_device(cfg.device))
 
 
 def _new_dictionary(
-    cfg: TrainConfig, data: TrainingData, spec: _Spec, device: str, step_cfg: StepConfig
+    cfg: TrainConfig,
+    data: TrainingData,
+    spec: _Spec,
+    device: str,
+    step_cfg: StepConfig,
+    replicas: Replicas | None = None,
 ) -> _Dictionary:
     """A dictionary of the run, freshly initialised (the run's seed + its site's index) with its sites'
-    normalisation scales, and its own step settings (its target L0)."""
+    normalisation scales, and its own step settings (its target L0) and data-parallel replicas."""
     ccfg = CoderConfig(
         d_in=data.widths[spec.site_in],
         d_out=data.widths[spec.site_out],
@@ -317,9 +366,17 @@ def _new_dictionary(
     coder.set_scales(data.scales[spec.site_in], data.scales[spec.site_out])
     key = result_key(spec.site_in, spec.width, spec.target_l0, cfg)
     # A latent counts as dead after 1M tokens without firing (or the whole run, if shorter).
-    return _Dictionary(
-        spec, key, coder.to(device), step_cfg, cfg.lr, cfg.threshold_lr_scale, min(1_000_000, cfg.tokens)
+    d = _Dictionary(
+        spec,
+        key,
+        coder.to(device),
+        step_cfg,
+        cfg.lr,
+        cfg.threshold_lr_scale,
+        min(cfg.dead_tokens, cfg.tokens),
     )
+    d.replicas = replicas
+    return d
 
 
 def _gather(
@@ -392,6 +449,13 @@ def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfi
         log.info("%s: data-dependent init (encoder scale %.3g)", d.key, s)
 
 
+def _finite_everywhere(batch: ActivationBatch, sites: list[str], replicas: Replicas) -> dict[str, bool]:
+    """Per site, whether its rows are finite on every replica (one all-reduce): replicas see different
+    rows, and must all stop together on bad data, or the others would wait on the one that stopped."""
+    local = torch.stack([torch.isfinite(batch.acts[s]).all() for s in sites])
+    return dict(zip(sites, replicas.all_true(local).tolist(), strict=True))
+
+
 def _train_isolated(
     d: _Dictionary,
     batch: ActivationBatch,
@@ -399,12 +463,14 @@ def _train_isolated(
     step: int,
     total_steps: int,
     device: str,
-    metrics: Any,
+    metrics: Logs,
     isolate: bool,
+    finite: dict[str, bool] | None = None,
 ) -> None:
-    """One dictionary's step; with `isolate`, a non-finite loss or batch stops that dictionary only."""
+    """One dictionary's step; with `isolate`, a non-finite loss or batch stops that dictionary only.
+    `finite`: per site, whether every replica's rows are finite (data parallel; `_finite_everywhere`)."""
     try:
-        _train_one(d, batch, cfg, step, total_steps, device, metrics)
+        _train_one(d, batch, cfg, step, total_steps, device, metrics, finite)
     except OpenscopeError as exc:
         if not isolate:
             raise
@@ -419,28 +485,43 @@ def _train_one(
     step: int,
     total_steps: int,
     device: str,
-    metrics: Any,
+    metrics: Logs,
+    finite: dict[str, bool] | None = None,
 ) -> None:
     x = batch.acts[d.site_in].to(device)
     y = None if cfg.kind == "sae" else batch.acts[d.site_out].to(device)
-    if not torch.isfinite(x).all() or (y is not None and not torch.isfinite(y).all()):
+    if finite is not None:  # replicas go by every replica's rows, so all of them stop together
+        ok = finite[d.site_in] and (y is None or finite[d.site_out])
+    else:
+        ok = bool(torch.isfinite(x).all()) and (y is None or bool(torch.isfinite(y).all()))
+    if not ok:
         raise OpenscopeError(
             f"non-finite activations at step {step}, site {d.site_in}: the data holds NaN/inf; "
             "nothing was lost (the last checkpoint and saved dictionaries are intact)"
         )
-    stats = train_step(d.coder, d.optimizer, x, y, d.step_cfg, step, d.tracker)
+    stats = train_step(d.coder, d.optimizer, x, y, d.step_cfg, step, d.tracker, d.replicas, d.finetune)
     if not math.isfinite(stats.loss):
         raise OpenscopeError(f"loss became {stats.loss} at step {step}, site {d.site_in}; lower --lr")
     d.last = {"l0": stats.l0, "fvu": stats.fvu, "dead_fraction": stats.dead / d.coder.cfg.width}
     if d.coder.cfg.activation == "batchtopk" and step >= total_steps - max(1, total_steps // 10):
         with torch.no_grad():
-            d.thresholds.update(d.coder.encode(x), per_row=False)
+            if d.replicas is None:
+                d.thresholds.update(d.coder.encode(x), per_row=False)
+            else:
+                assert d.coder.cfg.k is not None
+                cut = d.replicas.batchtopk_cutoff(d.coder.cfg.k, cfg.batch_size)
+                update_thresholds(d.thresholds, d.coder.encode(x, cut), d.replicas)
     if step % cfg.log_every == 0 or step == total_steps - 1:
         row: dict[str, Any] = {"step": step, "site": d.site_in}
         if d.key != d.site_in:  # several dictionaries per site: say which one
             row |= {"width": d.spec.width, "target_l0": d.spec.target_l0}
         row |= {"tokens": (step + 1) * cfg.batch_size, **stats._asdict()}
-        metrics.write(json.dumps(row) + "\n")
+        row |= d.finetune.last if d.finetune is not None else {}
+        metrics.log(row)
+    if metrics.heldout is not None and metrics.heldout.due(step):  # --eval-every
+        labels = {"width": d.spec.width, "target_l0": d.spec.target_l0} if d.key != d.site_in else {}
+        measured = metrics.heldout.evaluate(d.coder, d.site_in, d.site_out)
+        metrics.log(heldout_row(step, d.site_in, labels, (step + 1) * cfg.batch_size, measured))
 
 
 def _postfix(dicts: list[_Dictionary]) -> str:

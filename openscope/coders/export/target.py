@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 CIRCUIT_TRACER_CONFIG = "config.yaml"
+GEMMA_SCOPE_CONFIG = "config.json"
 
 
 def _saelens_ours(folder: Path) -> bool:
@@ -47,15 +48,38 @@ def _circuit_tracer_ours(folder: Path) -> bool:
     return isinstance(cfg, dict) and "openscope" in cfg
 
 
-_SAELENS_FOLDER = Ownership("a SAELens export", files=(SAELENS_CFG, SAELENS_WEIGHTS), manifest=_saelens_ours)
+def _gemma_scope_ours(folder: Path) -> bool:
+    """A Gemma Scope folder openscope exported (`export --to gemma-scope`): config.json with `openscope`."""
+    try:
+        cfg = json.loads((folder / GEMMA_SCOPE_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("openscope"), dict) and "from" in cfg["openscope"]
+
+
+def _one_export(folder: Path) -> bool:
+    return _saelens_ours(folder) or _gemma_scope_ours(folder)
+
+
+_SAELENS_FOLDER = Ownership(
+    "a SAELens or Gemma Scope export",
+    files=(
+        SAELENS_CFG,
+        SAELENS_WEIGHTS,
+        GEMMA_SCOPE_CONFIG,
+        "params.safetensors",
+        "params_layer_*.safetensors",
+    ),
+    manifest=_one_export,
+)
 
 
 def _export_ours(folder: Path) -> bool:
     """One export openscope wrote: a SAELens folder, a folder of them, or a circuit-tracer folder."""
-    if _saelens_ours(folder) or _circuit_tracer_ours(folder):
+    if _one_export(folder) or _circuit_tracer_ours(folder):
         return True
     subfolders = [p for p in folder.iterdir() if p.is_dir()]
-    return bool(subfolders) and all(not _SAELENS_FOLDER.foreign(p) and _saelens_ours(p) for p in subfolders)
+    return bool(subfolders) and all(not _SAELENS_FOLDER.foreign(p) and _one_export(p) for p in subfolders)
 
 
 EXPORT = Ownership(
@@ -64,13 +88,16 @@ EXPORT = Ownership(
         SAELENS_CFG,
         SAELENS_WEIGHTS,
         CIRCUIT_TRACER_CONFIG,
+        GEMMA_SCOPE_CONFIG,
+        "params.safetensors",
+        "params_layer_*.safetensors",
         "layer_*.safetensors",
         "W_enc_*.safetensors",
         "W_dec_*.safetensors",
         "*.tmp",
     ),
     folders=("*",),
-    folder_check=lambda p: not _SAELENS_FOLDER.foreign(p) and _saelens_ours(p),
+    folder_check=lambda p: not _SAELENS_FOLDER.foreign(p) and _one_export(p),
     manifest=_export_ours,
 )
 """What `--out` may hold for `--overwrite` to replace it: an earlier export and nothing else."""

@@ -190,7 +190,8 @@ async function pageHome(params) {
   const mode = h("select", {id: "search-mode"},
     h("option", {value: "token", selected: by === "token"}, "by token (top examples)"),
     h("option", {value: "logit", selected: by === "logit"}, "by word in top logits"),
-    h("option", {value: "text", selected: by === "text"}, "which latents fire on this text"));
+    h("option", {value: "text", selected: by === "text"}, "which latents fire on this text"),
+    h("option", {value: "explanation", selected: by === "explanation"}, "words in explanations (autointerp)"));
   const dsel = dictSelect(dicts, dict, {id: "search-dict", all: true});
   const form = h("form", {class: "row", id: "search-form", onsubmit: (e) => {
     e.preventDefault();
@@ -336,6 +337,22 @@ async function pageFeature(name, latent) {
         f.quantiles.length ? h("div", {class: "card", style: "margin-top:12px", id: "quantiles"}, h("h2", {style: "margin-top:0"}, "Across the range (quantiles)"),
           [...f.quantiles].reverse().map((g, i) => h("details", {open: i < 2}, h("summary", {}, g.label || `quantile ${g.index}`),
             g.examples.map((e) => exampleRow(e, maxAct))))) : null)));
+  showExplanation(name, latent);
+}
+
+/** The latent's `openscope autointerp` explanation and scores above its dashboard, when it has one. */
+async function showExplanation(name, latent) {
+  let a = null;
+  try { a = await api("/api/autointerp" + qs({dictionary: name, latent})); } catch (_) { return; }
+  const cols = app.querySelector(".cols");
+  if (!a || !cols) return;
+  const score = (v, label, n) => (v === null ? null : h("span", {class: "badge"}, `${label} ${fmt(v)} (${n})`));
+  cols.before(h("div", {class: "card", id: "autointerp", style: "margin-bottom:12px"},
+    h("h2", {style: "margin-top:0"}, "Explanation (autointerp)"),
+    h("p", {id: "explanation"}, a.explanation || h("span", {class: "muted"}, `unexplained: ${a.reason}`)),
+    h("div", {class: "muted", style: "font-size:12px"}, score(a.detection, "detection", `${a.n_detection} texts`),
+      score(a.fuzzing, "fuzzing", `${a.n_fuzzing} tokens`), ` 0.5 is chance · explainer ${a.explainer}, scorer ${a.scorer}`,
+      a.explanation && a.reason ? ` · ${a.reason}` : null)));
 }
 
 function initialText(params, fallback) { return params.get("text") || fallback; }
