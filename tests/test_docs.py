@@ -1,7 +1,8 @@
 """The documentation: the site builds in strict mode (a broken link, a missing anchor or an unlisted
 page fails), the README's links resolve, and every `openscope ...` command line shown in the README or
 the docs names a real command and only flags that command has (so an example that stops working
-fails here). The CLI and API pages are generated from the code (scripts/docs_hooks.py)."""
+fails here; tests/test_docs_run.py also runs the walk-throughs on the tiny model). The CLI and API pages
+are generated from the code (scripts/docs_hooks.py)."""
 
 from __future__ import annotations
 
