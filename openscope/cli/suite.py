@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich import box
+from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -103,12 +104,9 @@ def print_costs(result: PlanResult, per_item: bool) -> None:
         table.add_row(*cells, style="bold" if i == len(rows) - 1 else None)
     # Never cut the numbers short: a terminal narrower than the table wraps its lines instead.
     needed = console.measure(table, options=console.options.update_width(1000)).maximum
-    width = console.width
-    console.width = max(width, needed)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
+    # A console of the table's width for it alone (console.print clamps to the terminal's width, and
+    # setting console.width would fix the shared console's width for good).
+    Console(width=max(console.width, needed), force_terminal=console.is_terminal).print(table)
     speeds = sorted(result.here.by_shape.items())
     measured = ", ".join(f"{d}x{w}: {s / 1e9:.0f}" for (d, w), s in speeds)
     console.print(
