@@ -42,24 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_ddp")
 
 
-def tiny_model(folder: Path) -> Path:
-    """The tests' tiny random Gemma 3 (seed 0) and its tokenizer, saved once under folder."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_gemma, make_tokenizer  # pyright: ignore[reportMissingImports]
-
-    if not (folder / "config.json").is_file():
-        tok = make_tokenizer()
-        make_tiny_gemma(len(tok)).save_pretrained(folder)
-        tok.save_pretrained(folder)
-    return folder
-
-
 def the_store(args: argparse.Namespace, work: Path) -> Path:
     """The store to train on: harvested unless a complete one is already at --store."""
     store = Path(args.store) if args.store else work / "store"
     if (store / "manifest.json").is_file() and ActivationStore(store, verify=False).complete:
         log.info("reusing the store at %s", store)
         return store
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_train_many import tiny_model  # the sibling benchmark's tiny model, saved once
+
     model = str(tiny_model(work / "tiny")) if args.tiny else "gemma-3-270m"
     cfg = HarvestConfig(
         model=model,
