@@ -277,8 +277,9 @@ def test_neighbours_match_brute_force_cosine(built, sae):
 
 
 def _dump(db_path: Path, name: str, width: int) -> list[dict]:
+    """Every latent's dashboard and extras (correlations over the streamed tokens included)."""
     with FeatureDB(db_path) as db:
-        return [db.feature(name, i).model_dump() for i in range(width)]
+        return [{**db.feature(name, i).model_dump(), **db.extras(name, i).model_dump()} for i in range(width)]
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny, store, sae, built, tmp_path):

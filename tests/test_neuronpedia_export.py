@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from test_features import built, config, corpus, sae, store  # noqa: F401 - the feature index fixtures
+import torch
+from test_features import SITE, Brute, built, config, corpus, make_coder, sae, store  # noqa: F401 - fixtures
 
+from openscope.activations.store import ActivationStore
+from openscope.coders.dictionary import in_memory
 from openscope.features import FeatureDB, compute_features
+from openscope.features.correlations import NEURON_VALUES, feature_correlates, head_distribution, neuron_width
+from openscope.features.neuronpedia import export_neuronpedia
+from openscope.models.sites import Site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,3 +176,159 @@ def test_batches_split_at_the_batch_size(built: Path, tmp_path: Path) -> None:  
     indices = [f["feature_index"] for p in files[:-1] for f in json.loads(p.read_text())["features"]]
     assert indices == [i for i in range(10) if i in alive]
     assert all(len(json.loads(p.read_text())["features"]) <= 4 for p in files[:-1])
+
+
+# ---- what the dashboards add: logit histogram, correlations, decoder weights per head -----------------
+
+
+def _features(folder: Path) -> dict[int, dict[str, Any]]:
+    return {f["feature_index"]: f for b in _batches(folder) for f in b["features"]}
+
+
+def _inputs(store_root: Path) -> torch.Tensor:
+    """The dictionary's input at every row of the store, in the order Brute reads them."""
+    st = ActivationStore(store_root)
+    return torch.cat([st.read_shard(i, [SITE.name])[SITE.name] for i in range(len(st.shards))]).float()
+
+
+def test_logit_histogram_covers_the_whole_vocabulary(exported: Path, tiny, sae) -> None:  # noqa: F811
+    w_u = tiny.model.lm_head.weight.detach().float()
+    gain = 1 + tiny.model.model.norm.weight.detach().float()
+    logits = (sae.coder.w_dec.detach() * gain) @ w_u.t()  # W_U·(g ⊙ d), every token
+    features = _features(exported / "export" / "sae")
+    assert features
+    with FeatureDB(exported / "features.db") as db:
+        for latent, f in features.items():
+            heights, values = f["logits_hist_data_bar_heights"], f["logits_hist_data_bar_values"]
+            assert len(heights) == len(values) == 40  # SAEDashboard's 40 bins, none trimmed
+            assert sum(heights) == w_u.shape[0]  # every token in one bar
+            hist = db.extras("sae", latent).logit_histogram
+            assert hist is not None
+            assert hist.lo == pytest.approx(float(logits[latent].min()), abs=1e-5)
+            assert hist.hi == pytest.approx(float(logits[latent].max()), abs=1e-5)
+            width = (hist.hi - hist.lo) / 40
+            assert values[0] == pytest.approx(hist.lo + width / 2, abs=1e-5)
+            assert values[-1] == pytest.approx(hist.hi - width / 2, abs=1e-5)
+            # the counts are the histogram of that vector (torch.histc: the max in the last bin)
+            want = torch.histc(logits[latent], bins=40, min=hist.lo, max=hist.hi)
+            assert np.abs(np.array(heights) - want.numpy()).sum() <= 2  # float edges may move a token
+
+
+def test_correlated_neurons_are_pearson_over_the_tokens(exported: Path, store, sae) -> None:  # noqa: F811
+    acts = Brute(store, sae).acts.double().numpy()
+    x = _inputs(store).double().numpy()
+    features = _features(exported / "export" / "sae")
+    assert len(features) > 5
+    for latent, f in features.items():
+        assert len(f["correlated_neurons_indices"]) == 3
+        a = acts[:, latent]
+        r = np.array([np.corrcoef(a, x[:, j])[0, 1] for j in range(x.shape[1])])
+        top = np.argsort(-r, kind="stable")[:3]
+        assert f["correlated_neurons_indices"] == top.tolist()
+        assert f["correlated_neurons_pearson"] == pytest.approx(r[top].tolist(), abs=1e-4)
+        cos = [a @ x[:, j] / np.sqrt((a @ a) * (x[:, j] @ x[:, j])) for j in top]
+        assert f["correlated_neurons_l1"] == pytest.approx(cos, abs=1e-4)
+
+
+def test_correlated_features_find_a_planted_pair(tiny, store, tmp_path: Path) -> None:  # noqa: F811
+    coder = make_coder(store, SITE, 48, seed=1)
+    with torch.no_grad():  # latent 7 is a copy of latent 3: they always fire together, equally
+        coder.w_enc[:, 7] = coder.w_enc[:, 3]
+        coder.b_enc[7] = coder.b_enc[3]
+        assert coder.log_threshold is not None
+        coder.log_threshold[7] = coder.log_threshold[3]
+    d = in_memory(coder, SITE, name="pair")
+    compute_features(
+        config(tmp_path, store, export=tmp_path / "export", neuronpedia=True), tiny, [d], progress=False
+    )
+    features = _features(tmp_path / "export" / "pair")
+    for a, b in ((3, 7), (7, 3)):
+        assert features[a]["correlated_features_indices"][0] == b
+        assert features[a]["correlated_features_pearson"][0] == pytest.approx(1, abs=1e-5)
+        assert features[a]["correlated_features_l1"][0] == pytest.approx(1, abs=1e-5)
+    # The sample is every token here (fewer than the sample size): numpy's correlations over them.
+    acts = Brute(store, d).acts.double().numpy()
+    with sqlite3.connect(tmp_path / "features.db") as conn:
+        settings = json.loads(conn.execute("SELECT settings FROM dictionaries").fetchone()[0])
+    assert settings["correlation_sample"] == len(acts)
+    live = acts.std(0) > 0
+    r = np.corrcoef(acts[:, live], rowvar=False)
+    np.fill_diagonal(r, -np.inf)
+    ids = np.flatnonzero(live).tolist()
+    for latent, f in features.items():
+        assert len(f["correlated_features_indices"]) == 3
+        row = r[ids.index(latent)]
+        top = np.argsort(-row, kind="stable")[:3]
+        # the top 3 by numpy's correlations (3 and 7 tie with every other latent: either may come first)
+        got = [row[ids.index(i)] for i in f["correlated_features_indices"]]
+        assert got == pytest.approx(row[top].tolist(), abs=1e-6)
+        assert f["correlated_features_pearson"] == pytest.approx(row[top].tolist(), abs=1e-4)
+        cos = [
+            acts[:, latent]
+            @ acts[:, ids[j]]
+            / np.linalg.norm(acts[:, latent])
+            / np.linalg.norm(acts[:, ids[j]])
+            for j in top
+        ]
+        assert f["correlated_features_l1"] == pytest.approx(cos, abs=1e-4)
+
+
+def test_feature_correlates_match_numpy_in_chunks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.relu(torch.randn(300, 20, generator=gen))
+    codes[:, 5] = 0  # never fires: no correlates, and no one's correlate
+    codes[:, 9] = 2 * codes[:, 4] + 1e-3 * torch.rand(300, generator=gen)
+    got = feature_correlates(codes, 3, chunk_values=37)  # chunks of one latent
+    live = [i for i in range(20) if i != 5]
+    r = np.full((20, 20), -np.inf)
+    r[np.ix_(live, live)] = np.corrcoef(codes[:, live].double().numpy(), rowvar=False)
+    np.fill_diagonal(r, -np.inf)
+    assert got[5] == []
+    for latent in set(range(20)) - {5}:
+        row = r[latent]
+        top = np.argsort(-row, kind="stable")[:3]
+        assert [i for i, _, _ in got[latent]] == top.tolist()
+        assert [p for _, p, _ in got[latent]] == pytest.approx(row[top].tolist(), abs=1e-5)
+    assert got[4][0][0] == 9 and got[9][0][0] == 4
+
+
+def test_decoder_weights_dist_of_an_attn_out_dictionary(tiny, store, tmp_path: Path) -> None:  # noqa: F811
+    coder = make_coder(store, SITE, 24, seed=3, kind="transcoder")
+    with torch.no_grad():  # 4 heads of 16: latent 0 writes only into head 2
+        coder.w_dec[0] = 0
+        coder.w_dec[0, 32:48] = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    d = in_memory(coder, SITE, Site(1, "attn_out"), name="attn")
+    compute_features(
+        config(tmp_path, store, export=tmp_path / "export", neuronpedia=True), tiny, [d], progress=False
+    )
+    with FeatureDB(tmp_path / "features.db") as db:
+        assert db.extras("attn", 0).head_distribution == pytest.approx([0, 0, 1, 0], abs=1e-6)
+    for latent, f in _features(tmp_path / "export" / "attn").items():
+        dist = f["decoder_weights_dist"]
+        assert len(dist) == 4 and sum(dist) == pytest.approx(1, abs=1e-4)
+        if latent == 0:
+            assert dist == [0, 0, 1, 0]
+    w = torch.zeros(2, 12)
+    w[0, 4:8], w[1] = 3.0, 1.0  # pure: head 1 alone; every head equally
+    assert head_distribution(w, 3) == [[0.0, 1.0, 0.0], pytest.approx([1 / 3] * 3)]
+
+
+def test_an_older_database_exports_empty_extras(built: Path, tmp_path: Path) -> None:  # noqa: F811
+    old = tmp_path / "old.db"
+    shutil.copyfile(built, old)
+    with sqlite3.connect(old) as conn:
+        conn.execute("DROP TABLE latent_extras")  # as made before the table existed
+    files = export_neuronpedia(old, "sae", tmp_path / "out", list(range(48)))
+    features = [f for p in files[:-1] for f in json.loads(p.read_text())["features"]]
+    assert features
+    for f in features:
+        check_schema(f, FEATURE, "feature")
+        for key in ("logits_hist_data_bar_heights", "correlated_neurons_indices", "correlated_features_l1"):
+            assert f[key] == []
+
+
+def test_neuron_sums_stay_within_their_memory_budget() -> None:
+    """A dictionary whose [F, d_in] sums would pass the budget keeps no correlated neurons; one within
+    it keeps every coordinate."""
+    assert neuron_width(4096, 640) == 640
+    assert neuron_width(NEURON_VALUES // 640 + 1, 640) == 0

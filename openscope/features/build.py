@@ -4,7 +4,11 @@ For every latent of each dictionary, over a token budget:
 - **top-k examples** and **quantile examples** (`openscope.features.examples`);
 - **firing frequency**, mean activation (over firing tokens), max activation, and a histogram of the
   nonzero activations on fixed log-spaced bins (`openscope.features.streaming`);
-- **logit effects** and **neighbours** of its decoder direction (`openscope.features.directions`);
+- **logit effects** (top/bottom tokens and the histogram over the vocabulary) and **neighbours** of its
+  decoder direction (`openscope.features.directions`);
+- **correlated neurons** (input coordinates, over every token) and **correlated features** (other
+  latents, over a bounded token sample), and for `attn_out` dictionaries the decoder's split over
+  attention heads (`openscope.features.correlations`): what Neuronpedia's dashboards add;
 - **roles** (chat data, whose tokens carry roles): per role, the firing frequency and mean activation,
   and how specific the latent is to that role (`openscope.features.roles`). `--roles model` indexes only
   the tokens of those roles.
@@ -60,23 +64,25 @@ from openscope.data.chat import role_ids
 from openscope.data.sources import is_chat_source
 from openscope.errors import OpenscopeError
 from openscope.features.config import FeaturesConfig
-from openscope.features.directions import LogitRows, logit_rows, neighbour_lists, output_directions
+from openscope.features.correlations import head_distribution
+from openscope.features.directions import LogitHist, LogitRows, logit_rows, neighbour_lists, output_directions
 from openscope.features.examples import finish_examples
 from openscope.features.export import FEATURE_EXPORT, export_features
-from openscope.features.index import ExampleRow, FeatureRow, connect, mark_pending, write_results
+from openscope.features.index import ExampleRow, ExtraRow, FeatureRow, connect, mark_pending, write_results
 from openscope.features.neuronpedia import decoder_directions
 from openscope.features.roles import role_rows
 from openscope.features.schema import DictionaryInfo
 from openscope.features.streaming import LatentStats, hist_edges
 from openscope.files import absolute, check_output, child, safe_name
-from openscope.models.load import LoadedModel, load_model, resolve_device
+from openscope.models.load import LoadedModel, load_model, resolve_device, text_config
 from openscope.models.sites import Site
 from openscope.models.tokens import token_pieces
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1
-"""Bumped when the computation changes meaning (part of every fingerprint)."""
+FEATURES_VERSION = 2
+"""Bumped when the computation changes meaning (part of every fingerprint). 2: the Neuronpedia extras
+(logit histograms, correlations, head distributions) and their streaming state."""
 
 
 class FeaturesResult(NamedTuple):
@@ -101,10 +107,19 @@ class FeaturesResult(NamedTuple):
 # ---- finishing: from streaming state to database rows ----------------------------------------------
 
 
-def finish(
-    stats: LatentStats, d: Dictionary, loaded: LoadedModel, cfg: FeaturesConfig
-) -> tuple[list[FeatureRow], list[ExampleRow], list[tuple[int, int, int, int, float]], dict[int, str]]:
-    """Database rows of one dictionary: features, examples, logits, and the vocabulary they use."""
+class Finished(NamedTuple):
+    """The database rows of one dictionary."""
+
+    features: list[FeatureRow]
+    examples: list[ExampleRow]
+    logits: list[tuple[int, int, int, int, float]]
+    vocab: dict[int, str]
+    """Every token id the rows use, as text."""
+    extras: list[ExtraRow]
+
+
+def finish(stats: LatentStats, d: Dictionary, loaded: LoadedModel, cfg: FeaturesConfig) -> Finished:
+    """Database rows of one dictionary: features, examples, logits, the vocabulary they use, extras."""
     f = stats.width
     directions = latent_directions(d).cpu()
     logits = _logit_rows(loaded, d, directions, cfg.logits)
@@ -139,7 +154,37 @@ def finish(
                 neighbours=neighbours[latent],
             )
         )
-    return features, examples.rows, logits.rows, vocab
+    extras = extra_rows(stats, d, loaded, directions, logits)
+    return Finished(features, examples.rows, logits.rows, vocab, extras)
+
+
+def extra_rows(
+    stats: LatentStats, d: Dictionary, loaded: LoadedModel, directions: Tensor, logits: LogitRows
+) -> list[ExtraRow]:
+    """Per latent, what the Neuronpedia export adds: logit histogram, correlated neurons and features,
+    and (attn_out dictionaries) the head distribution of its direction."""
+    neurons = stats.corr.neurons()
+    correlates = stats.corr.features(device=loaded.device)
+    heads = head_rows(d, loaded, directions)
+    return [
+        ExtraRow(latent, h, neurons[latent], correlates[latent], heads[latent])
+        for latent, h in enumerate(logits.hist)
+    ]
+
+
+def head_rows(d: Dictionary, loaded: LoadedModel, directions: Tensor) -> list[list[float]]:
+    """Per latent, `head_distribution` of its direction where it writes an `attn_out` site ([] elsewhere)."""
+    config = text_config(loaded.model.config)
+    n_heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 0)
+    f = d.coder.cfg.width
+    out: list[list[float]] = []
+    for i, site in enumerate(d.sites_out):
+        part = directions[i * f : (i + 1) * f]
+        if site.kind == "attn_out" and n_heads and part.shape[1] % n_heads == 0:
+            out += head_distribution(part, n_heads)
+        else:
+            out += [[] for _ in range(len(part))]
+    return out
 
 
 def latent_directions(d: Dictionary) -> Tensor:
@@ -161,11 +206,13 @@ def _logit_rows(loaded: LoadedModel, d: Dictionary, directions: Tensor, k: int) 
     f = d.coder.cfg.width
     rows: list[tuple[int, int, int, int, float]] = []
     top_id: list[int] = []
+    hist: list[LogitHist | None] = []
     for i, site in enumerate(d.sites_out):
         part = logit_rows(loaded, d._replace(site_out=site), directions[i * f : (i + 1) * f], k)
         rows += [(latent + i * f, sign, rank, token, value) for latent, sign, rank, token, value in part.rows]
         top_id += part.top_id
-    return LogitRows(rows, top_id)
+        hist += part.hist
+    return LogitRows(rows, top_id, hist)
 
 
 def latents_of(d: Dictionary, acts: Mapping[Site, Tensor]) -> Tensor:
@@ -338,7 +385,7 @@ def _write(
 ) -> None:
     """Finish one dictionary's dashboards and write them (one transaction)."""
     edges = hist_edges(cfg.hist_min, cfg.hist_max, cfg.bins_per_decade).tolist()
-    features, examples, logits, vocab = finish(stats, d, loaded, cfg)
+    done = finish(stats, d, loaded, cfg)
     alive = int((stats.n_fired > 0).sum())
     info = _info(d, loaded, label, stats.tokens_done, alive, complete=True)
     write_results(
@@ -348,13 +395,15 @@ def _write(
         {
             **settings,
             "hist_edges": edges,
+            "correlation_sample": len(stats.corr.keys),
             "config": json.loads(json.dumps(asdict(cfg), default=str)),
         },
-        features,
-        examples,
-        logits,
-        vocab,
+        done.features,
+        done.examples,
+        done.logits,
+        done.vocab,
         role_rows(stats.roles),
+        done.extras,
     )
     log.info("%s: %d of %d latents alive over %d tokens", d.name, info.alive, info.width, info.n_tokens)
 
@@ -449,7 +498,8 @@ def _stream(
     """The streaming pass over the data for every pending dictionary at once (one read/forward per batch)."""
     stats: dict[str, LatentStats] = {}
     for d in dicts:
-        s = LatentStats(d.coder.cfg.width * d.n_layers, cfg)
+        d_in = 0 if d.is_multilayer else int(d.coder.cfg.d_in)  # no correlated neurons for multi-layer coders
+        s = LatentStats(d.coder.cfg.width * d.n_layers, cfg, d_in)
         if not cfg.force and _load_progress(conn, d.name, prints[d.name], s):
             log.info("%s: resuming after %d batches (%d tokens)", d.name, s.batches_done, s.tokens_done)
         stats[d.name] = s
@@ -484,7 +534,8 @@ def _stream(
                 s = stats[d.name]
                 if batch.index < s.batches_done or s.tokens_done >= cfg.tokens:
                     continue
-                s.update(batch, latents_of(d, batch.acts).float().cpu())
+                inputs = None if d.is_multilayer else batch.acts[d.site_in].float().cpu()
+                s.update(batch, latents_of(d, batch.acts).float().cpu(), inputs)
             n_tokens += n_rows
             bar.update(n_rows)
             since_checkpoint += 1

@@ -17,11 +17,14 @@ from openscope.data.chat import ROLES
 from openscope.errors import OpenscopeError
 from openscope.features.index import DEFAULT_DB, blob_floats, blob_ints, connect, token_key
 from openscope.features.schema import (
+    Correlate,
     DictionaryInfo,
     Example,
     FeatureDetail,
     FeatureSummary,
     Histogram,
+    LatentExtras,
+    LogitHistogram,
     Neighbour,
     QuantileGroup,
     RoleStat,
@@ -51,6 +54,7 @@ class FeatureDB:
         self._lock = threading.Lock()
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self._has_roles = "role_stats" in tables  # databases from before role statistics lack it
+        self._has_extras = "latent_extras" in tables  # and those from before the Neuronpedia extras
 
     def close(self) -> None:
         self._conn.close()
@@ -150,6 +154,32 @@ class FeatureDB:
             bottom_logits=[t for s, t in logits if s < 0],
             neighbours=[Neighbour(latent=a, cosine=c) for a, c in json.loads(row["neighbours"] or "[]")],
             roles=self._role_stats(dictionary, latent),
+        )
+
+    def extras(self, dictionary: str, latent: int) -> LatentExtras:
+        """What SAEDashboard's dashboards add for one latent (logit histogram, correlated neurons and
+        features, per-head decoder weights); empty where not computed (older databases)."""
+        self.dictionary(dictionary)
+        if not self._has_extras:
+            return LatentExtras()
+        rows = self._rows(
+            "SELECT * FROM latent_extras WHERE dictionary = ? AND latent = ?", (dictionary, latent)
+        )
+        if not rows:
+            return LatentExtras()
+        r = rows[0]
+        hist = None
+        if r["logits_counts"] is not None:
+            hist = LogitHistogram(lo=r["logits_lo"], hi=r["logits_hi"], counts=json.loads(r["logits_counts"]))
+
+        def table(text: str | None) -> list[Correlate]:
+            return [Correlate(index=i, pearson=p, cosine=c) for i, p, c in json.loads(text or "[]")]
+
+        return LatentExtras(
+            logit_histogram=hist,
+            correlated_neurons=table(r["neurons"]),
+            correlated_features=table(r["correlates"]),
+            head_distribution=json.loads(r["heads"] or "[]"),
         )
 
     # -- chat roles

@@ -25,6 +25,9 @@ Tables (one database holds many dictionaries; every row is keyed by the dictiona
     role_stats(dictionary, latent, role, n_tokens, n_fired, frequency, mean_activation,
              frequency_elsewhere, specificity)   PRIMARY KEY (dictionary, latent, role)
              chat data only (openscope.features.roles); absent from databases made before it existed
+    latent_extras(dictionary, latent, logits_lo, logits_hi, logits_counts, neurons, correlates, heads)
+             PRIMARY KEY (dictionary, latent)          logits_counts, neurons, correlates, heads: JSON
+             what the Neuronpedia export adds (`ExtraRow`); absent from databases made before it existed
 
 Indexes: examples(max_token_id) for search by token, logits(token_id) for search by logit,
 vocab(key) to turn a word into token ids.
@@ -81,6 +84,9 @@ CREATE TABLE IF NOT EXISTS role_stats(
     n_fired INTEGER, frequency REAL, mean_activation REAL, frequency_elsewhere REAL, specificity REAL,
     PRIMARY KEY (dictionary, latent, role)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS role_stats_rank ON role_stats(dictionary, role, specificity);
+CREATE TABLE IF NOT EXISTS latent_extras(
+    dictionary TEXT NOT NULL, latent INTEGER NOT NULL, logits_lo REAL, logits_hi REAL, logits_counts TEXT,
+    neurons TEXT, correlates TEXT, heads TEXT, PRIMARY KEY (dictionary, latent)) WITHOUT ROWID;
 """
 
 
@@ -234,6 +240,21 @@ class RoleStatRow(NamedTuple):
     """frequency / (frequency + frequency_elsewhere)."""
 
 
+class ExtraRow(NamedTuple):
+    """What SAEDashboard's dashboards add for one latent (one row of `latent_extras`)."""
+
+    latent: int
+    """Latent index."""
+    logit_hist: tuple[float, float, list[int]] | None
+    """(lo, hi, counts) of its logit effects over the vocabulary; None if it has none."""
+    neurons: list[tuple[int, float, float]]
+    """Correlated input coordinates: (coordinate, pearson, cosine), highest pearson first."""
+    correlates: list[tuple[int, float, float]]
+    """Correlated latents: (latent, pearson, cosine), highest pearson first."""
+    heads: list[float]
+    """attn_out dictionaries: each head's share of the decoder direction's norm ([] otherwise)."""
+
+
 def mark_pending(conn: sqlite3.Connection, info: DictionaryInfo) -> None:
     """List a dictionary whose dashboards are being computed (complete = 0), unless it already has
     complete ones: those stay visible until `write_results` replaces them."""
@@ -264,15 +285,16 @@ def write_results(
     logits: Iterable[tuple[int, int, int, int, float]],
     vocab: dict[int, str],
     role_stats: Iterable[RoleStatRow] = (),
+    extras: Iterable[ExtraRow] = (),
 ) -> None:
     """Replace one dictionary's dashboards in one transaction and drop its progress checkpoint.
 
     logits rows: (latent, sign, rank, token_id, value). vocab: every token id the rows mention.
-    role_stats: per (latent, role) rows, chat data only.
+    role_stats: per (latent, role) rows, chat data only. extras: per latent, what the Neuronpedia export adds.
     """
     name = info.name
     with conn:  # one transaction: commit on success, roll back on any error
-        for table in ("features", "examples", "logits", "role_stats"):
+        for table in ("features", "examples", "logits", "role_stats", "latent_extras"):
             conn.execute(f"DELETE FROM {table} WHERE dictionary = ?", (name,))
         conn.execute(
             "INSERT OR REPLACE INTO dictionaries(name, site, site_out, width, kind, model, folder, source, "
@@ -338,7 +360,21 @@ def write_results(
             "INSERT INTO role_stats VALUES (?,?,?,?,?,?,?,?,?)", ((name, *row) for row in role_stats)
         )
         conn.executemany(
+            "INSERT INTO latent_extras VALUES (?,?,?,?,?,?,?,?)", (_extra(name, e) for e in extras)
+        )
+        conn.executemany(
             "INSERT OR IGNORE INTO vocab VALUES (?,?,?,?)",
             ((info.model, i, t, token_key(t)) for i, t in vocab.items()),
         )
         conn.execute("DELETE FROM progress WHERE dictionary = ?", (name,))
+
+
+def _extra(dictionary: str, e: ExtraRow) -> tuple[Any, ...]:
+    lo, hi, counts = e.logit_hist if e.logit_hist is not None else (None, None, None)
+
+    def table(rows: list[tuple[int, float, float]]) -> str:
+        return json.dumps([[i, round(p, 6), round(c, 6)] for i, p, c in rows])
+
+    heads = json.dumps([round(h, 6) for h in e.heads])
+    counts_json = json.dumps(counts) if counts is not None else None
+    return (dictionary, e.latent, lo, hi, counts_json, table(e.neurons), table(e.correlates), heads)

@@ -249,6 +249,42 @@ class FeatureDetail(FeatureSummary):
         }
 
 
+class Correlate(_Model):
+    """A neuron (input coordinate) or another latent whose activations correlate with a latent's."""
+
+    index: int = Field(description="The neuron's coordinate or the other latent's index.")
+    pearson: float = Field(description="Pearson correlation of the two activations over the tokens.")
+    cosine: float = Field(description="Cosine similarity of the two uncentred activation vectors.")
+
+
+class LogitHistogram(_Model):
+    """Histogram of a latent's logit effects over the whole vocabulary (equal-width bins)."""
+
+    lo: float = Field(description="The smallest effect: the first bin's left edge.")
+    hi: float = Field(description="The largest effect: the last bin's right edge.")
+    counts: list[int] = Field(description="Tokens per bin, from lo to hi (they sum to the vocabulary size).")
+
+
+class LatentExtras(_Model):
+    """What SAEDashboard's dashboards add (the Neuronpedia export): empty when not computed, e.g. in a
+    database made before they were."""
+
+    logit_histogram: LogitHistogram | None = Field(
+        default=None, description="None when the dictionary does not write the residual stream."
+    )
+    correlated_neurons: list[Correlate] = Field(
+        default_factory=list, description="Input coordinates most correlated with the latent, highest first."
+    )
+    correlated_features: list[Correlate] = Field(
+        default_factory=list,
+        description="Latents most correlated with it over a token sample, highest first.",
+    )
+    head_distribution: list[float] = Field(
+        default_factory=list,
+        description="attn_out dictionaries: each head's share of the decoder direction's norm (sums to 1).",
+    )
+
+
 class DictionaryInfo(_Model):
     """One dictionary in the feature index."""
 

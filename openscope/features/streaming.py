@@ -5,7 +5,9 @@ histograms are `bincount`s; the top-k and the sample are kept per latent in fixe
 (`Slots`), and a batch enters them through a segmented top-k over just the entries that beat the
 current k-th value (`segmented_topk`), so after the first batches almost nothing is sorted. The
 histogram has fixed log-spaced bins (`hist_edges`, the same edges for every latent, so it streams
-exactly). `LatentStats` holds all of it for one dictionary and checkpoints to a dict of tensors.
+exactly). `LatentStats` holds all of it for one dictionary, with the sums and token sample behind the
+correlated neurons and features (`openscope.features.correlations`), and checkpoints to a dict of
+tensors.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 from openscope.activations.batches import TokenBatch
 from openscope.errors import OpenscopeError
 from openscope.features.config import FeaturesConfig
+from openscope.features.correlations import Correlations, neuron_width, sample_size
 from openscope.features.roles import RoleCounter
 
 # ---- pure math ------------------------------------------------------------------------------------
@@ -196,9 +199,10 @@ class Slots:
 
 
 class LatentStats:
-    """The streaming statistics of one dictionary's latents (everything `finish` needs)."""
+    """The streaming statistics of one dictionary's latents (everything `finish` needs); `d_in` is the
+    width of the dictionary's input, whose coordinates the latents are correlated with (0: not kept)."""
 
-    def __init__(self, width: int, cfg: FeaturesConfig) -> None:
+    def __init__(self, width: int, cfg: FeaturesConfig, d_in: int = 0) -> None:
         self.cfg = cfg
         self.width = width
         self.edges = hist_edges(cfg.hist_min, cfg.hist_max, cfg.bins_per_decade)
@@ -211,20 +215,23 @@ class LatentStats:
         self.hist = torch.zeros(width, self.n_bins, dtype=torch.long)
         self.roles = RoleCounter(width)
         """Per-role counts (chat data; stay zero for plain text)."""
+        self.corr = Correlations(width, neuron_width(width, d_in), sample_size(width, cfg.tokens))
+        """Correlated neurons (sums over every token) and features (a sample of tokens)."""
         self.tokens_done = 0
         self.batches_done = 0
 
-    def update(self, batch: TokenBatch, acts: Tensor) -> None:
-        """Add one batch: acts [N, F] are this dictionary's latents on the batch's rows.
+    def update(self, batch: TokenBatch, acts: Tensor, inputs: Tensor | None = None) -> None:
+        """Add one batch: acts [N, F] are this dictionary's latents on the batch's rows, inputs [N, d_in]
+        the activations they encode (for the correlated neurons; None: not kept).
 
         Runs on one thread: these are many small memory-bound ops, and on a busy machine every
         multi-threaded op waits for a descheduled worker (measured: 0.1 s per 4096-token batch of a
         4096-latent SAE on one thread, 1.2 s on two while another process used the cores).
         """
         with single_thread():
-            self._update(batch, acts)
+            self._update(batch, acts, inputs)
 
-    def _update(self, batch: TokenBatch, acts: Tensor) -> None:
+    def _update(self, batch: TokenBatch, acts: Tensor, inputs: Tensor | None) -> None:
         view = BatchView(batch, acts, self.cfg.window)
         lat, val = view.latents, view.values
         f = self.width
@@ -242,6 +249,8 @@ class LatentStats:
         keys = torch.rand(len(val), generator=gen)
         entries = (keys > self.sample.floor()[lat]).nonzero().squeeze(1)
         self.sample.offer(view, lat[entries], keys[entries], entries)
+        row_keys = torch.rand(len(acts), generator=gen)
+        self.corr.add(acts, view.rows, lat, val, inputs, row_keys)
         self.tokens_done += len(acts)
         self.batches_done = batch.index + 1
 
@@ -254,6 +263,7 @@ class LatentStats:
             "hist": self.hist,
             "counters": torch.tensor([self.tokens_done, self.batches_done]),
             **self.roles.state(),
+            **self.corr.state(),
         }
 
     def load(self, state: dict[str, Tensor]) -> None:
@@ -263,4 +273,5 @@ class LatentStats:
         self.act_sum = state["act_sum"].clone()
         self.hist = state["hist"].clone()
         self.roles.load(state)
+        self.corr.load(state)
         self.tokens_done, self.batches_done = (int(x) for x in state["counters"].tolist())
