@@ -107,6 +107,14 @@ def sparsity_coeff_at(step: int, coeff: float, warmup_steps: int) -> float:
     return linear_warmup(step, warmup_steps, coeff)
 
 
+def decaying_target(step: int, start: float, final: float, decay_steps: int) -> float:
+    """A target going linearly from `start` at step 0 to `final` at step decay_steps, then `final`
+    (the target L0 of a CLT started from greedily chosen transcoder latents)."""
+    if decay_steps <= 0 or step >= decay_steps:
+        return final
+    return start + (final - start) * step / decay_steps
+
+
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int = 0, decay_steps: int = 0) -> float:
     """Learning rate at a step: linear warm-up over warmup_steps (Gemma Scope: 1k steps), constant, then (when
     decay_steps > 0) a linear decay to zero over the last decay_steps of total_steps."""

@@ -46,6 +46,7 @@ from openscope.errors import OpenscopeError
 from openscope.eval import metrics as m
 from openscope.eval import saebench as sb
 from openscope.eval.absorption import AbsorptionReport, run_absorption
+from openscope.eval.prefixes import prefix_curve, prefix_dictionaries, prefix_point
 from openscope.eval.probing import ProbingReport, run_probing
 from openscope.eval.report import write_report
 from openscope.eval.restart import (
@@ -144,9 +145,10 @@ def evaluate(
         check_dictionaries(loaded, dicts, "--all-at-once needs at most one dictionary per site")
     for d in dicts:
         d.coder.to(loaded.device).eval()
+    cut = prefix_dictionaries(dicts, cfg.prefixes)
     log.info("evaluating %d dictionaries on %s with %s", len(dicts), loaded.name, cfg.source)
 
-    sums = _run(cfg, loaded, dicts, progress, fast)
+    sums = _run(cfg, loaded, dicts, progress, fast, [p for ps in cut.values() for _, p in ps])
     ce_clean = sums.clean.mean
     probing, absorption = _probing_and_absorption(cfg, loaded, dicts, labelled, progress)
     reports = []
@@ -176,6 +178,15 @@ def evaluate(
                 saebench=sb.core_metrics(recon, lm, lm.kl_zero, sums.core[d.name], weights),
                 probing=probing.get(d.name),
                 absorption=absorption.get(d.name),
+                prefixes=prefix_curve(
+                    [
+                        prefix_point(p, sums.recon[c.name].result(), sums.lm[c.name].result(ce_clean))
+                        for p, c in cut.get(d.name, [])
+                    ],
+                    d.coder.cfg.width,
+                    recon,
+                    lm,
+                ),
             )
         )
     report = EvalReport(
@@ -210,8 +221,16 @@ class _RunSums(NamedTuple):
 
 @torch.inference_mode()
 def _run(
-    cfg: EvalConfig, loaded: LoadedModel, dicts: list[Dictionary], progress: bool, fast: bool
+    cfg: EvalConfig,
+    loaded: LoadedModel,
+    spliced: list[Dictionary],
+    progress: bool,
+    fast: bool,
+    prefixes: Sequence[Dictionary] = (),
 ) -> _RunSums:
+    """The streamed sums of every dictionary; `prefixes` (Matryoshka prefixes cut as dictionaries) are
+    measured alone like the others but never spliced with --all-at-once."""
+    dicts = [*spliced, *prefixes]
     sites = sorted({s for d in dicts for s in (*d.sites_in, *d.sites_out)}, key=lambda s: s.order)
     recon = {
         d.name: m.ReconstructionSums(d.coder.cfg.width * d.n_layers, d.coder.cfg.d_out * d.n_layers)
@@ -241,7 +260,7 @@ def _run(
     start = time.perf_counter()
     with bar:
         for chunk in _batches(cfg, loaded):
-            n_tokens, fast = _batch(cfg, loaded, dicts, sites, chunk, sums, fast)
+            n_tokens, fast = _batch(cfg, loaded, (dicts, spliced), sites, chunk, sums, fast)
             sums = sums._replace(n_contexts=sums.n_contexts + len(chunk), n_tokens=sums.n_tokens + n_tokens)
             bar.update(len(chunk) * cfg.context_len)
     if sums.n_contexts == 0:
@@ -269,13 +288,15 @@ def _restartable(loaded: LoadedModel) -> bool:
 def _batch(
     cfg: EvalConfig,
     loaded: LoadedModel,
-    dicts: list[Dictionary],
+    measured_and_joint: tuple[list[Dictionary], list[Dictionary]],
     sites: list[Site],
     chunk: list[LabelledContext],
     sums: _RunSums,
     fast: bool,
 ) -> tuple[int, bool]:
-    """Add one batch to the sums; (tokens measured, whether restarts still work on this model)."""
+    """Add one batch to the sums of every dictionary measured (the second list: those --all-at-once
+    splices together); (tokens measured, whether restarts still work on this model)."""
+    dicts, joint_dicts = measured_and_joint
     tok, device = loaded.tokenizer, loaded.device
     batch = to_batch([c.input_ids for c in chunk], tok)
     ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -286,7 +307,7 @@ def _batch(
         measured = keep & torch.isin(roles, torch.tensor(wanted, device=device))
     rows = measured.reshape(-1).nonzero().squeeze(1)
     mask = m.ce_positions(keep) & measured[:, 1:]
-    plan = _plan(loaded, dicts, cfg, keep)
+    plan = _plan(loaded, dicts, cfg, keep, joint_dicts)
 
     # The clean forward, once: its kept activations (and logits, or the record restarts start from)
     # serve every dictionary.
@@ -336,7 +357,9 @@ class _Plan(NamedTuple):
     joint_zero: int | None
 
 
-def _plan(loaded: LoadedModel, dicts: list[Dictionary], cfg: EvalConfig, keep: Tensor) -> _Plan:
+def _plan(
+    loaded: LoadedModel, dicts: list[Dictionary], cfg: EvalConfig, keep: Tensor, joint_dicts: list[Dictionary]
+) -> _Plan:
     variants: list[Variant] = []
 
     def add(what: str, sites: Sequence[Site], hooks: Callable[[], AbstractContextManager[Any]]) -> int:
@@ -359,10 +382,10 @@ def _plan(loaded: LoadedModel, dicts: list[Dictionary], cfg: EvalConfig, keep: T
             zero[d.name] = zero_of[d.sites_out]
     joint = joint_zero = None
     if cfg.all_at_once:
-        every = [s for d in dicts for s in (*d.sites_in, *d.sites_out)]
-        joint = add("all dictionaries spliced in", every, partial(spliced, loaded, dicts, keep=keep))
+        every = [s for d in joint_dicts for s in (*d.sites_in, *d.sites_out)]
+        joint = add("all dictionaries spliced in", every, partial(spliced, loaded, joint_dicts, keep=keep))
         if cfg.loss_recovered:
-            outs = tuple(sorted({s for d in dicts for s in d.sites_out}, key=lambda s: s.order))
+            outs = tuple(sorted({s for d in joint_dicts for s in d.sites_out}, key=lambda s: s.order))
             joint_zero = add(
                 "every output site zero-ablated", outs, partial(ablated, loaded, outs, keep=keep)
             )

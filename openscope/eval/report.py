@@ -5,6 +5,8 @@ Plots (matplotlib, Agg backend, no display needed):
   the Pareto frontier (no other dictionary is both sparser and better) marked.
 - depth.png: L0, FVU and delta loss against layer, when the dictionaries span several layers.
 - frequencies.png: histograms of log10 latent firing frequency, one panel per dictionary.
+- prefix_quality.png: FVU and delta loss against Matryoshka prefix size (log x), one line per
+  dictionary with a prefix-quality curve (`openscope eval --prefixes`).
 The folder is staged (`openscope.reports.report_folder`): it appears whole in one rename, and an
 earlier report is replaced only with --overwrite.
 """
@@ -120,6 +122,7 @@ def report_json(report: EvalReport, cfg: EvalConfig | None = None) -> dict[str, 
                 **d.lm._asdict(),
                 "frequency_histogram": d.histogram._asdict(),
                 "layers": [_layer_json(d, i, lr) for i, lr in enumerate(d.layers)],
+                "prefixes": [p._asdict() for p in d.prefixes],
                 **saebench_json(d),
             }
         )
@@ -238,6 +241,7 @@ def report_markdown(report: EvalReport) -> str:
             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(LAYER_COLUMNS))) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in layer_rows(d)]
+    lines += prefix_markdown(report.dictionaries)
     lines += [
         "",
         "L0: mean active latents per token. FVU: E|y - y_hat|^2 / E|y - mean y|^2. MSE: per element. "
@@ -247,6 +251,33 @@ def report_markdown(report: EvalReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+PREFIX_COLUMNS = ("prefix", "L0", "FVU", "delta loss", "KL", "loss recovered")
+
+
+def prefix_markdown(dicts: Sequence[DictionaryReport]) -> list[str]:
+    """report.md's prefix-quality tables: one per dictionary with a curve."""
+    lines: list[str] = []
+    for d in dicts:
+        if not d.prefixes:
+            continue
+        per = " per layer" if d.n_layers > 1 else ""
+        lines += [
+            "",
+            f"## {d.name}: Matryoshka prefixes",
+            "",
+            f"The dictionary with only its first p latents{per} (later latents zeroed before decoding).",
+            "",
+            "| " + " | ".join(PREFIX_COLUMNS) + " |",
+            "|" + "|".join("---:" for _ in PREFIX_COLUMNS) + "|",
+        ]
+        lines += [
+            f"| {p.size} | {_fmt(p.l0, '.2f')} | {_fmt(p.fvu, '.4f')} | {_fmt(p.delta_loss, '.4f')} "
+            f"| {_fmt(p.kl, '.4f')} | {_fmt(p.loss_recovered, '.4f')} |"
+            for p in d.prefixes
+        ]
+    return lines
 
 
 # ---- plots -------------------------------------------------------------------------------------
@@ -351,6 +382,27 @@ def _frequency_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def _prefix_plot(dicts: Sequence[DictionaryReport], path: Path) -> None:
+    import matplotlib.pyplot as plt  # matplotlib is slow to import: only when plots are drawn
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    for ax, (title, value) in zip(
+        axes, (("FVU", lambda p: p.fvu), ("delta LM loss (nats)", lambda p: p.delta_loss)), strict=True
+    ):
+        for d in dicts:
+            if d.prefixes:
+                ax.plot([p.size for p in d.prefixes], [value(p) for p in d.prefixes], "o-", label=d.name)
+        ax.set_xscale("log")
+        ax.set_xlabel(
+            "prefix size (latents kept" + (", per layer)" if any(d.n_layers > 1 for d in dicts) else ")")
+        )
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Matryoshka prefix quality")
+    _save_figure(fig, path)
+
+
 def write_plots(report: EvalReport, output: Path) -> list[Path]:
     """The PNG plots of a report; returns the files written."""
     import matplotlib  # slow to import: only when plots are drawn
@@ -366,6 +418,9 @@ def write_plots(report: EvalReport, output: Path) -> list[Path]:
     ):
         files.append(output / "depth.png")
         _depth_plot(dicts, files[-1])
+    if any(d.prefixes for d in dicts):
+        files.append(output / "prefix_quality.png")
+        _prefix_plot(dicts, files[-1])
     return files
 
 

@@ -64,6 +64,8 @@ class EvalConfig:
     """Single-token words drawn for --absorption (80% train the probes, 20% are scored)."""
     seed: int = 42
     """Seed of --probing's and --absorption's text draws, splits and prompts."""
+    prefixes: str = "auto"
+    """Matryoshka prefix-quality curve: also measure each dictionary with only its first p latents (per layer for a CLT; later latents zeroed before decoding) on the same batches: FVU, L0, delta loss and KL per prefix, in the report and prefix_quality.png. auto: the prefixes its training recorded (`--matryoshka`; random prefixes: width/1024, /256, /64, /16, /4), none for a dictionary trained without; none: off; or sizes, e.g. `128,512` (each costs one spliced forward per batch)."""
     catalogue: Path | None = None
     """An `openscope suite run` folder: evaluate every finished dictionary of its catalogue instead of --dictionaries (on --source, by default the plan's held-out slice: `wiki[:9000]` -> `wiki[9000:]`), draw the Gemma Scope 2 report's figures (delta loss and FVU against L0 per site kind, across depth, width ladders, skip vs no skip) into --output (default: DIR/eval) and write the held-out numbers into its catalogue.json."""
 
@@ -85,6 +87,24 @@ class LMMetrics(NamedTuple):
     """(ce_zero − ce_spliced) / (ce_zero − ce_clean); None when not measured."""
     kl_zero: float | None = None
     """Mean KL(clean ‖ zero-ablated) of the next-token distributions (None when not measured)."""
+
+
+class PrefixMetrics(NamedTuple):
+    """One point of a Matryoshka dictionary's prefix-quality curve: the dictionary with only its first
+    `size` latents (per layer for a CLT)."""
+
+    size: int
+    """Latents kept (per layer for a CLT); the dictionary's width is the whole dictionary."""
+    l0: float
+    """Mean active latents per token among those kept."""
+    fvu: float
+    """Fraction of variance unexplained by the prefix's reconstruction."""
+    delta_loss: float
+    """CE with the prefix's reconstruction spliced in minus clean CE (nats)."""
+    kl: float
+    """Mean KL(clean ‖ spliced) of the next-token distributions (nats)."""
+    loss_recovered: float | None
+    """Loss recovered (None when not measured)."""
 
 
 class DictionaryReport(NamedTuple):
@@ -122,6 +142,9 @@ class DictionaryReport(NamedTuple):
     """Sparse probing (with --probing; None otherwise or for a multi-layer dictionary)."""
     absorption: AbsorptionReport | None = None
     """Feature absorption (with --absorption; None otherwise or for a dictionary that is not an SAE)."""
+    prefixes: tuple[PrefixMetrics, ...] = ()
+    """The prefix-quality curve (--prefixes), by increasing size, ending at the whole dictionary;
+    empty when no prefix was measured."""
 
 
 class EvalReport(NamedTuple):

@@ -22,7 +22,10 @@ schedules, checkpoints, metrics and provenance of the single-layer trainer (all 
 - Start: data-dependent (default): cross-layer blocks zero (L independent transcoders), b_dec^m the
   mean target, θ per layer where L0 = target, each decoder row's sign turned to agree with the
   residual its latent's tokens leave, encoder scaled per layer to the best reconstruction size;
-  or from single-layer transcoders (`--init-from`, `clt_from_transcoders`).
+  or from single-layer transcoders (`--init-from`, `clt_from_transcoders`; with `--init-greedy`, Gemma
+  Scope 2 App. B's greedy choice, `openscope.coders.clt_init`, and a target L0 that starts at the chosen
+  latents' summed L0, measured on the first batch and kept in the checkpoint, decaying to --target-l0
+  over the sparsity warm-up).
 - Under torchrun every rank is a data-parallel replica of the one coder: each trains on its share of
   every global batch, with batch statistics reduced and gradients averaged (`openscope.train.parallel`),
   so the result is the single process's.
@@ -53,6 +56,7 @@ from tqdm.auto import tqdm
 from openscope.activations.batches import ActivationBatch
 from openscope.activations.store import ActivationStore
 from openscope.coders.clt import CLTConfig, CrossLayerCoder, clt_from_transcoders
+from openscope.coders.clt_init import clt_from_greedy, layer_l0
 from openscope.coders.coder import SparseCoder
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_clt
@@ -79,7 +83,13 @@ from openscope.train.loop import (
     step_config,
 )
 from openscope.train.parallel import Replicas, env_world, rank_device
-from openscope.train.steps import CLTStepStats, DeadLatentTracker, clt_train_step, make_optimizer
+from openscope.train.steps import (
+    CLTStepStats,
+    DeadLatentTracker,
+    StepConfig,
+    clt_train_step,
+    make_optimizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +248,13 @@ def _initial_coder(
     """The CLT to train (normalised units): random (Gemma Scope init), or from transcoders."""
     if cfg.init_from is None:
         return CrossLayerCoder(ccfg)
-    raw = clt_from_transcoders(load_transcoders(Path(cfg.init_from), layers), ccfg.width, ccfg.skip)
+    transcoders = load_transcoders(Path(cfg.init_from), layers)
+    if cfg.init_greedy:
+        raw, choice = clt_from_greedy(transcoders, ccfg.width, ccfg.skip)
+        skipped = [int(u.sum()) for u in choice.used]
+        log.info("greedy CLT init: later-layer latents marked used per layer: %s", skipped)
+    else:
+        raw = clt_from_transcoders(transcoders, ccfg.width, ccfg.skip)
     got = (raw.cfg.d_in, raw.cfg.d_out, raw.cfg.activation)
     if got != (ccfg.d_in, ccfg.d_out, ccfg.activation):
         raise OpenscopeError(
@@ -274,6 +290,8 @@ class _CLTState:
         self.tracker = DeadLatentTracker(clt.cfg.n_layers * clt.cfg.width, dead_after)
         self.last: dict[str, list[float]] = {}
         """Last step's per-layer l0, fvu and dead_fraction."""
+        self.l0_start: float | None = None
+        """--init-greedy: the target L0 at step 0 (the chosen latents' summed L0, mean over layers)."""
 
     def state(self) -> dict[str, Any]:
         return {
@@ -281,13 +299,23 @@ class _CLTState:
             "optimizer": self.optimizer.state_dict(),
             "tokens_since_fired": self.tracker.tokens_since_fired,
             "last": self.last,
-        }
+        } | ({"l0_start": self.l0_start} if self.l0_start is not None else {})
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.clt.load_state_dict(state["coder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.tokens_since_fired = state["tokens_since_fired"]
         self.last = {k: list(v) for k, v in state["last"].items()}
+        self.l0_start = state.get("l0_start")
+
+    def step_config(self, cfg: StepConfig) -> StepConfig:
+        """The step's settings: with a greedy start, the target L0 decaying from `l0_start` over the
+        sparsity warm-up."""
+        if self.l0_start is None:
+            return cfg
+        return dataclasses.replace(
+            cfg, target_l0_start=self.l0_start, target_l0_decay_steps=cfg.sparsity_warmup_steps
+        )
 
     def means(self) -> dict[str, float]:
         return {k: sum(v) / len(v) for k, v in self.last.items() if v}
@@ -368,7 +396,12 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
             # Every replica starts from the whole first batch (its rows gathered), so all start alike.
             whole = (x, y) if reps is None else (reps.gather_rows(x, 1), reps.gather_rows(y, 1))
             calibrate_clt(state.clt, *whole, cfg)
-        stats = clt_train_step(state.clt, state.optimizer, x, y, step_cfg, step_index, state.tracker, reps)
+        if step_index == 0 and cfg.init_greedy:
+            whole_x = x if reps is None else reps.gather_rows(x, 1)
+            state.l0_start = max(float(layer_l0(state.clt, whole_x).mean()), 1e-3)
+            log.info("greedy CLT init: target L0 starts at %.4g", state.l0_start)
+        step_now = state.step_config(step_cfg)
+        stats = clt_train_step(state.clt, state.optimizer, x, y, step_now, step_index, state.tracker, reps)
         if not math.isfinite(stats.loss):
             raise OpenscopeError(f"loss became {stats.loss} at step {step_index} of the {label}; lower --lr")
         dead = [v / widths(cfg)[0] for v in stats.dead]

@@ -78,13 +78,25 @@ class TrainConfig:
     """A latent that has not fired for this many training tokens counts as dead (the dead fraction, and
     what --revive revives); capped at the run's --tokens."""
     matryoshka: str = ""
-    """Nested prefix sizes for Matryoshka training, e.g. `128,512,2048` (empty: off; a CLT: per layer)."""
+    """Matryoshka training (empty: off; a CLT: per layer). Fixed groups: nested prefix sizes, e.g.
+    `128,512,2048` (the full width is added), the same every step. Random prefixes: `random:N`, N
+    lengths drawn afresh every step, log-uniform over 1..width (every octave of sizes equally often, so
+    small prefixes are common), plus the full width, each loss weighted 1/(N+1); the draw is a pure
+    function of --seed and the step, so a resumed run equals an uninterrupted one."""
     init_from: Path | None = None
     """SAE/transcoder: start from the dictionaries saved under this folder (one per site, same kind and
     width) instead of a fresh init: fine-tune a base-model dictionary on new data, e.g. chat tokens.
     CLT: start from single-layer transcoders found under this folder (one per layer, e.g. an earlier
     `--kind transcoder` run): their first --width latents (a Matryoshka prefix) give each layer's encoder,
     threshold and own-layer decoder; later-layer decoder blocks start at zero."""
+    init_greedy: bool = False
+    """CLT with --init-from: choose each layer's latents greedily (Gemma Scope 2 App. B) instead of the
+    first --width: layers in order, each transcoder's latents in Matryoshka (index) order, skipping
+    latents marked used; for each chosen latent, the unused latent of a later layer whose encoder
+    column has the largest dot product with its decoder row is marked used (it would re-read what the
+    chosen one writes forward). The target L0 starts at the chosen latents' summed L0 (measured on the
+    first training batch, kept in the checkpoint) and decays linearly to --target-l0 over the
+    sparsity warm-up (as capped for the run)."""
     finetune: str = ""
     """`kl`: end-to-end fine-tuning of the --init-from dictionaries through the live --model (Gemma Scope 2
     §2.4): minimise (MSE + α·β·KL)/(1 + β), α = MSE/(KL + 1e-8) held constant per step, the KL between

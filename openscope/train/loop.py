@@ -26,7 +26,8 @@ from openscope.activations.batches import ActivationBatch
 from openscope.activations.live import LiveActivations
 from openscope.activations.store import ActivationStore
 from openscope.coders.io import read_coder_config
-from openscope.config import parse_ints, to_jsonable
+from openscope.coders.matryoshka import parse_matryoshka
+from openscope.config import to_jsonable
 from openscope.data.chat import role_ids
 from openscope.errors import OpenscopeError
 from openscope.files import (
@@ -213,7 +214,7 @@ def step_config(
     sparsity = cfg.sparsity
     if sparsity == "auto":
         sparsity = {"jumprelu": "quadratic_l0", "relu": "l1"}.get(cfg.activation, "none")
-    prefixes = parse_ints(cfg.matryoshka, "--matryoshka")
+    spec = parse_matryoshka(cfg.matryoshka)
     return StepConfig(
         lr=cfg.lr,
         lr_warmup_steps=min(cfg.lr_warmup_steps, total_steps // 10),
@@ -227,7 +228,9 @@ def step_config(
         max_fire_rate=cfg.max_fire_rate,
         revive=cfg.revive,  # type: ignore[arg-type]  (checked by TrainConfig)
         resample_every=cfg.resample_every,
-        matryoshka_prefixes=prefixes,
+        matryoshka_prefixes=spec.fixed,
+        matryoshka_random=spec.random,
+        matryoshka_seed=cfg.seed,
         bf16=bf16,
     )
 
@@ -243,6 +246,8 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
         skip |= {"finetune", "beta"}  # nor do those of runs from before fine-tuning
     if cfg.revive == "none":
         skip |= {"revive", "resample_every"}  # nor those of runs from before revival
+    if not cfg.init_greedy:
+        skip.add("init_greedy")  # nor those of runs from before the greedy CLT init
     if cfg.dead_tokens == TrainConfig.dead_tokens:
         skip.add("dead_tokens")
     # The sinks never change what trains; the held-out rows do (so eval_tokens counts when eval is on).

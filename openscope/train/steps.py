@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from openscope.coders import losses as L
 from openscope.coders.clt import CrossLayerCoder
 from openscope.coders.coder import Path, SparseCoder
+from openscope.coders.matryoshka import random_prefixes
 from openscope.errors import OpenscopeError
 from openscope.train.parallel import Replicas, fvu_of, fvu_sums
 from openscope.train.revive import resample_dead_, resample_dead_clt_
@@ -68,6 +69,16 @@ class StepConfig:
     plain reconstruction loss."""
     matryoshka_weights: tuple[float, ...] | None = None
     """One weight per prefix (including the appended full width); None: equal, summing to 1."""
+    matryoshka_random: int = 0
+    """Random Matryoshka prefixes: this many lengths drawn every step, log-uniform over 1..width, plus
+    the full width (`openscope.coders.matryoshka`); 0: the fixed matryoshka_prefixes (or none)."""
+    matryoshka_seed: int = 0
+    """Seed of the random prefix draws (each step's draw is a pure function of seed and step)."""
+    target_l0_start: float | None = None
+    """Quadratic L0: the target at step 0, decaying linearly to target_l0 over target_l0_decay_steps
+    (a CLT from greedily chosen transcoder latents starts at their summed L0); None: target_l0 throughout."""
+    target_l0_decay_steps: int = 0
+    """Steps over which the target L0 goes from target_l0_start to target_l0."""
     path: Path = "auto"
     """Forward implementation: auto, sparse or dense (see SparseCoder.forward)."""
     bf16: bool = False
@@ -93,6 +104,12 @@ class StepConfig:
         p = self.matryoshka_prefixes
         if any(m < 1 for m in p) or any(b <= a for a, b in itertools.pairwise(p)):
             raise OpenscopeError(f"Matryoshka prefixes must be positive and strictly increasing, got {p}")
+        if self.matryoshka_random < 0 or (self.matryoshka_random and p):
+            raise OpenscopeError(
+                "Matryoshka prefixes are fixed or a positive number of random ones, not both"
+            )
+        if self.target_l0_start is not None and not self.target_l0_start > 0:
+            raise OpenscopeError(f"target_l0_start must be positive, got {self.target_l0_start!r}")
 
 
 class StepStats(NamedTuple):
@@ -177,6 +194,26 @@ def check_sparsity(cfg: StepConfig, activation: str) -> None:
         raise OpenscopeError(f"{cfg.sparsity} sparsity needs a {needs} coder, not {activation}")
 
 
+def step_prefixes(cfg: StepConfig, step: int, width: int) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """(the Matryoshka prefixes below the width this step reconstructs from, the loss weights of those and
+    of the full width, last); weights None: Matryoshka is off (plain reconstruction loss)."""
+    if cfg.matryoshka_random:
+        return random_prefixes(cfg.matryoshka_random, width, cfg.matryoshka_seed, step)
+    if not cfg.matryoshka_prefixes:
+        return (), None
+    if cfg.matryoshka_prefixes[-1] > width:
+        raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {width}")
+    prefixes = tuple(m for m in cfg.matryoshka_prefixes if m < width)
+    return prefixes, L.matryoshka_weights(len(prefixes) + 1, cfg.matryoshka_weights)
+
+
+def target_l0_now(cfg: StepConfig, step: int) -> float | None:
+    """The quadratic L0 loss's target at a step (see `StepConfig.target_l0_start`)."""
+    if cfg.target_l0 is None or cfg.target_l0_start is None:
+        return cfg.target_l0
+    return L.decaying_target(step, cfg.target_l0_start, cfg.target_l0, cfg.target_l0_decay_steps)
+
+
 def autocast(cfg: StepConfig, x: Tensor) -> contextlib.AbstractContextManager[Any]:
     """bfloat16 autocast of the products on x's device when cfg.bf16, else nothing."""
     if not cfg.bf16:
@@ -192,12 +229,13 @@ def _schedules(cfg: StepConfig, optimizer: torch.optim.Optimizer, step: int) -> 
     return lr, L.sparsity_coeff_at(step, cfg.sparsity_coeff, cfg.sparsity_warmup_steps)
 
 
-def sparsity_loss(cfg: StepConfig, l0: Tensor, l1: Tensor, lam: float, zero: Tensor) -> Tensor:
+def sparsity_loss(cfg: StepConfig, l0: Tensor, l1: Tensor, lam: float, zero: Tensor, step: int = 0) -> Tensor:
     """The step's sparsity loss (λ = lam included) of the batch's L0 and L1 (per layer for a CLT);
     `zero` for sparsity none (topk/batchtopk: sparsity is structural)."""
     if cfg.sparsity == "quadratic_l0":
-        assert cfg.target_l0 is not None
-        return L.l0_quadratic_loss(l0, cfg.target_l0, lam)
+        target = target_l0_now(cfg, step)
+        assert target is not None
+        return L.l0_quadratic_loss(l0, target, lam)
     if cfg.sparsity == "l0":
         return L.l0_linear_loss(l0, lam)
     if cfg.sparsity == "l1":
@@ -225,9 +263,7 @@ def train_step(
     target = x if y is None else y
     if target.shape != (x.shape[0], ccfg.d_out):
         raise OpenscopeError(f"target must be [{x.shape[0]}, {ccfg.d_out}], got {list(target.shape)}")
-    prefixes = tuple(m for m in cfg.matryoshka_prefixes if m < ccfg.width)
-    if any(m > ccfg.width for m in cfg.matryoshka_prefixes):
-        raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
+    prefixes, weights = step_prefixes(cfg, step, ccfg.width)
 
     lr, lam = _schedules(cfg, optimizer, step)
 
@@ -246,9 +282,8 @@ def train_step(
     # Losses in normalised units: divide raw targets/reconstructions by C_out.
     c = coder.scale_out
     yn, recon = target / c, out.reconstruction / c
-    if cfg.matryoshka_prefixes:
-        recons = [r / c for r in out.prefix_reconstructions] + [recon]
-        rec = L.matryoshka_loss(yn, recons, L.matryoshka_weights(len(recons), cfg.matryoshka_weights))
+    if weights is not None:
+        rec = L.matryoshka_loss(yn, [r / c for r in out.prefix_reconstructions] + [recon], weights)
     else:
         rec = L.reconstruction_loss(yn, recon)
     l0, fire_rate, l1, fvu = out.l0, out.fire_rate, out.l1, None
@@ -268,7 +303,7 @@ def train_step(
         rec, l0, fire_rate, l1, fvu = g["rec"], g["l0"], g["fire_rate"], g["l1"], fvu_of(g)
         aux_terms = (g["aux"], g["aux_norm"]) if aux_terms is not None else None
     zero = rec.new_zeros(())
-    sparsity = sparsity_loss(cfg, l0, l1, lam, zero)
+    sparsity = sparsity_loss(cfg, l0, l1, lam, zero, step)
     freq = zero
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
         freq = L.frequency_penalty(fire_rate, cfg.max_fire_rate, cfg.freq_coeff)
@@ -346,9 +381,7 @@ def clt_train_step(
     n = ccfg.n_layers
     if y.shape != (n, x.shape[1], ccfg.d_out):
         raise OpenscopeError(f"CLT targets must be [{n}, {x.shape[1]}, {ccfg.d_out}], got {list(y.shape)}")
-    if any(p > ccfg.width for p in cfg.matryoshka_prefixes):
-        raise OpenscopeError(f"Matryoshka prefixes {cfg.matryoshka_prefixes} exceed the width {ccfg.width}")
-    prefixes = tuple(p for p in cfg.matryoshka_prefixes if p < ccfg.width)
+    prefixes, weights = step_prefixes(cfg, step, ccfg.width)
     if cfg.revive == "aux":
         raise OpenscopeError("revive aux (AuxK) is for single-layer coders; a CLT revives with resample")
 
@@ -358,10 +391,8 @@ def clt_train_step(
     with autocast(cfg, x):
         out = clt.train_forward(x, prefixes=prefixes, path=cfg.path)
     # reconstruction_loss means over all leading dims ([L, B]): × L makes it the sum over layers.
-    if cfg.matryoshka_prefixes:
-        recons = [*out.prefix_reconstructions, out.reconstruction]
-        weights = L.matryoshka_weights(len(recons), cfg.matryoshka_weights)
-        rec = n * L.matryoshka_loss(y, recons, weights)
+    if weights is not None:
+        rec = n * L.matryoshka_loss(y, [*out.prefix_reconstructions, out.reconstruction], weights)
     else:
         rec = n * L.reconstruction_loss(y, out.reconstruction)
     l0, fire_rate, l1, fvu = out.l0, out.fire_rate, out.l1, None
@@ -370,7 +401,7 @@ def clt_train_step(
             {"rec": rec, "l0": l0, "fire_rate": fire_rate, "l1": l1}, fvu_sums(y, out.reconstruction, (0,))
         )
         rec, l0, fire_rate, l1, fvu = g["rec"], g["l0"], g["fire_rate"], g["l1"], fvu_of(g)
-    sparsity = sparsity_loss(cfg, l0, l1, lam, rec.new_zeros(())).sum()  # per layer, summed
+    sparsity = sparsity_loss(cfg, l0, l1, lam, rec.new_zeros(()), step).sum()  # per layer, summed
     freq = rec.new_zeros(())
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
         freq = L.frequency_penalty(fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)

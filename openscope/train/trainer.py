@@ -30,7 +30,8 @@ from openscope.activations.batches import ActivationBatch
 from openscope.coders import CoderConfig, SparseCoder, ThresholdEstimator, topk_to_jumprelu
 from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_coder
-from openscope.config import check_numbers, flag, parse_ints, save_json, to_jsonable
+from openscope.coders.matryoshka import check_width, parse_matryoshka
+from openscope.config import check_numbers, flag, save_json, to_jsonable
 from openscope.errors import OpenscopeError
 from openscope.files import Staged
 from openscope.models.load import resolve_device
@@ -330,7 +331,13 @@ def _check_config(cfg: TrainConfig) -> None:
         ),
         fractions=("max_fire_rate", "lr_decay"),
     )
-    parse_ints(cfg.matryoshka, "--matryoshka")
+    spec = parse_matryoshka(cfg.matryoshka)
+    for width in widths(cfg):
+        check_width(spec, width)
+    if cfg.init_greedy and (cfg.init_from is None or cfg.kind not in ("clt", "skip_clt")):
+        raise OpenscopeError(
+            "--init-greedy chooses a CLT's latents from --init-from transcoders: --kind clt or skip_clt"
+        )
     check_logs(cfg)
     check_finetune(cfg)
     for name, values in (("width", widths(cfg)), ("target_l0", target_l0s(cfg))):
