@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
+from openscope.coders.clt_decode import add_to_targets, decode_to_targets
 from openscope.coders.sparse import make_entries, sparse_decode_blocks
 from openscope.train.steps import StepConfig, clt_train_step, make_optimizer
 
@@ -68,6 +69,36 @@ def test_block_decode_equals_the_dense_product_in_values_and_gradients() -> None
     assert v1.grad is not None and a2.grad is not None
     torch.testing.assert_close(v1.grad, a2.grad[rows, cols], rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=RTOL, atol=ATOL)
+
+
+def test_decode_to_targets_equals_the_dense_cross_layer_decode_in_values_and_gradients() -> None:
+    """Per source layer ℓ, blocks into layers ℓ..L−1, summed over sources: ŷ_m = Σ_{ℓ≤m} a_ℓ W^{ℓ→m}."""
+    gen = torch.Generator().manual_seed(1)
+    n, b, f, d = 3, 9, 7, 5
+    dense = [torch.randn(b, f, generator=gen) * (torch.rand(b, f, generator=gen) < 0.4) for _ in range(n)]
+    dense[1][4] = 0  # a row with no entries
+    ws = [torch.randn(f, n - src, d, generator=gen) for src in range(n)]
+    g = torch.randn(n, b, d, generator=gen)
+
+    values, w1 = [], [w.clone().requires_grad_(True) for w in ws]
+    blocks = []
+    for a, w in zip(dense, w1, strict=True):
+        rows, cols = a.nonzero(as_tuple=True)
+        v = a[rows, cols].clone().requires_grad_(True)
+        values.append((v, rows, cols))
+        blocks.append(decode_to_targets(v, w, make_entries(rows, cols, b, f)))
+    out = add_to_targets(blocks)
+    out.backward(g)
+
+    a2 = [a.clone().requires_grad_(True) for a in dense]
+    w2 = [w.clone().requires_grad_(True) for w in ws]
+    ref = torch.stack([torch.stack([a2[s] @ w2[s][:, m - s] for s in range(m + 1)]).sum(0) for m in range(n)])
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    for (v, rows, cols), a, wa, wb in zip(values, a2, w1, w2, strict=True):
+        assert v.grad is not None and a.grad is not None
+        torch.testing.assert_close(v.grad, a.grad[rows, cols], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(wa.grad, wb.grad, rtol=RTOL, atol=ATOL)
 
 
 CASES = [

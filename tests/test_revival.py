@@ -20,6 +20,7 @@ from openscope.train.steps import (
     StepConfig,
     clt_train_step,
     make_optimizer,
+    resample_due,
     train_step,
 )
 from tests.conftest import small_store
@@ -167,3 +168,15 @@ def test_revive_typo_is_one_line_error(
     code = run(["train", "--store", str(store_dir), "--revive", "resampel", "--output", str(tmp_path / "o")])
     assert code != 0
     assert "--revive 'resampel' is not one of none, aux, resample" in capsys.readouterr().err
+
+
+def test_no_resampling_in_the_last_stretch_of_a_run() -> None:
+    """Resamplings stop when the learning-rate decay starts (or one period before the end): a latent
+    restarted at the last step would ship unsettled."""
+    cfg = StepConfig(target_l0=2.0, revive="resample", resample_every=10, total_steps=100, lr_decay_steps=20)
+    due = [s for s in range(100) if resample_due(cfg, s, None)]
+    assert due == [9, 19, 29, 39, 49, 59, 69, 79]
+    short_decay = StepConfig(target_l0=2.0, revive="resample", resample_every=10, total_steps=100)
+    assert [s for s in range(100) if resample_due(short_decay, s, None)][-1] == 89
+    unknown_length = StepConfig(target_l0=2.0, revive="resample", resample_every=10)
+    assert resample_due(unknown_length, 99, None)

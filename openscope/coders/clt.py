@@ -56,9 +56,10 @@ import torch
 from torch import Tensor, nn
 
 from openscope.coders import activations as act
+from openscope.coders.clt_decode import add_to_targets, decode_to_targets
 from openscope.coders.coder import SparseCoder, unit_rows
 from openscope.coders.protocol import Reconstruction
-from openscope.coders.sparse import gathered_linear, make_entries, sparse_decode_blocks, sum_to_targets
+from openscope.coders.sparse import gathered_linear, make_entries, sum_to_targets
 from openscope.errors import OpenscopeError
 
 
@@ -320,17 +321,14 @@ class CrossLayerCoder(nn.Module):
         return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
     def _outputs(
-        self, x: Tensor, parts: list[list[Tensor]], prefixes: tuple[int, ...]
+        self, x: Tensor, parts: list[Tensor], prefixes: tuple[int, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """(ŷ, prefix ŷs) [L, B, d_out] from each latent group's per-source-layer contributions; a
+        """(ŷ, prefix ŷs) [L, B, d_out] from each latent group's decoded [L, B, d_out] (no bias); a
         prefix's reconstruction is the running sum of the groups up to it (nested prefixes: one decode)."""
         base = self.b_dec.unsqueeze(1)
         if self.w_skip is not None:
             base = base + torch.bmm(x, self.w_skip)
-        sums: list[Tensor] = []
-        for contributions in parts:
-            part = sum_to_targets(contributions, self.cfg.d_out)
-            sums.append(part if not sums else sums[-1] + part)
+        sums = list(itertools.accumulate(parts))
         by_end = {hi: total for (_, hi), total in zip(self._groups(prefixes), sums, strict=True)}
         return sums[-1] + base, tuple(by_end[p] + base for p in prefixes)
 
@@ -344,7 +342,8 @@ class CrossLayerCoder(nn.Module):
             table = self.w_dec[src].reshape(f, -1)  # [F, (L−ℓ)·d]: every target layer in one product
             for contributions, (lo, hi) in zip(parts, groups, strict=True):
                 contributions.append(a_src[:, lo:hi] @ table[lo:hi] if len(groups) > 1 else a_src @ table)
-        recon, prefix_recons = self._outputs(x, parts, prefixes)
+        decoded = [sum_to_targets(contributions, self.cfg.d_out) for contributions in parts]
+        recon, prefix_recons = self._outputs(x, decoded, prefixes)
         return CLTTrainOutput(
             reconstruction=recon,
             prefix_reconstructions=prefix_recons,
@@ -359,7 +358,7 @@ class CrossLayerCoder(nn.Module):
         n, f = self.cfg.n_layers, self.cfg.width
         b = x.shape[1]
         groups = self._groups(prefixes)
-        parts: list[list[Tensor]] = [[] for _ in groups]
+        parts: list[list[tuple[Tensor, ...]]] = [[] for _ in groups]
         l0, l1, rates = [], [], []
         # Per-layer parameters by unbind: indexing them per layer would give each index its own
         # zero-filled gradient of the whole parameter (L² traffic).
@@ -376,18 +375,18 @@ class CrossLayerCoder(nn.Module):
                 theta = thresholds[src][cols]
                 a_e = act.jumprelu(z_e, theta, self.cfg.bandwidth)
                 fired_e = act.step(z_e.detach(), theta, self.cfg.bandwidth)
-            # Decoded one target layer's block at a time (cache-sized tables), into [B, (L−ℓ)·d].
+            # Decoded into all later layers, one [B, d] block per target layer (see `clt_decode`).
             for contributions, (lo, hi) in zip(parts, groups, strict=True):
                 if len(groups) == 1:
                     values, sub = a_e, e
                 else:
                     keep = (cols >= lo) & (cols < hi)
                     values, sub = a_e[keep], make_entries(rows[keep], cols[keep], b, f)
-                contributions.append(sparse_decode_blocks(values, self.w_dec[src], sub))
+                contributions.append(decode_to_targets(values, self.w_dec[src], sub))
             l0.append(fired_e.sum() / b)
             l1.append(a_e.sum() / b)
             rates.append(torch.zeros(f, dtype=a_e.dtype, device=x.device).index_add(0, cols, fired_e) / b)
-        recon, prefix_recons = self._outputs(x, parts, prefixes)
+        recon, prefix_recons = self._outputs(x, [add_to_targets(c) for c in parts], prefixes)
         return CLTTrainOutput(
             reconstruction=recon,
             prefix_reconstructions=prefix_recons,
@@ -402,19 +401,21 @@ class CrossLayerCoder(nn.Module):
     def remove_parallel_grad_(self) -> None:
         """Remove from each latent's decoder gradient its component along the latent's decoder row
         (all target layers together): keeps ‖row‖ fixed to first order, so Adam does not fight
-        `normalize_decoder_`."""
+        `normalize_decoder_`. In place, g −= (g·w / ‖w‖²) w: the decoder is most of a CLT's parameters,
+        so temporaries the size of it would cost more than the arithmetic."""
         for w in self.w_dec:
             if w.grad is None:
                 continue
-            g = w.grad.reshape(w.shape[0], -1)
-            u = unit_rows(w.reshape(w.shape[0], -1))
-            w.grad.copy_((g - (g * u).sum(-1, keepdim=True) * u).view_as(w.grad))
+            g, rows = w.grad.view(w.shape[0], -1), w.view(w.shape[0], -1)
+            coef = torch.linalg.vecdot(g, rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-24)
+            g.addcmul_(rows, coef.unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale each latent's decoder row (all its target layers together) to unit norm."""
+        """Rescale each latent's decoder row (all its target layers together) to unit norm, in place."""
         for w in self.w_dec:
-            w.copy_(unit_rows(w.reshape(w.shape[0], -1)).view_as(w))
+            rows = w.view(w.shape[0], -1)
+            rows.mul_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12).reciprocal())
 
     # ---- data-dependent start (in the units of the data given: normalised during training) ------
 
