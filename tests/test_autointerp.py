@@ -27,7 +27,7 @@ from openscope.features.index import ExampleRow, FeatureRow, connect, write_resu
 from openscope.features.schema import DictionaryInfo
 from openscope.interp import AutointerpConfig, dry_run, read_explanation, run_autointerp, search_explanations
 from openscope.interp.backends import FunctionBackend, Message, smollm2_gguf
-from openscope.interp.prompts import Window, marked, parse_marks, parse_yes_no, trim
+from openscope.interp.prompts import Window, marked, parse_explanation, parse_marks, parse_yes_no, trim
 from openscope.interp.scoring import balanced_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,6 +147,19 @@ def test_prompts_mark_firing_runs_and_parsers_read_answers() -> None:
     assert parse_yes_no("maybe") is None and parse_yes_no("") is None
     assert parse_marks("Cat, mat", w) == [False, True, True, False, False]
     assert parse_marks("none", w) == [False] * 5
+
+
+def test_an_explanation_that_announces_a_list_keeps_the_list() -> None:
+    """Small explainers answer "…the following characteristics:" and list them on the next lines: the
+    list is the explanation (its first line alone says nothing)."""
+    answer = (
+        "The marked tokens have the following characteristics:\n\n1. They are years\n- They follow 'in'\n"
+    )
+    assert parse_explanation(answer) == (
+        "The marked tokens have the following characteristics: They are years; They follow 'in'"
+    )
+    assert parse_explanation('Explanation: "dates and years"\nmore text') == "dates and years"
+    assert parse_explanation("\n  \n") is None
 
 
 # ---- planted explainers --------------------------------------------------------------------------------

@@ -118,15 +118,28 @@ def explainer_messages(windows: Sequence[Window]) -> list[Message]:
 
 
 def parse_explanation(answer: str) -> str | None:
-    """The explanation in an answer: its first non-empty line, without a label or quotes; None if empty."""
-    for line in answer.splitlines():
-        line = re.sub(r"^\s*(explanation|description|answer)\s*:\s*", "", line, flags=re.I).strip()
-        line = line.replace(OPEN, "").replace(CLOSE, "").strip()
-        if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'`":  # the whole line quoted
-            line = line[1:-1].strip()
-        if line:
-            return line[:MAX_EXPLANATION]
-    return None
+    """The explanation in an answer: its first non-empty line, without a label or quotes; None if empty.
+
+    A first line that only announces a list ("The marked tokens have the following characteristics:",
+    as small models often write) is joined with the list's items, markers dropped, by "; "."""
+    lines = [_explanation_line(line) for line in answer.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        items = [re.sub(r"^([-*•]|\d+[.)])\s*", "", line) for line in lines[1:]]
+        first = f"{first} {'; '.join(item for item in items if item)}"
+    return first[:MAX_EXPLANATION]
+
+
+def _explanation_line(line: str) -> str:
+    """One line of an answer without a leading label, the marks, or quotes around the whole line."""
+    line = re.sub(r"^\s*(explanation|description|answer)\s*:\s*", "", line, flags=re.I).strip()
+    line = line.replace(OPEN, "").replace(CLOSE, "").strip()
+    if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'`":  # the whole line quoted
+        line = line[1:-1].strip()
+    return line
 
 
 def detection_messages(explanation: str, window: Window) -> list[Message]:
