@@ -8,6 +8,7 @@ What it measures
 
     openscope-jumprelu            openscope's JumpReLU (Gemma Scope 2 recipe, `openscope.train`)
     openscope-jumprelu-resample   the same with `revive="resample"` (dead window recorded)
+    openscope-jumprelu-aux        the same with `revive="aux"` (AuxK on dead latents' pre-activations)
     openscope-matryoshka          JumpReLU with Matryoshka prefixes width/16, width/4, width
     openscope-topk                `activation="topk"`, k = target L0
     saelens-jumprelu              SAELens's JumpReLU (`bench_quality_saelens.saelens_worker`)
@@ -87,6 +88,7 @@ OUT = HERE / "out" / "quality_peers"
 METHODS = (
     "openscope-jumprelu",
     "openscope-jumprelu-resample",
+    "openscope-jumprelu-aux",
     "openscope-matryoshka",
     "openscope-topk",
     "saelens-jumprelu",
@@ -186,6 +188,8 @@ def run_openscope(args: argparse.Namespace, method: str, tokens: int, folder: Pa
             "dead_tokens": dead_tokens(tokens),
             "resample_every": max(1, min(250, steps // 4)),
         }
+    elif method == "openscope-jumprelu-aux":
+        extra = {"revive": "aux", "dead_tokens": dead_tokens(tokens)}
     elif method == "openscope-matryoshka":
         extra = {"matryoshka": ",".join(map(str, prefixes(args.width)))}
     elif method == "openscope-topk":
