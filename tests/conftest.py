@@ -1,16 +1,21 @@
 """Shared fixtures: a tiny random Gemma 3 (with a tiny BPE tokenizer) for speed, and the real 270M once;
-`small_store` harvests a small activation store of the tiny model for training tests."""
+`small_store` harvests a small activation store of the tiny model for training tests (`paris_resid_store`:
+one per test module), and `tiny_train_config` sets a small, fast training run on one."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from openscope.models.load import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from openscope.train import TrainConfig
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
@@ -111,6 +116,46 @@ def small_store(loaded: LoadedModel, model_dir: Path, root: Path, sites: str, se
     )
     harvest(cfg, loaded=loaded, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def paris_resid_store(
+    tiny: LoadedModel, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A `small_store` of 1.resid_post over "the capital of France is Paris.", one per test module."""
+    return small_store(
+        tiny,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("store"),
+        "1.resid_post",
+        "the capital of France is Paris.",
+    )
+
+
+def tiny_train_config(store: Path | None, out: Path, **overrides: Any) -> TrainConfig:
+    """A small, fast TrainConfig on a test store: 1.resid_post, width 32, target L0 8, 20 batches of 64
+    tokens, lr 3e-3 with 2 warm-up steps, 5 sparsity warm-up steps, a checkpoint every 5 steps and a log row
+    every step, on the CPU, written to `out`. `store` None leaves TrainConfig's default store (live mode: pass
+    `model` and `source`); `overrides` replace any field."""
+    from openscope.train import TrainConfig
+
+    base: dict[str, Any] = dict(
+        sites="1.resid_post",
+        width=32,
+        batch_size=64,
+        tokens=64 * 20,
+        lr=3e-3,
+        lr_warmup_steps=2,
+        sparsity_warmup_steps=5,
+        target_l0=8,
+        output=out,
+        checkpoint_every=5,
+        device="cpu",
+        log_every=1,
+    )
+    if store is not None:
+        base["store"] = store
+    return TrainConfig(**(base | overrides))
 
 
 @pytest.fixture(scope="session")

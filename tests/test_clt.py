@@ -30,7 +30,7 @@ from openscope.train import TrainConfig, train
 from openscope.train.clt import clt_layers, load_transcoders
 from openscope.train.steps import StepConfig, clt_train_step, make_optimizer, train_step
 from tests.coder_checks import check_coder_interface
-from tests.conftest import small_store
+from tests.conftest import small_store, tiny_train_config
 
 D = 64  # the tiny model's d_model (= mlp_in and mlp_out width)
 
@@ -277,24 +277,9 @@ def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        store=store,
-        kind="clt",
-        sites="all",
-        width=32,
-        batch_size=64,
-        tokens=64 * 30,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=5,
-        target_l0=6,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
+    return tiny_train_config(
+        store, out, **{"kind": "clt", "sites": "all", "tokens": 64 * 30, "target_l0": 6, **kw}
     )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
 
 
 def _raw(store: Path, layers: range = range(3), n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from openscope.coders.clt_init import clt_from_greedy, greedy_latents, layer_l0
 from openscope.errors import OpenscopeError
 from openscope.train import TrainConfig, train
 from openscope.train.steps import StepConfig, target_l0_now
-from tests.conftest import small_store
+from tests.conftest import small_store, tiny_train_config
 
 D, F, WIDTH = 8, 6, 2
 
@@ -89,24 +89,9 @@ def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        store=store,
-        sites="all",
-        kind="clt",
-        width=8,
-        batch_size=64,
-        tokens=64 * 10,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=5,
-        target_l0=4,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
+    return tiny_train_config(
+        store, out, **{"sites": "all", "kind": "clt", "width": 8, "tokens": 64 * 10, "target_l0": 4, **kw}
     )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
 
 
 def test_training_from_greedy_transcoders_resumes_with_its_target_schedule(store_dir, tmp_path):

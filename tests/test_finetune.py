@@ -19,6 +19,7 @@ from openscope.train import TrainConfig, train
 from openscope.train.finetune import KLFineTune, check_finetune, finetune_loss
 from openscope.train.loop import step_config
 from openscope.train.steps import make_optimizer, train_step
+from tests.conftest import tiny_train_config
 
 SITE = "1.resid_post"
 
@@ -32,26 +33,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(model_dir: Path, source: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        model=str(model_dir),
-        source=str(source),
-        sites=SITE,
-        context_len=32,
-        block_tokens=1024,
-        width=32,
-        batch_size=128,
-        tokens=128 * 12,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=2,
-        target_l0=8,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
+    live = dict(model=str(model_dir), source=str(source), sites=SITE, context_len=32, block_tokens=1024)
+    small = dict(batch_size=128, tokens=128 * 12, sparsity_warmup_steps=2)
+    return tiny_train_config(None, out, **{**live, **small, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from openscope.coders.matryoshka import (
 from openscope.errors import OpenscopeError
 from openscope.train import TrainConfig, train
 from openscope.train.steps import StepConfig, make_optimizer, step_prefixes, train_step
-from tests.conftest import small_store
+from tests.conftest import tiny_train_config
 
 
 def test_specs_parse_and_bad_ones_are_refused():
@@ -85,42 +85,16 @@ def test_decaying_target():
     assert L.decaying_target(0, 120.0, 20.0, 0) == 20.0
 
 
-@pytest.fixture(scope="module")
-def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
-    return small_store(
-        tiny,
-        tiny_model_dir,
-        tmp_path_factory.mktemp("store"),
-        "1.resid_post",
-        "the capital of France is Paris.",
-    )
-
-
 def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        store=store,
-        sites="1.resid_post",
-        width=32,
-        batch_size=64,
-        tokens=64 * 12,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=5,
-        target_l0=8,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
-        matryoshka="random:4",
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
+    return tiny_train_config(store, out, **{"tokens": 64 * 12, "matryoshka": "random:4", **kw})
 
 
-def test_random_prefix_resume_equals_uninterrupted_and_is_recorded(store_dir, tmp_path):
-    full = train(_cfg(store_dir, tmp_path / "full"), progress=False).folders["1.resid_post"]
-    train(_cfg(store_dir, tmp_path / "part"), progress=False, stop_after=7)
-    resumed = train(_cfg(store_dir, tmp_path / "part", resume=True), progress=False).folders["1.resid_post"]
+def test_random_prefix_resume_equals_uninterrupted_and_is_recorded(paris_resid_store, tmp_path):
+    full = train(_cfg(paris_resid_store, tmp_path / "full"), progress=False).folders["1.resid_post"]
+    train(_cfg(paris_resid_store, tmp_path / "part"), progress=False, stop_after=7)
+    resumed = train(_cfg(paris_resid_store, tmp_path / "part", resume=True), progress=False).folders[
+        "1.resid_post"
+    ]
     a, b = load_file(full / "params.safetensors"), load_file(resumed / "params.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

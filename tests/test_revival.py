@@ -23,7 +23,6 @@ from openscope.train.steps import (
     resample_due,
     train_step,
 )
-from tests.conftest import small_store
 
 D, K, WIDTH, DEAD = 16, 16, 16, (0, 1, 2, 3)
 
@@ -122,24 +121,13 @@ def test_clt_resampling_revives_planted_dead_latents_and_leaves_the_others() -> 
     assert float(moved[:, :2].min()) > 10 * float(moved[live].max())
 
 
-@pytest.fixture(scope="module")
-def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
-    return small_store(
-        tiny,
-        tiny_model_dir,
-        tmp_path_factory.mktemp("store"),
-        "1.resid_post",
-        "the capital of France is Paris.",
-    )
-
-
-def test_train_revives_through_the_command_line(store_dir: Path, tmp_path: Path) -> None:
+def test_train_revives_through_the_command_line(paris_resid_store: Path, tmp_path: Path) -> None:
     """`openscope train --revive resample`: with a short dead window and a dictionary too sparse for all
     its latents, a run with revival ends with fewer dead latents than the same run without."""
     args = [
         "train",
         "--store",
-        str(store_dir),
+        str(paris_resid_store),
         "--sites",
         "1.resid_post",
         "--width",
@@ -163,9 +151,11 @@ def test_train_revives_through_the_command_line(store_dir: Path, tmp_path: Path)
 
 
 def test_revive_typo_is_one_line_error(
-    store_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    paris_resid_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = run(["train", "--store", str(store_dir), "--revive", "resampel", "--output", str(tmp_path / "o")])
+    code = run(
+        ["train", "--store", str(paris_resid_store), "--revive", "resampel", "--output", str(tmp_path / "o")]
+    )
     assert code != 0
     assert "--revive 'resampel' is not one of none, aux, resample" in capsys.readouterr().err
 

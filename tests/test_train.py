@@ -15,8 +15,8 @@ from openscope.activations.store import CHECKSUM, write_tensors
 from openscope.coders import load_coder
 from openscope.config import save_json
 from openscope.errors import OpenscopeError
-from openscope.train import TrainConfig, train
-from tests.conftest import small_store
+from openscope.train import train
+from tests.conftest import small_store, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +30,8 @@ def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
     )
 
 
-def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        store=store,
-        sites="1.resid_post",
-        width=32,
-        batch_size=64,
-        tokens=64 * 20,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=5,
-        target_l0=8,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)  # type: ignore[arg-type]
-
-
 def test_train_saves_gemma_scope_2_folders_that_reload(store_dir, tmp_path):
-    result = train(_cfg(store_dir, tmp_path / "d"), progress=False)
+    result = train(tiny_train_config(store_dir, tmp_path / "d"), progress=False)
     folder = result.folders["1.resid_post"]
     config = json.loads((folder / "config.json").read_text())
     for key in (
@@ -89,13 +69,14 @@ def test_train_saves_gemma_scope_2_folders_that_reload(store_dir, tmp_path):
 
 
 def test_resume_equals_uninterrupted(store_dir, tmp_path):
-    full = train(_cfg(store_dir, tmp_path / "full"), progress=False)
+    full = train(tiny_train_config(store_dir, tmp_path / "full"), progress=False)
     part = tmp_path / "part"
-    stopped = train(_cfg(store_dir, part), progress=False, stop_after=7)  # as if killed after step 7
+    # As if killed after step 7:
+    stopped = train(tiny_train_config(store_dir, part), progress=False, stop_after=7)
     assert stopped.steps == 7 and not stopped.folders
     with pytest.raises(OpenscopeError, match="already holds a run's checkpoint: pass --resume"):
-        train(_cfg(store_dir, part), progress=False)
-    resumed = train(_cfg(store_dir, part, resume=True), progress=False)
+        train(tiny_train_config(store_dir, part), progress=False)
+    resumed = train(tiny_train_config(store_dir, part, resume=True), progress=False)
     a = load_file(str(full.folders["1.resid_post"] / "params.safetensors"))
     b = load_file(str(resumed.folders["1.resid_post"] / "params.safetensors"))
     for key in a:
@@ -103,12 +84,14 @@ def test_resume_equals_uninterrupted(store_dir, tmp_path):
     with pytest.raises(
         OpenscopeError, match=r"checkpoint .* is from another run \(width: 32 there, 16 now\)"
     ):
-        train(_cfg(store_dir, part, resume=True, width=16), progress=False)
+        train(tiny_train_config(store_dir, part, resume=True, width=16), progress=False)
 
 
 def test_transcoders_and_many_dictionaries_at_once(store_dir, tmp_path):
     result = train(
-        _cfg(store_dir, tmp_path / "t", kind="skip_transcoder", sites="all", activation="topk", k=4),
+        tiny_train_config(
+            store_dir, tmp_path / "t", kind="skip_transcoder", sites="all", activation="topk", k=4
+        ),
         progress=False,
     )
     (folder,) = result.folders.values()
@@ -118,18 +101,19 @@ def test_transcoders_and_many_dictionaries_at_once(store_dir, tmp_path):
     assert config["hf_hook_point_out"].endswith("post_feedforward_layernorm")
     assert "affine_skip_connection" in load_file(str(folder / "params.safetensors"))
     both = train(
-        _cfg(store_dir, tmp_path / "two", sites="1.resid_post,1.mlp_out", tokens=64 * 3), progress=False
+        tiny_train_config(store_dir, tmp_path / "two", sites="1.resid_post,1.mlp_out", tokens=64 * 3),
+        progress=False,
     )
     assert set(both.folders) == {"1.resid_post", "1.mlp_out"}
 
 
 def test_bad_training_input(store_dir, tmp_path):
     with pytest.raises(OpenscopeError, match="--target-l0 must be positive"):
-        train(_cfg(store_dir, tmp_path / "a", target_l0=0), progress=False)
+        train(tiny_train_config(store_dir, tmp_path / "a", target_l0=0), progress=False)
     with pytest.raises(OpenscopeError, match="--width must be positive"):
-        train(_cfg(store_dir, tmp_path / "b", width=0), progress=False)
+        train(tiny_train_config(store_dir, tmp_path / "b", width=0), progress=False)
     with pytest.raises(OpenscopeError, match="holds no site '5.resid_post'"):
-        train(_cfg(store_dir, tmp_path / "c", sites="5.resid_post"), progress=False)
+        train(tiny_train_config(store_dir, tmp_path / "c", sites="5.resid_post"), progress=False)
 
 
 def test_nan_activations_stop_with_step_and_site(store_dir, tmp_path):
@@ -144,7 +128,7 @@ def test_nan_activations_stop_with_step_and_site(store_dir, tmp_path):
     save_json(bad / "manifest.json", store.manifest)
     out = tmp_path / "d"
     with pytest.raises(OpenscopeError, match=r"non-finite activations at step \d+, site 1.resid_post") as err:
-        train(_cfg(bad, out, checkpoint_every=1), progress=False)
+        train(tiny_train_config(bad, out, checkpoint_every=1), progress=False)
     # No dictionary is saved from bad data, and the checkpoint of the steps before it is kept.
     step = int(re.search(r"at step (\d+)", str(err.value)).group(1))  # type: ignore[union-attr]
     assert not any(out.glob("*/params.safetensors"))
@@ -164,10 +148,10 @@ def test_live_mode_resume_equals_uninterrupted(tiny, tiny_model_dir, tmp_path):
         sites="1.resid_post",
         tokens=64 * 12,
     )
-    full = train(_cfg(tmp_path, tmp_path / "full", **live), progress=False)
+    full = train(tiny_train_config(tmp_path, tmp_path / "full", **live), progress=False)
     part = tmp_path / "part"
-    train(_cfg(tmp_path, part, **live), progress=False, stop_after=5)  # stops inside a block
-    resumed = train(_cfg(tmp_path, part, resume=True, **live), progress=False)
+    train(tiny_train_config(tmp_path, part, **live), progress=False, stop_after=5)  # stops inside a block
+    resumed = train(tiny_train_config(tmp_path, part, resume=True, **live), progress=False)
     a = load_file(str(full.folders["1.resid_post"] / "params.safetensors"))
     b = load_file(str(resumed.folders["1.resid_post"] / "params.safetensors"))
     for key in a:
@@ -202,7 +186,7 @@ def test_torchrun_two_ranks_equal_one(store_dir, tmp_path):
     import subprocess
     import sys
 
-    cfg = _cfg(store_dir, tmp_path / "one", sites="1.resid_post,1.mlp_out", tokens=64 * 6)
+    cfg = tiny_train_config(store_dir, tmp_path / "one", sites="1.resid_post,1.mlp_out", tokens=64 * 6)
     one = train(cfg, progress=False)
     two = tmp_path / "two"
     cmd = [
@@ -252,7 +236,7 @@ def test_torchrun_two_ranks_equal_one(store_dir, tmp_path):
 
 
 def test_batchtopk_is_saved_as_jumprelu_with_its_cutoff(store_dir, tmp_path):
-    cfg = _cfg(store_dir, tmp_path / "b", activation="batchtopk", k=4, tokens=64 * 20)
+    cfg = tiny_train_config(store_dir, tmp_path / "b", activation="batchtopk", k=4, tokens=64 * 20)
     folder = train(cfg, progress=False).folders["1.resid_post"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "jump_relu" and "k" not in config
@@ -266,9 +250,9 @@ def test_batchtopk_is_saved_as_jumprelu_with_its_cutoff(store_dir, tmp_path):
 
 def test_batchtopk_resume_equals_uninterrupted(store_dir, tmp_path):
     kw = dict(activation="batchtopk", k=4, tokens=64 * 20, checkpoint_every=19)
-    whole = train(_cfg(store_dir, tmp_path / "w", **kw), progress=False).folders["1.resid_post"]
-    train(_cfg(store_dir, tmp_path / "r", **kw), progress=False, stop_after=19)
-    resumed = train(_cfg(store_dir, tmp_path / "r", resume=True, **kw), progress=False).folders[
+    whole = train(tiny_train_config(store_dir, tmp_path / "w", **kw), progress=False).folders["1.resid_post"]
+    train(tiny_train_config(store_dir, tmp_path / "r", **kw), progress=False, stop_after=19)
+    resumed = train(tiny_train_config(store_dir, tmp_path / "r", resume=True, **kw), progress=False).folders[
         "1.resid_post"
     ]
     a, b = load_file(whole / "params.safetensors"), load_file(resumed / "params.safetensors")

@@ -22,7 +22,7 @@ from openscope.coders.dictionary import load_dictionary
 from openscope.train import TrainConfig, train
 from openscope.train.logs import heldout_cutoff, heldout_rows, row_scalars
 from openscope.train.loop import from_store
-from tests.conftest import small_store
+from tests.conftest import small_store, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +45,7 @@ def wandb_offline(monkeypatch, tmp_path) -> None:
 
 
 def _cfg(store: Path, out: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(
-        store=store,
-        sites="1.resid_post",
-        width=32,
-        batch_size=64,
-        tokens=64 * 20,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=5,
-        target_l0=8,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
-        eval_every=5,
-        eval_tokens=256,
-    )
-    return TrainConfig(**(base | kw))
+    return tiny_train_config(store, out, **{"eval_every": 5, "eval_tokens": 256, **kw})
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:

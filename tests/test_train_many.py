@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from openscope.cli import run
 from openscope.train import TrainConfig, train
 from openscope.train.config import result_key, target_l0s, widths
-from tests.conftest import small_store
+from tests.conftest import small_store, tiny_train_config
 
 WIDTHS, TARGETS = (16, 32), (4.0, 8.0, 12.0)
 SITES = "1.resid_post,1.mlp_out"
@@ -32,22 +32,8 @@ def store_dir(tiny, tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _cfg(store: Path, out: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(
-        store=store,
-        sites=SITES,
-        width=",".join(map(str, WIDTHS)),
-        target_l0=",".join(f"{t:g}" for t in TARGETS),
-        batch_size=64,
-        tokens=64 * 12,
-        lr=3e-3,
-        lr_warmup_steps=2,
-        sparsity_warmup_steps=5,
-        output=out,
-        checkpoint_every=5,
-        device="cpu",
-        log_every=1,
-    )
-    return TrainConfig(**{**base, **kw})
+    many = dict(sites=SITES, width=",".join(map(str, WIDTHS)), target_l0=",".join(f"{t:g}" for t in TARGETS))
+    return tiny_train_config(store, out, **{**many, "tokens": 64 * 12, **kw})
 
 
 def _params(folder: Path) -> dict[str, torch.Tensor]:
