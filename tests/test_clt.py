@@ -325,8 +325,10 @@ def test_cli_trains_a_clt_that_learns_and_reloads(store_dir, tmp_path) -> None:
     assert config["hf_hook_point_in"] == "model.layers.0.pre_feedforward_layernorm"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and len(rows[-1]["l0_per_layer"]) == 3
-    # Step 0 measures the data-dependent start: every layer at the target L0 and better than its mean.
-    assert rows[0]["l0_per_layer"] == pytest.approx([6, 6, 6], abs=0.05)
+    # Step 0 measures the data-dependent start: every layer at the target L0 and better than its mean
+    # (per-latent thresholds: each latent fires on 12 of the 64 rows, up to ties between the tiny store's
+    # repeated rows, where θ lands on a value the encoder-scale fit may round to either side).
+    assert rows[0]["l0_per_layer"] == pytest.approx([6, 6, 6], abs=0.3)
     assert all(0.5 < f < 1 for f in rows[0]["fvu_per_layer"]), rows[0]["fvu_per_layer"]
     assert sum(r["loss"] for r in rows[-5:]) < 0.7 * sum(r["loss"] for r in rows[:5])
     run = json.loads((out / "run.json").read_text())

@@ -25,9 +25,11 @@ from openscope.coders import (
     save_coder,
     step,
     threshold_for_l0,
+    thresholds_for_rate,
     topk,
     topk_to_jumprelu,
 )
+from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.errors import OpenscopeError
 from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
 from tests.coder_checks import check_coder_interface
@@ -109,6 +111,31 @@ def test_calibrated_threshold_gives_the_target_l0_on_its_batch() -> None:
     # The 1000th largest of 200·64 pre-activations: everything above it fires (ties aside).
     assert l0 == pytest.approx(5, abs=0.01)
     assert threshold_for_l0(torch.tensor([[3.0, -1.0], [2.0, 1.0]]), 1.0) == 1.5
+
+
+def test_per_latent_thresholds_make_every_latent_fire_equally_often() -> None:
+    """The per-latent start: on its batch every latent fires on exactly target_l0/F of the rows (none
+    dead, none dense), so the mean L0 is the target; a shared θ leaves latents with small
+    pre-activations silent on the same batch. The CLT does the same per layer."""
+    coder = SparseCoder(CoderConfig(d_in=16, d_out=16, width=64, seed=3))
+    x = torch.randn(256, 16) * 30.0
+    # Latent j's pre-activations scale with j: a shared θ silences the small ones.
+    with torch.no_grad():
+        coder.w_enc.mul_(torch.linspace(0.05, 1.0, 64))
+    coder.calibrate_threshold_(x, target_l0=4)
+    assert ((coder.encode(x) > 0).sum(0) == 0).sum() > 10
+    median = coder.calibrate_threshold_(x, target_l0=4, per_latent=True)
+    fires = (coder.encode(x) > 0).sum(0)
+    assert torch.equal(fires, torch.full((64,), 16))  # 4/64 of 256 rows each
+    assert median == pytest.approx(float(coder.threshold().median()), rel=1e-5)
+    z = torch.tensor([[3.0, -1.0], [2.0, 5.0], [1.0, 4.0], [0.0, 0.5]])
+    assert torch.equal(thresholds_for_rate(z, 1.0), torch.tensor([1.5, 2.25]))  # 2 of 4 rows each
+
+    clt = CrossLayerCoder(CLTConfig(n_layers=3, d_in=16, d_out=16, width=32, seed=1))
+    xs = torch.randn(3, 128, 16)
+    clt.calibrate_threshold_(xs, target_l0=4, per_latent=True)
+    a = clt.encode(xs)
+    assert torch.equal((a > 0).sum(1), torch.full((3, 32), 16))
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])

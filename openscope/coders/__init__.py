@@ -10,6 +10,7 @@ from openscope.coders.activations import (
     relu,
     step,
     threshold_for_l0,
+    thresholds_for_rate,
     topk,
 )
 from openscope.coders.coder import (
@@ -64,6 +65,7 @@ __all__ = [
     "sparsity_coeff_at",
     "step",
     "threshold_for_l0",
+    "thresholds_for_rate",
     "topk",
     "topk_to_jumprelu",
 ]

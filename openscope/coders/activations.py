@@ -142,6 +142,21 @@ def threshold_for_l0(z: Tensor, l0: float) -> float:
     return max(float(top[-2:].mean()), 1e-6)
 
 
+def thresholds_for_rate(z: Tensor, l0: float) -> Tensor:
+    """Per latent, the threshold θ_j [F] at which latent j fires on the fraction l0/F of the batch of
+    pre-activations z [B, F] (so the batch's mean L0 is l0 again, with every latent firing equally often).
+
+    Each θ_j lies halfway between latent j's n-th and (n+1)-th largest pre-activation, n = l0·B/F (at
+    least 1), never below a tiny positive value. A JumpReLU started from one shared θ (`threshold_for_l0`)
+    leaves the latents whose pre-activations are small everywhere silent from step 0: they get no
+    gradient through the jump and most never fire (a fifth of a 4096-wide SAE at L0 50 on Gemma 3 270M).
+    """
+    b, f = z.shape
+    n = max(1, min(round(l0 * b / f), b - 1))
+    top = z.detach().float().topk(n + 1, dim=0).values  # [n + 1, F]
+    return top[-2:].mean(0).clamp_min(1e-6)
+
+
 class ThresholdEstimator:
     """Accumulates the statistics that turn a TopK/BatchTopK dictionary into a JumpReLU one.
 

@@ -434,12 +434,17 @@ class CrossLayerCoder(nn.Module):
         self.b_dec.copy_(y.float().mean(1))
 
     @torch.no_grad()
-    def calibrate_threshold_(self, x: Tensor, target_l0: float) -> Tensor:
-        """Per layer, set every θ to the one value at which the batch x [L, B, d_in] fires target_l0
-        latents per token (see `SparseCoder.calibrate_threshold_`); returns θ [L]."""
+    def calibrate_threshold_(self, x: Tensor, target_l0: float, per_latent: bool = False) -> Tensor:
+        """Per layer, set θ so the batch x [L, B, d_in] fires target_l0 latents per token: one value per
+        layer, or with `per_latent` each latent's own (see `SparseCoder.calibrate_threshold_`); returns θ [L]
+        (per latent: each layer's median)."""
         if self.log_threshold is None:
             raise OpenscopeError("a relu CLT has no threshold to calibrate")
         z = self.pre_activations(x)
+        if per_latent:
+            thetas = torch.stack([act.thresholds_for_rate(z[i], target_l0) for i in range(self.cfg.n_layers)])
+            self.log_threshold.copy_(thetas.log().to(self.log_threshold))
+            return thetas.median(1).values.cpu()
         theta = torch.tensor([act.threshold_for_l0(z[i], target_l0) for i in range(self.cfg.n_layers)])
         self.log_threshold.copy_(theta.log().unsqueeze(1).expand_as(self.log_threshold))
         return theta

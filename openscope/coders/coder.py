@@ -219,16 +219,23 @@ class SparseCoder(nn.Module):
         self.b_dec.copy_(target.float().mean(0) / self.scale_out)
 
     @torch.no_grad()
-    def calibrate_threshold_(self, x: Tensor, target_l0: float) -> float:
-        """Set every θ to the one value at which the batch x (raw) has mean L0 = target_l0.
+    def calibrate_threshold_(self, x: Tensor, target_l0: float, per_latent: bool = False) -> float:
+        """Set θ so the batch x (raw) has mean L0 = target_l0: one value for every latent, or with
+        `per_latent` each latent's own (`thresholds_for_rate`: every latent fires on target_l0/F of the
+        batch, so none starts dead).
 
         Adam moves log θ by about lr per step, so from Gemma Scope's θ = 0.001 a short run never
         reaches a sparse threshold (lr 7e-5 · 1000 steps changes θ by 7%); starting at the target
-        sparsity lets the run spend its steps on the dictionary instead. Returns θ.
+        sparsity lets the run spend its steps on the dictionary instead. Returns θ (per latent: the median).
         """
         if self.log_threshold is None:
             raise OpenscopeError(f"a {self.cfg.activation} coder has no threshold to calibrate")
-        theta = act.threshold_for_l0(self.pre_activations(x), target_l0)
+        z = self.pre_activations(x)
+        if per_latent:
+            thetas = act.thresholds_for_rate(z, target_l0)
+            self.log_threshold.copy_(thetas.log().to(self.log_threshold))
+            return float(thetas.median())
+        theta = act.threshold_for_l0(z, target_l0)
         self.log_threshold.fill_(math.log(theta))
         return theta
 

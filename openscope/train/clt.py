@@ -272,7 +272,7 @@ def calibrate_clt(clt: CrossLayerCoder, x: Tensor, y: Tensor, cfg: TrainConfig) 
     clt.zero_cross_layer_decoders_()
     clt.init_decoder_bias_(y)
     if clt.log_threshold is not None and cfg.init_threshold is None:
-        clt.calibrate_threshold_(x, target_l0s(cfg)[0])
+        clt.calibrate_threshold_(x, target_l0s(cfg)[0], cfg.init_threshold_per_latent)
     clt.align_decoder_signs_(x, y)
     s = clt.fit_encoder_scale_(x, y)
     log.info("CLT data-dependent init (encoder scales %.3g..%.3g)", float(s.min()), float(s.max()))

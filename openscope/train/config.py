@@ -61,6 +61,10 @@ class TrainConfig:
     init_threshold: float | None = None
     """JumpReLU initial θ (normalised units); unset: 0.001, or calibrated with the data-dependent
     init (Gemma Scope's 0.001 suits billions of tokens: Adam moves log θ by ~lr per step)."""
+    init_threshold_per_latent: bool = True
+    """With the data-dependent init, JumpReLU θ per latent: each latent fires on target_l0/width of the
+    first batch (none starts dead). Off: one θ for every latent, at which the batch's L0 is the target
+    (measured on Gemma 3 270M, width 4096, L0 50: 20% of the latents then never fire on held-out text)."""
     sparsity_warmup_steps: int = 10_000
     """Steps of linear λ warm-up (Gemma Scope), capped at a fifth of the run's steps."""
     freq_coeff: float = 0.1

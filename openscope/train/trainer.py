@@ -449,7 +449,7 @@ def _calibrate(dicts: list[_Dictionary], batch: ActivationBatch, cfg: TrainConfi
         y = batch.acts[d.site_out].to(device)
         d.coder.init_decoder_bias_(y)
         if cfg.activation == "jumprelu" and cfg.init_threshold is None:
-            d.coder.calibrate_threshold_(x, d.spec.target_l0)
+            d.coder.calibrate_threshold_(x, d.spec.target_l0, cfg.init_threshold_per_latent)
         if d.site_in != d.site_out:
             d.coder.align_decoder_signs_(x, y)
         s = d.coder.fit_encoder_scale_(x, y)
