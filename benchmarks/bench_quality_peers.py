@@ -7,6 +7,9 @@ What it measures
     methods: k = target L0). Methods:
 
     openscope-jumprelu            openscope's JumpReLU (Gemma Scope 2 recipe, `openscope.train`)
+    openscope-jumprelu-shared     the same started from one θ for every latent (before per-latent θ)
+    openscope-jumprelu-lively     per-latent θ, AuxK revival (dead window 50k tokens) and the frequency
+                                  penalty at λ_f = 1 with cap 5% (the settings against dead and dense latents)
     openscope-jumprelu-resample   the same with `revive="resample"` (dead window recorded)
     openscope-jumprelu-aux        the same with `revive="aux"` (AuxK on dead latents' pre-activations)
     openscope-matryoshka          JumpReLU with Matryoshka prefixes width/16, width/4, width
@@ -87,6 +90,8 @@ REPO = HERE.parent
 OUT = HERE / "out" / "quality_peers"
 METHODS = (
     "openscope-jumprelu",
+    "openscope-jumprelu-shared",
+    "openscope-jumprelu-lively",
     "openscope-jumprelu-resample",
     "openscope-jumprelu-aux",
     "openscope-matryoshka",
@@ -188,6 +193,10 @@ def run_openscope(args: argparse.Namespace, method: str, tokens: int, folder: Pa
             "dead_tokens": dead_tokens(tokens),
             "resample_every": max(1, min(250, steps // 4)),
         }
+    elif method == "openscope-jumprelu-shared":
+        extra = {"init_threshold_per_latent": False}
+    elif method == "openscope-jumprelu-lively":
+        extra = {"revive": "aux", "dead_tokens": min(50_000, tokens), "freq_coeff": 1.0, "max_fire_rate": 0.05}
     elif method == "openscope-jumprelu-aux":
         extra = {"revive": "aux", "dead_tokens": dead_tokens(tokens)}
     elif method == "openscope-matryoshka":
@@ -196,23 +205,23 @@ def run_openscope(args: argparse.Namespace, method: str, tokens: int, folder: Pa
         extra = {"activation": "topk", "k": round(args.target_l0)}
     run_dir = folder.parent / f".train-{folder.name}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = TrainConfig(
-        store=args.store,
-        sites=args.site,
-        width=args.width,
-        target_l0=args.target_l0,
-        sparsity_coeff=args.sparsity_coeff,
-        freq_coeff=args.freq_coeff,
-        threshold_lr_scale=args.threshold_lr_scale,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        batch_size=args.batch,
-        tokens=tokens,
-        seed=args.seed,
-        output=run_dir,
-        checkpoint_every=10**9,
-        **extra,
-    )
+    common: dict[str, Any] = {
+        "store": args.store,
+        "sites": args.site,
+        "width": args.width,
+        "target_l0": args.target_l0,
+        "sparsity_coeff": args.sparsity_coeff,
+        "freq_coeff": args.freq_coeff,
+        "threshold_lr_scale": args.threshold_lr_scale,
+        "lr": args.lr,
+        "lr_decay": args.lr_decay,
+        "batch_size": args.batch,
+        "tokens": tokens,
+        "seed": args.seed,
+        "output": run_dir,
+        "checkpoint_every": 10**9,
+    }
+    cfg = TrainConfig(**(common | extra))  # a variant's settings win over the shared ones
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
