@@ -196,7 +196,12 @@ def run_openscope(args: argparse.Namespace, method: str, tokens: int, folder: Pa
     elif method == "openscope-jumprelu-shared":
         extra = {"init_threshold_per_latent": False}
     elif method == "openscope-jumprelu-lively":
-        extra = {"revive": "aux", "dead_tokens": min(50_000, tokens), "freq_coeff": 1.0, "max_fire_rate": 0.05}
+        extra = {
+            "revive": "aux",
+            "dead_tokens": min(50_000, tokens),
+            "freq_coeff": 1.0,
+            "max_fire_rate": 0.05,
+        }
     elif method == "openscope-jumprelu-aux":
         extra = {"revive": "aux", "dead_tokens": dead_tokens(tokens)}
     elif method == "openscope-matryoshka":
