@@ -146,15 +146,22 @@ def thresholds_for_rate(z: Tensor, l0: float) -> Tensor:
     """Per latent, the threshold θ_j [F] at which latent j fires on the fraction l0/F of the batch of
     pre-activations z [B, F] (so the batch's mean L0 is l0 again, with every latent firing equally often).
 
-    Each θ_j lies halfway between latent j's n-th and (n+1)-th largest pre-activation, n = l0·B/F (at
-    least 1), never below a tiny positive value. A JumpReLU started from one shared θ (`threshold_for_l0`)
-    leaves the latents whose pre-activations are small everywhere silent from step 0: they get no
-    gradient through the jump and most never fire (a fifth of a 4096-wide SAE at L0 50 on Gemma 3 270M).
+    Each θ_j lies halfway between latent j's n-th largest pre-activation (n = l0·B/F, at least 1) and its
+    next smaller distinct value, never below a tiny positive value. Halfway between distinct values, not
+    on a value repeated by duplicate rows: a θ equal to a data value would let float rounding (a mean
+    summed in another order, on another process) decide whether those rows fire. A JumpReLU started from
+    one shared θ (`threshold_for_l0`) leaves the latents whose pre-activations are small everywhere silent
+    from step 0: they get no gradient through the jump and most never fire (a fifth of a 4096-wide SAE at
+    L0 50 on Gemma 3 270M).
     """
     b, f = z.shape
     n = max(1, min(round(l0 * b / f), b - 1))
-    top = z.detach().float().topk(n + 1, dim=0).values  # [n + 1, F]
-    return top[-2:].mean(0).clamp_min(1e-6)
+    ranked = z.detach().float().sort(dim=0, descending=True).values  # [B, F]
+    nth = ranked[n - 1]
+    below = ranked < nth
+    after = ranked.gather(0, below.int().argmax(0, keepdim=True)).squeeze(0)  # first smaller value
+    fallback = nth - nth.abs().clamp_min(1e-6)  # every row ties: fire on all of them
+    return torch.where(below.any(0), (nth + after) / 2, fallback).clamp_min(1e-6)
 
 
 class ThresholdEstimator:
