@@ -33,6 +33,7 @@ import torch
 
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
+from openscope.train.memory import keep_freed_memory
 from openscope.train.steps import StepConfig, clt_train_step, make_optimizer, train_step
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--arms", default="clt-sparse,clt-dense,tc-sparse,tc-dense", help=f"of {','.join(ARMS)}")
+    p.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave the C allocator's policy (see openscope.train.memory)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "out" / "clt_speed.json")
     return p.parse_args(argv)
 
@@ -92,6 +98,8 @@ class Arm:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.malloc_default:
+        keep_freed_memory()  # as `openscope train` does on the CPU
     names = [a for a in args.arms.split(",") if a]
     if unknown := set(names) - set(ARMS):
         raise SystemExit(f"unknown arms {sorted(unknown)}; expected some of {', '.join(ARMS)}")

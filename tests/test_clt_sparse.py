@@ -9,7 +9,7 @@ import torch
 
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.clt_decode import add_to_targets, decode_to_targets
-from openscope.coders.sparse import make_entries, sparse_decode_blocks
+from openscope.coders.sparse import make_entries
 from openscope.train.steps import StepConfig, clt_train_step, make_optimizer
 
 RTOL = ATOL = 1e-5
@@ -47,32 +47,12 @@ def perturbed(kind: str, skip: bool, activation: str = "jumprelu", seed: int = 0
     return clt
 
 
-def test_block_decode_equals_the_dense_product_in_values_and_gradients() -> None:
-    gen = torch.Generator().manual_seed(0)
-    b, f, t, d = 9, 7, 4, 5
-    dense = torch.randn(b, f, generator=gen) * (torch.rand(b, f, generator=gen) < 0.4)
-    dense[3] = 0  # a row with no entries
-    rows, cols = dense.nonzero(as_tuple=True)
-    w = torch.randn(f, t, d, generator=gen)
-    g = torch.randn(b, t * d, generator=gen)
-
-    v1 = dense[rows, cols].clone().requires_grad_(True)
-    w1 = w.clone().requires_grad_(True)
-    out = sparse_decode_blocks(v1, w1, make_entries(rows, cols, b, f))
-    out.backward(g)
-
-    a2 = dense.clone().requires_grad_(True)
-    w2 = w.clone().requires_grad_(True)
-    ref = a2 @ w2.reshape(f, -1)
-    ref.backward(g)
-    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
-    assert v1.grad is not None and a2.grad is not None
-    torch.testing.assert_close(v1.grad, a2.grad[rows, cols], rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(w1.grad, w2.grad, rtol=RTOL, atol=ATOL)
-
-
-def test_decode_to_targets_equals_the_dense_cross_layer_decode_in_values_and_gradients() -> None:
-    """Per source layer ℓ, blocks into layers ℓ..L−1, summed over sources: ŷ_m = Σ_{ℓ≤m} a_ℓ W^{ℓ→m}."""
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4])
+def test_decode_to_targets_equals_the_dense_cross_layer_decode_in_values_and_gradients(
+    chunk_rows: int | None,
+) -> None:
+    """Per source layer ℓ, blocks into layers ℓ..L−1, summed over sources: ŷ_m = Σ_{ℓ≤m} a_ℓ W^{ℓ→m};
+    the weight gradients summed in row chunks (1 and 4 rows; None: one chunk at this size) too."""
     gen = torch.Generator().manual_seed(1)
     n, b, f, d = 3, 9, 7, 5
     dense = [torch.randn(b, f, generator=gen) * (torch.rand(b, f, generator=gen) < 0.4) for _ in range(n)]
@@ -86,7 +66,7 @@ def test_decode_to_targets_equals_the_dense_cross_layer_decode_in_values_and_gra
         rows, cols = a.nonzero(as_tuple=True)
         v = a[rows, cols].clone().requires_grad_(True)
         values.append((v, rows, cols))
-        blocks.append(decode_to_targets(v, w, make_entries(rows, cols, b, f)))
+        blocks.append(decode_to_targets(v, w, make_entries(rows, cols, b, f, chunk_rows)))
     out = add_to_targets(blocks)
     out.backward(g)
 

@@ -23,6 +23,7 @@ from openscope.coders import (
     normalisation_scale,
     read_coder_config,
     save_coder,
+    sparse,
     step,
     threshold_for_l0,
     thresholds_for_rate,
@@ -226,8 +227,13 @@ ACTS = ["jumprelu", "topk", "batchtopk", "relu"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("activation", ACTS)
-def test_sparse_path_matches_dense_reference(kind: str, activation: str) -> None:
+@pytest.mark.parametrize("chunk_rows", [512, 7])
+def test_sparse_path_matches_dense_reference(
+    kind: str, activation: str, chunk_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A wide kernel (ε = 0.2) so plenty of entries sit in the threshold window and θ gets gradient.
+    # chunk_rows 7: the weight gradients are summed over 6 row chunks (the last one shorter).
+    monkeypatch.setattr(sparse, "CPU_CHUNK_ROWS", chunk_rows)
     cfg = cfg_for(kind, activation, bandwidth=0.2)
     x = torch.randn(40, 12, generator=torch.Generator().manual_seed(1)) * 2.0
     dead = torch.zeros(48, dtype=torch.bool)

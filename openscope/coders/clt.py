@@ -293,10 +293,11 @@ class CrossLayerCoder(nn.Module):
             raise OpenscopeError(f"Matryoshka prefixes must be strictly increasing, got {prefixes}")
         if path == "dense":
             return self._train_forward_dense(x, prefixes)
-        with torch.no_grad():
-            z = self.pre_activations(x)
-            touched = z > self._selection_cut().unsqueeze(1)
-        if path == "auto" and int(touched.sum()) > sparse_max_density * touched.numel():
+        with torch.no_grad():  # layer by layer: [B, F] blocks, not one [L, B, F] (see `losses`)
+            z = [self.pre_activations_at(i, x[i]).float() for i in range(self.cfg.n_layers)]
+            touched = [zi > cut for zi, cut in zip(z, self._selection_cut(), strict=True)]
+        n_touched = sum(int(t.sum()) for t in touched)
+        if path == "auto" and n_touched > sparse_max_density * x.shape[0] * x.shape[1] * self.cfg.width:
             return self._train_forward_dense(x, prefixes)
         return self._train_forward_sparse(x, z, touched, prefixes)
 
@@ -320,14 +321,17 @@ class CrossLayerCoder(nn.Module):
         bounds = [0, *(p for p in prefixes if p < self.cfg.width), self.cfg.width]
         return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
+    def _base(self, x: Tensor) -> Tensor:
+        """What every reconstruction adds to its decoded latents: b_dec [L, 1, d_out], plus the skip
+        x W_skip [L, B, d_out] (one fused product)."""
+        base = self.b_dec.unsqueeze(1)
+        return base if self.w_skip is None else torch.baddbmm(base, x, self.w_skip)
+
     def _outputs(
-        self, x: Tensor, parts: list[Tensor], prefixes: tuple[int, ...]
+        self, base: Tensor, parts: list[Tensor], prefixes: tuple[int, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """(ŷ, prefix ŷs) [L, B, d_out] from each latent group's decoded [L, B, d_out] (no bias); a
         prefix's reconstruction is the running sum of the groups up to it (nested prefixes: one decode)."""
-        base = self.b_dec.unsqueeze(1)
-        if self.w_skip is not None:
-            base = base + torch.bmm(x, self.w_skip)
         sums = list(itertools.accumulate(parts))
         by_end = {hi: total for (_, hi), total in zip(self._groups(prefixes), sums, strict=True)}
         return sums[-1] + base, tuple(by_end[p] + base for p in prefixes)
@@ -343,7 +347,7 @@ class CrossLayerCoder(nn.Module):
             for contributions, (lo, hi) in zip(parts, groups, strict=True):
                 contributions.append(a_src[:, lo:hi] @ table[lo:hi] if len(groups) > 1 else a_src @ table)
         decoded = [sum_to_targets(contributions, self.cfg.d_out) for contributions in parts]
-        recon, prefix_recons = self._outputs(x, decoded, prefixes)
+        recon, prefix_recons = self._outputs(self._base(x), decoded, prefixes)
         return CLTTrainOutput(
             reconstruction=recon,
             prefix_reconstructions=prefix_recons,
@@ -353,7 +357,7 @@ class CrossLayerCoder(nn.Module):
         )
 
     def _train_forward_sparse(
-        self, x: Tensor, z: Tensor, touched: Tensor, prefixes: tuple[int, ...]
+        self, x: Tensor, z: list[Tensor], touched: list[Tensor], prefixes: tuple[int, ...]
     ) -> CLTTrainOutput:
         n, f = self.cfg.n_layers, self.cfg.width
         b = x.shape[1]
@@ -386,7 +390,11 @@ class CrossLayerCoder(nn.Module):
             l0.append(fired_e.sum() / b)
             l1.append(a_e.sum() / b)
             rates.append(torch.zeros(f, dtype=a_e.dtype, device=x.device).index_add(0, cols, fired_e) / b)
-        recon, prefix_recons = self._outputs(x, [add_to_targets(c) for c in parts], prefixes)
+        base = self._base(x)
+        if len(groups) == 1:  # the sum starts from the base: no [L, B, d] block for the decoded part alone
+            recon, prefix_recons = add_to_targets(parts[0], base), ()
+        else:
+            recon, prefix_recons = self._outputs(base, [add_to_targets(c) for c in parts], prefixes)
         return CLTTrainOutput(
             reconstruction=recon,
             prefix_reconstructions=prefix_recons,

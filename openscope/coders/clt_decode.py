@@ -11,7 +11,8 @@ value v, row-major: `openscope.coders.sparse.Entries`):
 All three are `embedding_bag` kernels (and its per-sample-weight backward), one target block at a time: a
 [F, d] table (1.3 MB at F = 512, d = 640) stays in cache while the N entries gather from it, about twice as
 fast per entry as whole rows (T·d floats). Narrower column chunks measured no faster end to end (their
-gathers are faster, the copies they add eat it).
+gathers are faster, the copies they add eat it). The third gathers rows of the [B, d] gradient, in row
+chunks on the CPU for the same reason (`openscope.coders.sparse.sum_by_latent`).
 
 The output is one [B, d] tensor per target block, so `add_to_targets` sums the source layers into ŷ [L, B, d]
 with contiguous adds and hands each block its gradient as a view of ŷ's: the old [B, T·d] layout copied
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from openscope.coders.sparse import Entries
+from openscope.coders.sparse import Entries, sum_by_latent
 from openscope.errors import OpenscopeError
 
 
@@ -61,15 +62,13 @@ class _DecodeToTargets(torch.autograd.Function):
         want_v, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_v = values.new_zeros(values.shape) if want_v else None
         grad_w = torch.empty_like(w) if want_w else None
-        by_col, v_by_col = e.rows[e.col_order], values[e.col_order]
+        v_by_latent = values[e.col_order]  # ordered once for all target blocks
         for t, g in enumerate(grad_outputs):
             g_t = g.contiguous()  # already so when it is a slice of ŷ's gradient (the usual case)
             if grad_v is not None:
                 grad_v += _psw_backward(g_t, w[:, t].contiguous(), e)
             if grad_w is not None:
-                grad_w[:, t] = F.embedding_bag(
-                    by_col, g_t, e.col_offsets, mode="sum", per_sample_weights=v_by_col
-                )
+                grad_w[:, t] = sum_by_latent(g_t, v_by_latent, e)
         return grad_v, grad_w, None
 
 
@@ -81,17 +80,22 @@ def decode_to_targets(values: Tensor, w_dec: Tensor, e: Entries) -> tuple[Tensor
 
 
 class _AddToTargets(torch.autograd.Function):
-    """ŷ_m = Σ_{ℓ≤m} c_ℓ[m − ℓ] for per-source-layer blocks c_ℓ = (c_ℓ[0], …, c_ℓ[L−ℓ−1]), each [B, d],
-    passed flattened source by source.
+    """ŷ_m = base_m + Σ_{ℓ≤m} c_ℓ[m − ℓ] for per-source-layer blocks c_ℓ = (c_ℓ[0], …, c_ℓ[L−ℓ−1]), each
+    [B, d], passed flattened source by source, and a base broadcastable to [L, B, d] (or None).
 
     Its own function because autograd through in-place slice additions would clone the whole [L, B, d]
     gradient once per source layer; here each block's gradient is a slice (a view) of the one gradient.
     """
 
     @staticmethod
-    def forward(ctx: Any, n: int, *blocks: Tensor) -> Tensor:
+    def forward(ctx: Any, n: int, base: Tensor | None, *blocks: Tensor) -> Tensor:
         ctx.n = n
-        out = blocks[0].new_zeros(n, *blocks[0].shape)
+        ctx.base = None if base is None else (base.shape, base.dtype)
+        out = blocks[0].new_empty(n, *blocks[0].shape)
+        if base is None:
+            out.zero_()
+        else:
+            out.copy_(base.expand_as(out))
         i = 0
         for src in range(n):
             for m in range(src, n):
@@ -103,15 +107,20 @@ class _AddToTargets(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
         (g,) = grad_outputs
         n = ctx.n
-        return (None, *(g[m] for src in range(n) for m in range(src, n)))
+        grad_base = None
+        if ctx.base is not None and ctx.needs_input_grad[1]:
+            shape, dtype = ctx.base
+            grad_base = g.sum_to_size(shape).to(dtype)
+        return (None, grad_base, *(g[m] for src in range(n) for m in range(src, n)))
 
 
-def add_to_targets(contributions: Sequence[Sequence[Tensor]]) -> Tensor:
+def add_to_targets(contributions: Sequence[Sequence[Tensor]], base: Tensor | None = None) -> Tensor:
     """[L, B, d] from per-source-layer blocks (c_ℓ[0], …, c_ℓ[L−ℓ−1]), each [B, d]: layer m gets
-    Σ_{ℓ≤m} c_ℓ[m − ℓ]."""
+    base_m + Σ_{ℓ≤m} c_ℓ[m − ℓ] (base broadcastable to [L, B, d]; None: 0). Adding into the base saves an
+    [L, B, d] block a step against adding it afterwards."""
     n = len(contributions)
     shape = contributions[0][0].shape
     for src, blocks in enumerate(contributions):
         if len(blocks) != n - src or any(c.shape != shape for c in blocks):
             raise OpenscopeError(f"source layer {src} must give {n - src} blocks of {list(shape)}")
-    return _AddToTargets.apply(n, *(c for blocks in contributions for c in blocks))  # type: ignore[no-any-return]
+    return _AddToTargets.apply(n, base, *(c for blocks in contributions for c in blocks))  # type: ignore[no-any-return]

@@ -62,7 +62,6 @@ from openscope.coders.dictionary import find_dictionaries, load_dictionary
 from openscope.coders.io import save_clt
 from openscope.config import save_json, to_jsonable
 from openscope.errors import OpenscopeError
-from openscope.models.load import resolve_device
 from openscope.models.sites import Site, parse_sites
 from openscope.train.config import TrainConfig, TrainResult, target_l0s, widths
 from openscope.train.logs import Logs, MetricsSink, check_logs, log_heldout_clt, open_logs
@@ -82,7 +81,7 @@ from openscope.train.loop import (
     start_step,
     step_config,
 )
-from openscope.train.parallel import Replicas, env_world, rank_device
+from openscope.train.parallel import Replicas, env_world, training_device
 from openscope.train.steps import (
     CLTStepStats,
     DeadLatentTracker,
@@ -345,7 +344,7 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
     """Train one CLT or crosscoder over the chosen layers (see `trainer.train`, which calls this for
     --kind clt, skip_clt or crosscoder); under torchrun every rank is a data-parallel replica."""
     _check_clt_run(cfg)
-    device = rank_device(resolve_device(cfg.device))
+    device = training_device(cfg.device)
     data, sites_in, sites_out = _run_sites(cfg, device)
     par = run_layout(cfg, 1, device)
     layers = [Site.from_name(s).layer for s in sites_in]

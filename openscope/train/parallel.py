@@ -33,6 +33,8 @@ from openscope.activations.batches import ActivationBatch
 from openscope.activations.ranks import leave_process_group
 from openscope.coders.activations import ThresholdEstimator
 from openscope.errors import OpenscopeError
+from openscope.models.load import resolve_device
+from openscope.train.memory import keep_freed_memory
 
 
 def env_world() -> tuple[int, int, int]:
@@ -267,6 +269,15 @@ def rank_device(device: str) -> str:
     """Under torchrun, `cuda` is the local rank's GPU (`cuda:<LOCAL_RANK>`); any other device as given."""
     _, world, local_rank = env_world()
     return f"cuda:{local_rank}" if device == "cuda" and world > 1 else device
+
+
+def training_device(name: str) -> str:
+    """The device this process trains on: `name` resolved (`auto`: cuda where available), under torchrun
+    the local rank's GPU; on the CPU with the memory policy of `openscope.train.memory` applied (a step
+    frees and allocates the same blocks every step: keep them)."""
+    device = rank_device(resolve_device(name))
+    keep_freed_memory(device)
+    return device
 
 
 def update_thresholds(estimator: ThresholdEstimator, latents: Tensor, replicas: Replicas) -> None:

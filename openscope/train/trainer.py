@@ -65,7 +65,7 @@ from openscope.train.loop import (
     start_step,
     step_config,
 )
-from openscope.train.parallel import Replicas, rank_device, update_thresholds
+from openscope.train.parallel import Replicas, training_device, update_thresholds
 from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def train(
     _check_config(cfg)
     if cfg.kind in CLT_KINDS:
         return train_clt(cfg, progress, stop_after)
-    device = rank_device(resolve_device(cfg.device))
+    device = training_device(cfg.device)
     ft = KLFineTune(cfg, device) if cfg.finetune else None
     data, names = (ft.data, ft.names) if ft else live(cfg, device) if cfg.model else from_store(cfg)
     specs = _specs(cfg, _pairs(cfg, data, names))
