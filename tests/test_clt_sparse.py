@@ -67,14 +67,21 @@ def test_decode_to_targets_equals_the_dense_cross_layer_decode_in_values_and_gra
         v = a[rows, cols].clone().requires_grad_(True)
         values.append((v, rows, cols))
         blocks.append(decode_to_targets(v, w, make_entries(rows, cols, b, f, chunk_rows)))
-    out = add_to_targets(blocks)
+    base = torch.randn(n, 1, d, generator=gen)  # a bias per layer, broadcast over the batch
+    base1 = base.clone().requires_grad_(True)
+    out = add_to_targets(blocks, base1)
     out.backward(g)
 
     a2 = [a.clone().requires_grad_(True) for a in dense]
     w2 = [w.clone().requires_grad_(True) for w in ws]
-    ref = torch.stack([torch.stack([a2[s] @ w2[s][:, m - s] for s in range(m + 1)]).sum(0) for m in range(n)])
+    base2 = base.clone().requires_grad_(True)
+    ref = base2 + torch.stack(
+        [torch.stack([a2[s] @ w2[s][:, m - s] for s in range(m + 1)]).sum(0) for m in range(n)]
+    )
     ref.backward(g)
     torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    assert base1.grad is not None and base2.grad is not None
+    torch.testing.assert_close(base1.grad, base2.grad, rtol=RTOL, atol=ATOL)
     for (v, rows, cols), a, wa, wb in zip(values, a2, w1, w2, strict=True):
         assert v.grad is not None and a.grad is not None
         torch.testing.assert_close(v.grad, a.grad[rows, cols], rtol=RTOL, atol=ATOL)
