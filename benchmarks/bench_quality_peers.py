@@ -9,7 +9,10 @@ What it measures
     openscope-jumprelu            openscope's JumpReLU (Gemma Scope 2 recipe, `openscope.train`)
     openscope-jumprelu-shared     the same started from one θ for every latent (before per-latent θ)
     openscope-jumprelu-lively     per-latent θ, AuxK revival (dead window 50k tokens) and the frequency
-                                  penalty at λ_f = 1 with cap 5% (the settings against dead and dense latents)
+                                  penalty at λ_f = 1 with cap 5% (the earlier settings against dead and dense latents)
+    openscope-jumprelu-preact     per-latent θ, the pre-activation loss on latents dead for 100k tokens and
+                                  the frequency penalty at λ_f = 1 with cap 8% (the settings against dead and
+                                  dense latents now)
     openscope-jumprelu-resample   the same with `revive="resample"` (dead window recorded)
     openscope-jumprelu-aux        the same with `revive="aux"` (AuxK on dead latents' pre-activations)
     openscope-matryoshka          JumpReLU with Matryoshka prefixes width/16, width/4, width
@@ -92,6 +95,7 @@ METHODS = (
     "openscope-jumprelu",
     "openscope-jumprelu-shared",
     "openscope-jumprelu-lively",
+    "openscope-jumprelu-preact",
     "openscope-jumprelu-resample",
     "openscope-jumprelu-aux",
     "openscope-matryoshka",
@@ -201,6 +205,13 @@ def run_openscope(args: argparse.Namespace, method: str, tokens: int, folder: Pa
             "dead_tokens": min(50_000, tokens),
             "freq_coeff": 1.0,
             "max_fire_rate": 0.05,
+        }
+    elif method == "openscope-jumprelu-preact":
+        extra = {
+            "revive": "preact",
+            "dead_tokens": min(100_000, tokens),
+            "freq_coeff": 1.0,
+            "max_fire_rate": 0.08,
         }
     elif method == "openscope-jumprelu-aux":
         extra = {"revive": "aux", "dead_tokens": dead_tokens(tokens)}

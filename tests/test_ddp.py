@@ -33,6 +33,9 @@ KINDS: dict[str, dict[str, Any]] = {
     # Wide and sparse: the sparse forward path (the ones above take the dense one).
     "jumprelu_sparse": dict(sites="1.resid_post", width=512, target_l0=4),
     "batchtopk_sparse": dict(sites="1.resid_post", width=512, activation="batchtopk", k=4),
+    # The pre-activation loss on the latents dead for two steps (most of them at this width and L0).
+    "jumprelu_preact": dict(sites="1.resid_post", width=512, target_l0=4, revive="preact", dead_tokens=128),
+    "clt_preact": dict(kind="clt", sites="0-1.mlp_in", width=16, revive="preact", dead_tokens=128),
 }
 
 

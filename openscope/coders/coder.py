@@ -293,9 +293,15 @@ class SparseCoder(nn.Module):
 
     # ---- plain dense API -----------------------------------------------------------------------
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """z [B, F] for raw input x."""
-        return torch.addmm(self._encoder_bias(), self._normalised_input(x), self.w_enc)
+    def pre_activations(self, x: Tensor, latents: Tensor | None = None) -> Tensor:
+        """z [B, F] for raw input x; with `latents` (indices [n]), only those columns, z [B, n]."""
+        if latents is None:
+            return torch.addmm(self._encoder_bias(), self._normalised_input(x), self.w_enc)
+        w = self.w_enc[:, latents]
+        bias = self.b_enc[latents]
+        if self.cfg.kind == "sae" and self.cfg.pre_encoder_bias:
+            bias = bias - self.b_dec @ w
+        return torch.addmm(bias, self._normalised_input(x), w)
 
     def _activate_dense(self, z: Tensor, cutoff: Cutoff | None = None) -> Tensor:
         a = self.cfg.activation

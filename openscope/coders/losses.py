@@ -84,6 +84,18 @@ def aux_k_loss(residual: Tensor, aux_recon: Tensor, coeff: float) -> Tensor:
     return aux_k_normalised(reconstruction_loss(residual, aux_recon), residual.pow(2).sum(-1).mean(), coeff)
 
 
+def pre_activation_loss(z: Tensor, theta: Tensor, coeff: float) -> Tensor:
+    """Anthropic's pre-activation loss (circuits update, Jan 2025), on the dead latents only:
+    λ_p·mean over rows of Σ_j max(0, θ_j − z_j) for pre-activations z [B, n] and thresholds θ [n]
+    (decoder rows are unit-norm here, so the ‖d_j‖ weight is 1).
+
+    A dead latent's encoder gets no gradient from the reconstruction or the L0 loss (its z lies below
+    the STE window on every row); this one raises z on every row and lowers θ until the latent fires
+    somewhere, after which the reconstruction decides what it fires on. Latents that fire cost nothing.
+    """
+    return coeff * torch.relu(theta - z).sum(-1).mean()
+
+
 def aux_k_normalised(error: Tensor, norm: Tensor, coeff: float) -> Tensor:
     """AuxK from its two batch means, α·error / norm (error = mean ‖e − ê‖², norm = mean ‖e‖²): a batch
     split across processes reduces both over the whole batch first."""

@@ -75,7 +75,11 @@ class TrainConfig:
     """Dead latents of a jumprelu/relu dictionary: `none`; `resample` (every --resample-every steps, each
     latent dead for the dead window restarts as a detector of a poorly reconstructed token, Adam state
     reset; SAEs, transcoders and CLTs); `aux` (the AuxK loss of topk: dead latents' pre-activations learn
-    the residual error; single-layer dictionaries)."""
+    the residual error; single-layer dictionaries); `preact` (jumprelu: Anthropic's pre-activation loss,
+    --preact-coeff·Σ_dead max(0, θ − z), raises dead latents' pre-activations and lowers their θ until
+    they fire; SAEs, transcoders and CLTs)."""
+    preact_coeff: float = 1e-4
+    """--revive preact: λ_p of the pre-activation loss (normalised units)."""
     resample_every: int = 250
     """--revive resample: steps between resamplings."""
     dead_tokens: int = 1_000_000
@@ -163,8 +167,10 @@ class TrainConfig:
         self.target_l0 = _one_or_list(self.target_l0, float)
         if self.dead_tokens < 1:
             raise OpenscopeError(f"--dead-tokens must be positive, got {self.dead_tokens}")
-        if self.revive not in ("none", "aux", "resample"):
-            raise OpenscopeError(f"--revive {self.revive!r} is not one of none, aux, resample")
+        if self.revive not in ("none", "aux", "resample", "preact"):
+            raise OpenscopeError(f"--revive {self.revive!r} is not one of none, aux, resample, preact")
+        if not self.preact_coeff >= 0:
+            raise OpenscopeError(f"--preact-coeff must be >= 0, got {self.preact_coeff}")
 
 
 def _one_or_list(value: N | str, number: Callable[[str], N]) -> N | str:

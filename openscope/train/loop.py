@@ -228,6 +228,7 @@ def step_config(
         max_fire_rate=cfg.max_fire_rate,
         revive=cfg.revive,  # type: ignore[arg-type]  (checked by TrainConfig)
         resample_every=cfg.resample_every,
+        preact_coeff=cfg.preact_coeff,
         matryoshka_prefixes=spec.fixed,
         matryoshka_random=spec.random,
         matryoshka_seed=cfg.seed,
@@ -246,6 +247,8 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
         skip |= {"finetune", "beta"}  # nor do those of runs from before fine-tuning
     if cfg.revive == "none":
         skip |= {"revive", "resample_every"}  # nor those of runs from before revival
+    if cfg.revive != "preact":
+        skip.add("preact_coeff")
     if not cfg.init_greedy:
         skip.add("init_greedy")  # nor those of runs from before the greedy CLT init
     if cfg.dead_tokens == TrainConfig.dead_tokens:

@@ -25,7 +25,7 @@ from openscope.train.parallel import Replicas, fvu_of, fvu_sums
 from openscope.train.revive import resample_dead_, resample_dead_clt_
 
 Sparsity = Literal["quadratic_l0", "l0", "l1", "none"]
-Revive = Literal["none", "aux", "resample"]
+Revive = Literal["none", "aux", "resample", "preact"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,11 @@ class StepConfig:
     """Dead latents of a jumprelu/relu coder: none; aux (the AuxK loss as for topk: the top aux_k dead
     pre-activations must reconstruct the error; single-layer coders only); resample (every resample_every
     steps, restart each dead latent on a poorly reconstructed token, Adam state reset:
-    `openscope.train.revive`). Needs the trainer's dead-latent tracker."""
+    `openscope.train.revive`); preact (jumprelu: the pre-activation loss, preact_coeff·Σ_dead max(0, θ − z),
+    raises dead latents' pre-activations until they fire). Needs the trainer's dead-latent tracker."""
+    preact_coeff: float = 1e-4
+    """λ_p of revive preact (normalised units; with Adam it sets how large a revived latent's first
+    reconstruction steps are against the ones that revived it, not how fast it revives)."""
     resample_every: int = 250
     """revive resample: steps between resamplings (a latent resampled gets a fresh dead window); none
     in the run's last max(lr_decay_steps, resample_every) steps, so every restarted latent has time to
@@ -94,13 +98,13 @@ class StepConfig:
             raise OpenscopeError(f"unknown sparsity loss {self.sparsity!r}")
         if self.sparsity == "quadratic_l0" and (self.target_l0 is None or not self.target_l0 > 0):
             raise OpenscopeError(f"quadratic_l0 needs a positive target_l0, got {self.target_l0!r}")
-        for name in ("sparsity_coeff", "freq_coeff", "aux_coeff"):
+        for name in ("sparsity_coeff", "freq_coeff", "aux_coeff", "preact_coeff"):
             if getattr(self, name) < 0:
                 raise OpenscopeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.aux_k < 0:
             raise OpenscopeError(f"aux_k must be >= 0, got {self.aux_k!r}")
-        if self.revive not in ("none", "aux", "resample"):
-            raise OpenscopeError(f"unknown revival {self.revive!r}; expected none, aux or resample")
+        if self.revive not in ("none", "aux", "resample", "preact"):
+            raise OpenscopeError(f"unknown revival {self.revive!r}; expected none, aux, resample or preact")
         if self.resample_every < 1:
             raise OpenscopeError(f"resample_every must be >= 1, got {self.resample_every!r}")
         p = self.matryoshka_prefixes
@@ -126,7 +130,7 @@ class StepStats(NamedTuple):
     frequency: float
     """Frequency penalty (λ_f included)."""
     aux: float
-    """AuxK loss (α included)."""
+    """Revival loss: AuxK (α included) or the pre-activation loss (λ_p included)."""
     l0: float
     """Mean firing latents per token."""
     fvu: float
@@ -315,6 +319,11 @@ def train_step(
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
         freq = L.frequency_penalty(fire_rate, cfg.max_fire_rate, cfg.freq_coeff)
     aux = zero if aux_terms is None else L.aux_k_normalised(*aux_terms, cfg.aux_coeff)
+    if cfg.revive == "preact" and dead is not None and ccfg.activation == "jumprelu" and bool(dead.any()):
+        idx = dead.nonzero().squeeze(1)
+        with autocast(cfg, x):
+            z_dead = coder.pre_activations(x, idx).float()
+        aux = aux + L.pre_activation_loss(z_dead, coder.threshold()[idx], cfg.preact_coeff)
 
     loss = (rec if loss_term is None else loss_term(rec, out.reconstruction)) + sparsity + freq + aux
     loss.backward()
@@ -369,6 +378,19 @@ class CLTStepStats(NamedTuple):
     """λ used (after warm-up)."""
 
 
+def clt_preact_loss(clt: CrossLayerCoder, x: Tensor, dead: Tensor, cfg: StepConfig) -> Tensor:
+    """The pre-activation loss (`losses.pre_activation_loss`) of a CLT's dead latents (dead [L, F]) on
+    normalised inputs x [L, B, d_in], summed over layers as the CLT's other losses are."""
+    total = x.new_zeros(())
+    theta = clt.threshold()
+    for i in dead.any(1).nonzero().squeeze(1).tolist():
+        idx = dead[i].nonzero().squeeze(1)
+        with autocast(cfg, x):
+            z = torch.addmm(clt.b_enc[i][idx], x[i], clt.w_enc[i][:, idx]).float()
+        total = total + L.pre_activation_loss(z, theta[i][idx], cfg.preact_coeff)
+    return total
+
+
 def clt_train_step(
     clt: CrossLayerCoder,
     optimizer: torch.optim.Optimizer,
@@ -413,7 +435,11 @@ def clt_train_step(
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
         freq = L.frequency_penalty(fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)
 
-    loss = rec + sparsity + freq
+    revival = rec.new_zeros(())
+    if cfg.revive == "preact" and tracker is not None and ccfg.activation == "jumprelu":
+        revival = clt_preact_loss(clt, x, tracker.dead_mask().to(x.device).view(n, -1), cfg)
+
+    loss = rec + sparsity + freq + revival
     loss.backward()
     if replicas is not None:
         replicas.average_grads_(clt)
