@@ -15,6 +15,7 @@ from openscope.cli import run
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
 from openscope.coders.losses import fvu, pre_activation_loss
+from openscope.errors import OpenscopeError
 from openscope.train.steps import (
     DeadLatentTracker,
     Revive,
@@ -240,3 +241,13 @@ def test_no_resampling_in_the_last_stretch_of_a_run() -> None:
     assert [s for s in range(100) if resample_due(short_decay, s, None)][-1] == 89
     unknown_length = StepConfig(target_l0=2.0, revive="resample", resample_every=10)
     assert resample_due(unknown_length, 99, None)
+
+
+def test_preact_on_a_coder_without_threshold_is_one_line_error() -> None:
+    coder = SparseCoder(CoderConfig(d_in=D, d_out=D, width=WIDTH, activation="topk", k=2))
+    opt = make_optimizer(coder, 1e-3)
+    cfg = StepConfig(sparsity="none", revive="preact")
+    with pytest.raises(OpenscopeError, match="revive preact needs a jumprelu coder"):
+        train_step(
+            coder, opt, batch(torch.Generator().manual_seed(0)), None, cfg, 0, DeadLatentTracker(WIDTH)
+        )

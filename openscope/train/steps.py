@@ -199,10 +199,13 @@ def make_optimizer(coder: nn.Module, lr: float = 7e-5, threshold_lr_scale: float
 
 
 def check_sparsity(cfg: StepConfig, activation: str) -> None:
-    """The sparsity loss fits the activation: the L0 losses need JumpReLU, L1 needs ReLU."""
+    """The sparsity loss fits the activation: the L0 losses need JumpReLU, L1 needs ReLU; so does the
+    pre-activation revival (it pulls towards θ)."""
     needs = {"quadratic_l0": "jumprelu", "l0": "jumprelu", "l1": "relu"}.get(cfg.sparsity)
     if needs is not None and activation != needs:
         raise OpenscopeError(f"{cfg.sparsity} sparsity needs a {needs} coder, not {activation}")
+    if cfg.revive == "preact" and activation != "jumprelu":
+        raise OpenscopeError(f"revive preact needs a jumprelu coder (it pulls towards θ), not {activation}")
 
 
 def step_prefixes(cfg: StepConfig, step: int, width: int) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
@@ -319,7 +322,7 @@ def train_step(
     if ccfg.activation == "jumprelu" and cfg.freq_coeff > 0:
         freq = L.frequency_penalty(fire_rate, cfg.max_fire_rate, cfg.freq_coeff)
     aux = zero if aux_terms is None else L.aux_k_normalised(*aux_terms, cfg.aux_coeff)
-    if cfg.revive == "preact" and dead is not None and ccfg.activation == "jumprelu" and bool(dead.any()):
+    if cfg.revive == "preact" and dead is not None and bool(dead.any()):
         idx = dead.nonzero().squeeze(1)
         with autocast(cfg, x):
             z_dead = coder.pre_activations(x, idx).float()
@@ -436,7 +439,7 @@ def clt_train_step(
         freq = L.frequency_penalty(fire_rate.flatten(), cfg.max_fire_rate, cfg.freq_coeff)
 
     revival = rec.new_zeros(())
-    if cfg.revive == "preact" and tracker is not None and ccfg.activation == "jumprelu":
+    if cfg.revive == "preact" and tracker is not None:
         revival = clt_preact_loss(clt, x, tracker.dead_mask().to(x.device).view(n, -1), cfg)
 
     loss = rec + sparsity + freq + revival
