@@ -77,7 +77,8 @@ class TrainConfig:
     reset; SAEs, transcoders and CLTs); `aux` (the AuxK loss of topk: dead latents' pre-activations learn
     the residual error; single-layer dictionaries); `preact` (jumprelu: Anthropic's pre-activation loss,
     --preact-coeff·Σ_dead max(0, θ − z), raises dead latents' pre-activations and lowers their θ until
-    they fire; SAEs, transcoders and CLTs)."""
+    they fire; SAEs, transcoders and CLTs). Measured best on Gemma 3 270M: `preact` with --dead-tokens
+    100000 --freq-coeff 1 --max-fire-rate 0.08 (dead latents 30% → 1.5% at 4M tokens, same delta loss)."""
     preact_coeff: float = 1e-4
     """--revive preact: λ_p of the pre-activation loss (normalised units)."""
     resample_every: int = 250
