@@ -279,11 +279,13 @@ class SparseCoder(nn.Module):
     def _normalised_input(self, x: Tensor) -> Tensor:
         return x / self.scale_in
 
-    def _encoder_bias(self) -> Tensor:
-        """b_enc with the pre-encoder bias folded in: (x̃ − b_dec) W + b = x̃ W + (b − b_dec W)."""
+    def _encoder_bias(self, latents: Tensor | None = None) -> Tensor:
+        """b_enc with the pre-encoder bias folded in: (x̃ − b_dec) W + b = x̃ W + (b − b_dec W); with
+        `latents` (indices [n]), only theirs."""
+        b, w = (self.b_enc, self.w_enc) if latents is None else (self.b_enc[latents], self.w_enc[:, latents])
         if self.cfg.kind == "sae" and self.cfg.pre_encoder_bias:
-            return self.b_enc - self.b_dec @ self.w_enc
-        return self.b_enc
+            return b - self.b_dec @ w
+        return b
 
     def _skip_and_bias(self, xs: Tensor) -> Tensor:
         """b_dec (+ x̃ A for skip-transcoders), normalised units, [B, d_out] or [d_out]."""
@@ -295,13 +297,8 @@ class SparseCoder(nn.Module):
 
     def pre_activations(self, x: Tensor, latents: Tensor | None = None) -> Tensor:
         """z [B, F] for raw input x; with `latents` (indices [n]), only those columns, z [B, n]."""
-        if latents is None:
-            return torch.addmm(self._encoder_bias(), self._normalised_input(x), self.w_enc)
-        w = self.w_enc[:, latents]
-        bias = self.b_enc[latents]
-        if self.cfg.kind == "sae" and self.cfg.pre_encoder_bias:
-            bias = bias - self.b_dec @ w
-        return torch.addmm(bias, self._normalised_input(x), w)
+        w = self.w_enc if latents is None else self.w_enc[:, latents]
+        return torch.addmm(self._encoder_bias(latents), self._normalised_input(x), w)
 
     def _activate_dense(self, z: Tensor, cutoff: Cutoff | None = None) -> Tensor:
         a = self.cfg.activation
