@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--arms", default="clt-sparse,clt-dense,tc-sparse,tc-dense", help=f"of {','.join(ARMS)}")
     p.add_argument(
         "--malloc-default",
@@ -72,19 +73,22 @@ class Arm:
         self.cfg = StepConfig(lr=1e-4, lr_warmup_steps=1, target_l0=args.target_l0, path=path)  # type: ignore[arg-type]
         n, d, f = args.layers, args.d, args.width
         if kind == "clt":
-            self.clt = CrossLayerCoder(CLTConfig(n_layers=n, d_in=d, d_out=d, width=f, skip=True))
+            self.clt = CrossLayerCoder(CLTConfig(n_layers=n, d_in=d, d_out=d, width=f, skip=True)).to(
+                x.device
+            )
             self.clt.calibrate_threshold_(x, args.target_l0)
             self.opt = make_optimizer(self.clt, 1e-4)
             self.coders: list[SparseCoder] = []
         else:
             cfg = CoderConfig(d_in=d, d_out=d, width=f, kind="skip_transcoder")
-            self.coders = [SparseCoder(cfg) for _ in range(n)]
+            self.coders = [SparseCoder(cfg).to(x.device) for _ in range(n)]
             for i, c in enumerate(self.coders):
                 c.calibrate_threshold_(x[i], args.target_l0)
             self.opts = [make_optimizer(c, 1e-4) for c in self.coders]
 
     def run(self) -> float:
-        """Seconds of one training step of all 18·F latents."""
+        """Seconds of one training step of all 18·F latents (the device's queue drained at both ends)."""
+        sync(self.x.device)
         t0 = time.perf_counter()
         if self.coders:
             for i, (c, opt) in enumerate(zip(self.coders, self.opts, strict=True)):
@@ -92,20 +96,27 @@ class Arm:
         else:
             clt_train_step(self.clt, self.opt, self.x, self.y, self.cfg, self.step)
         self.step += 1
+        sync(self.x.device)
         return time.perf_counter() - t0
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued kernels, so that a step's wall time is its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not args.malloc_default:
+    if not args.malloc_default and args.device == "cpu":
         keep_freed_memory()  # as `openscope train` does on the CPU
     names = [a for a in args.arms.split(",") if a]
     if unknown := set(names) - set(ARMS):
         raise SystemExit(f"unknown arms {sorted(unknown)}; expected some of {', '.join(ARMS)}")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.layers, args.batch, args.d, generator=gen)
-    y = torch.randn(args.layers, args.batch, args.d, generator=gen)
+    x = torch.randn(args.layers, args.batch, args.d, generator=gen).to(args.device)
+    y = torch.randn(args.layers, args.batch, args.d, generator=gen).to(args.device)
     arms = [Arm(n, args, x, y) for n in names]
     for arm in arms:  # one untimed warm-up step each (allocations, first-call costs)
         arm.run()

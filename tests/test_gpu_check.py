@@ -66,3 +66,58 @@ def test_cuda_without_cuda_is_one_line(tiny_model_dir: Path, tmp_path: Path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "CUDA is not available" in err[0]
     assert not (tmp_path / "r.json").exists()
+
+
+def _bundle() -> ModuleType:
+    path = SCRIPT.with_name("device_bundle.py")
+    spec = importlib.util.spec_from_file_location("device_bundle", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bundle_rebuilds_the_architecture_and_tokenizer_with_random_weights(
+    tiny_model_dir: Path, text_file: Path, tmp_path: Path
+):
+    """pack keeps everything but the weights (and the text); unpack builds the same model shape, seeded."""
+    from safetensors.torch import load_file
+
+    from openscope.models import load_model
+
+    bundle = _bundle()
+    assert (
+        bundle.main(
+            [
+                "pack",
+                str(tmp_path / "b"),
+                "--model",
+                str(tiny_model_dir),
+                "--source",
+                str(text_file),
+                "--docs",
+                "3",
+            ]
+        )
+        == 0
+    )
+    files = {p.name for p in (tmp_path / "b").iterdir()}
+    assert (
+        "config.json" in files
+        and "text.jsonl" in files
+        and not any(f.endswith(".safetensors") for f in files)
+    )
+    assert len((tmp_path / "b" / "text.jsonl").read_text().splitlines()) == 3
+    for out in ("m1", "m2"):
+        assert bundle.main(["unpack", str(tmp_path / "b"), str(tmp_path / out)]) == 0
+    real, rebuilt = load_model(str(tiny_model_dir)), load_model(str(tmp_path / "m1"))
+    assert rebuilt.n_layers == real.n_layers and rebuilt.d_model == real.d_model
+    assert rebuilt.tokenizer("a test").input_ids == real.tokenizer("a test").input_ids
+    a, b = (
+        load_file(str(tmp_path / "m1" / "model.safetensors")),
+        load_file(str(tmp_path / "m2" / "model.safetensors")),
+    )
+    original = load_file(str(next(tiny_model_dir.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same twice
+    assert any(not torch.equal(a[k], original[k]) for k in a if k in original)  # but not the real weights
+    assert bundle.main(["unpack", str(tmp_path / "nowhere"), str(tmp_path / "m3")]) == 2

@@ -96,7 +96,14 @@ def top_logits(logits: Tensor, max_logits: int, probability: float) -> tuple[Ten
         raise OpenscopeError(f"the logit probability to cover must be in (0, 1], got {probability}")
     probs = torch.softmax(logits.float(), dim=-1)
     top_p, top_i = probs.topk(min(max_logits, probs.numel()))
-    cut = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(probability, dtype=top_p.dtype))) + 1
+    cut = (
+        int(
+            torch.searchsorted(
+                top_p.cumsum(0), torch.tensor(probability, dtype=top_p.dtype, device=top_p.device)
+            )
+        )
+        + 1
+    )
     return top_i[:cut], top_p[:cut]
 
 
@@ -154,8 +161,9 @@ def _fill_rows(
             ranked = store.influence(seed)[:n].argsort(descending=True)
             done = store.filled - k
             pending = ranked[~visited[ranked]][: min(max(update_interval * batch, done // 4), budget - done)]
-            # Batches of similar layers cost less (the readout skips layers above the batch's targets).
-            pending = pending[active.layer[pending].argsort(stable=True)]
+            # Batches of similar layers cost less (the readout skips layers above the batch's targets);
+            # the queue lives on the CPU with the rows, the latents' layers on the model's device.
+            pending = pending[active.layer[pending].cpu().argsort(stable=True)]
         for chunk in pending.split(batch):
             grads = backward_rows(run, n_layers, active.layer[chunk], active.position[chunk], encoders(chunk))
             readout.rows(grads, store.block(len(chunk)))

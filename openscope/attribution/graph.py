@@ -106,7 +106,11 @@ def find_threshold(scores: Tensor, fraction: float) -> Tensor:
     """The score s such that keeping every score ≥ s keeps (just over) `fraction` of the total."""
     ordered = scores.flatten().sort(descending=True).values
     cumulative = ordered.cumsum(0) / ordered.sum().clamp(min=ROW_EPS)
-    index = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype)))
+    index = int(
+        torch.searchsorted(
+            cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)
+        )
+    )
     return ordered[min(index, len(ordered) - 1)]
 
 
@@ -223,5 +227,11 @@ def nodes_for_fraction(influence: Tensor, fraction: float) -> int:
         return 0
     cumulative = ordered.cumsum(0) / total
     return min(
-        int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))) + 1, len(ordered)
+        int(
+            torch.searchsorted(
+                cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)
+            )
+        )
+        + 1,
+        len(ordered),
     )

@@ -39,7 +39,7 @@ def backward_rows(
     no target reaches an MLP output at or above its own layer.
     """
     total = torch.zeros((), dtype=run.final.dtype, device=run.final.device)
-    rows = torch.arange(len(layers))
+    rows = torch.arange(len(layers), device=layers.device)
     for layer in layers.unique().tolist():
         sel = (layers == layer).nonzero().squeeze(1)
         site = run.final if layer == n_layers else run.mlp_in[layer]
