@@ -16,6 +16,7 @@ Throughput (tokens/s, wall time of the whole call, start-up included):
 - with sparsify importable in this Python, sparsify's TopK step against openscope's on the same
   activations and the same GPU (otherwise the report says it was not installed);
 - evaluation (splice, KL, loss recovered) of the first trained dictionary;
+- its dashboards (`openscope features`) and one steered, sampled generation with it (seconds);
 - attribution of one prompt with random JumpReLU transcoders on every layer (seconds).
 
     python benchmarks/gpu_check.py --device cuda                  # Gemma 3 270M, < 10 min on one GPU
@@ -45,9 +46,11 @@ from torch import Tensor
 from openscope.activations import ActivationStore, HarvestConfig, harvest
 from openscope.attribution import attribute
 from openscope.coders.coder import CoderConfig, SparseCoder
-from openscope.coders.dictionary import Dictionary, in_memory
+from openscope.coders.dictionary import Dictionary, in_memory, load_dictionary
 from openscope.errors import OpenscopeError
 from openscope.eval import EvalConfig, evaluate, spliced
+from openscope.features import FeaturesConfig, compute_features
+from openscope.interventions import Intervention, generate
 from openscope.models import SITE_KINDS, Site, load_model, run_to_sites
 from openscope.models.load import LoadedModel, resolve_device, text_config
 from openscope.models.sites import locate, site_width
@@ -369,6 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.train_tokens = 512 if q else 1 << 20
     args.eval_tokens = 256 if q else 32_768
     args.attr_width, args.attr_l0, args.attr_batch = (64, 4, 8) if q else (16384, 50, 32)
+    args.steer_tokens = 4 if q else 32
     return args
 
 
@@ -422,6 +426,7 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         progress=False,
     )
     report.figure("eval (splice, KL, loss recovered)", ev.tokens_per_s, "tokens/s")
+    explore_and_steer(report, args, lm, folder, root, common)
     ids = prompt_ids(lm.tokenizer, PROMPT).to(lm.device)
     dicts = random_transcoders(lm, args.attr_width, args.attr_l0, ids)
     sync(device)
@@ -433,6 +438,34 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         tokens=graph.n_tokens, active=graph.n_active, width=args.attr_width,
     )  # fmt: skip
     return report
+
+
+def explore_and_steer(
+    report: Report,
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    folder: Path,
+    root: Path,
+    common: dict[str, Any],
+) -> None:
+    """Dashboards (top activations, histograms, logits) of the first trained dictionary, then one
+    steered generation with its first latent added, sampled (the sampler's generator is the CPU's)."""
+    feats = compute_features(
+        FeaturesConfig(dictionaries=[folder], tokens=args.eval_tokens, output=root / "features.db", **common),
+        loaded=lm,
+        progress=False,
+    )
+    report.figure("features (dashboards)", feats.tokens_per_s, "tokens/s")
+    device = str(lm.device)
+    steer = Intervention(load_dictionary(folder, lm, device=device), latent=0, value=8.0)
+    sync(device)
+    start = time.perf_counter()
+    result = generate(lm, PROMPT, [steer], max_new_tokens=args.steer_tokens, temperature=0.7, seed=0)
+    sync(device)
+    report.figure(
+        "steered generation (plain and steered)", time.perf_counter() - start, "s",
+        tokens=args.steer_tokens, changed=result.steered != result.unsteered,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

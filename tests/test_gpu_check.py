@@ -49,6 +49,8 @@ def test_quick_cpu_run_passes_every_check_and_reports_every_figure(
         "train jumprelu w128 float32",
         "train jumprelu w128 bf16",
         "eval (splice, KL, loss recovered)",
+        "features (dashboards)",
+        "steered generation (plain and steered)",
         "attribution of one prompt",
     ):
         assert figures[name]["value"] > 0, name

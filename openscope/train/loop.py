@@ -301,9 +301,12 @@ def run_layout(cfg: TrainConfig, n_dicts: int, device: str) -> RunLayout:
         raise OpenscopeError("--revive resample draws from one process's batch: use aux with --data-parallel")
     _check_resume_layout(cfg, layout)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
-    if device.startswith("cuda") and cfg.precision != "float32":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the products autocast leaves in float32
-        torch.backends.cudnn.allow_tf32 = True
+    if device.startswith("cuda"):
+        # TF32 for the products autocast leaves in float32; set both ways, since the flag is the process's
+        # and an earlier bf16 run in it must not turn a float32 run's products into TF32 ones.
+        tf32 = cfg.precision != "float32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     if world > 1:
         init_process_group(device)
     return RunLayout(layout, replica_group(layout), device, bf16)
