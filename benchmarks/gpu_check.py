@@ -15,7 +15,7 @@ Throughput (tokens/s, wall time of the whole call, start-up included):
   float32 / bf16 autocast (`--precision`), on the middle layer's resid_post;
 - with sparsify importable in this Python, sparsify's TopK step against openscope's on the same
   activations and the same GPU (otherwise the report says it was not installed);
-- evaluation (splice, KL, loss recovered) of the first trained dictionary;
+- evaluation (splice, KL, loss recovered, absorption) of the first trained dictionary;
 - its dashboards (`openscope features`) and one steered, sampled generation with it (seconds);
 - attribution of one prompt with random JumpReLU transcoders on every layer (seconds).
 
@@ -373,6 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.eval_tokens = 256 if q else 32_768
     args.attr_width, args.attr_l0, args.attr_batch = (64, 4, 8) if q else (16384, 50, 32)
     args.steer_tokens = 4 if q else 32
+    args.absorption_words = 300 if q else 3000
     return args
 
 
@@ -421,11 +422,18 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     folder = train_throughput(report, args, store, site, device, root)
     sparsify_vs_openscope(report, args, store, site, device)
     ev = evaluate(
-        EvalConfig(dictionaries=[folder], tokens=args.eval_tokens, output=root / "eval", **common),
+        EvalConfig(
+            dictionaries=[folder],
+            tokens=args.eval_tokens,
+            output=root / "eval",
+            absorption=True,
+            absorption_words=args.absorption_words,
+            **common,
+        ),  # fmt: skip
         loaded=lm,
         progress=False,
     )
-    report.figure("eval (splice, KL, loss recovered)", ev.tokens_per_s, "tokens/s")
+    report.figure("eval (splice, KL, loss recovered, absorption)", ev.tokens_per_s, "tokens/s")
     explore_and_steer(report, args, lm, folder, root, common)
     ids = prompt_ids(lm.tokenizer, PROMPT).to(lm.device)
     dicts = random_transcoders(lm, args.attr_width, args.attr_l0, ids)

@@ -48,7 +48,7 @@ def test_quick_cpu_run_passes_every_check_and_reports_every_figure(
         "train topk w128 bf16",
         "train jumprelu w128 float32",
         "train jumprelu w128 bf16",
-        "eval (splice, KL, loss recovered)",
+        "eval (splice, KL, loss recovered, absorption)",
         "features (dashboards)",
         "steered generation (plain and steered)",
         "attribution of one prompt",

@@ -154,7 +154,7 @@ def readout(target: SteerTarget, x: Tensor) -> Tensor:
         r = target.direction.double().to(x.device)
         if target.origin is not None:
             return (x.double() - target.origin.double().to(x.device)) @ r / (r @ r)
-        return x.double() @ stats.unit(r)
+        return x.double() @ stats.unit(r).to(x.device)
     assert target.dictionary is not None
     coder = coder_of(target.dictionary)
     with torch.inference_mode():

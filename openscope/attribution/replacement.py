@@ -454,7 +454,8 @@ class ReplacementModel:
     @torch.no_grad()
     def encoder_vectors(self, features: ActiveFeatures) -> Tensor:
         """[n, d_in] what each feature's pre-activation reads from its layer's MLP input."""
-        out = torch.empty(features.count, self.clean.mlp_in[0].shape[-1], dtype=self.clean.mlp_in[0].dtype)
+        ref = self.clean.mlp_in[0]  # on the model's device, where the backward pass reads the vectors
+        out = torch.empty(features.count, ref.shape[-1], dtype=ref.dtype, device=ref.device)
         for layer, slot in enumerate(self.slots):
             sel = (features.layer == layer).nonzero().squeeze(1)
             if sel.numel():

@@ -317,8 +317,9 @@ def absorption_from_activations(
     """Absorption of a single-layer SAE from the first-letter activations of its train and test words."""
     coder = dictionary.coder
     with torch.inference_mode():
-        train_f = coder.encode_at(0, train.x).float().cpu()
-        test_f = coder.encode_at(0, test.x).float().cpu()
+        at = coder.w_enc  # the activations were kept on the CPU; the coder may be on a GPU
+        train_f = coder.encode_at(0, train.x.to(at.device, at.dtype)).float().cpu()
+        test_f = coder.encode_at(0, test.x.to(at.device, at.dtype)).float().cpu()
         width = train_f.shape[1]
         decoder = coder.decoder_vectors(0, 0, torch.arange(width)).float().cpu()
     letters = []
