@@ -22,6 +22,10 @@ Throughput (tokens/s, wall time of the whole call, start-up included):
     python benchmarks/gpu_check.py --device cuda                  # Gemma 3 270M, < 10 min on one GPU
     python benchmarks/gpu_check.py --device cpu --quick --model DIR --source FILE   # smoke run (tests)
 
+`--stages` runs some of them (harvest, checks, train, peers, eval, features, steer, attribution; the
+stages that need a dictionary train a small one when train is left out). A stage that raises is a failed
+check named `<stage> runs`, and the stages after it still run: one call finds every failure.
+
 Prints a table and writes the JSON report (default benchmarks/out/gpu_check.json). Exit status: 0 when every
 check passed, 1 when one failed, 2 on bad input (e.g. --device cuda where CUDA is not available).
 """
@@ -38,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -58,6 +62,8 @@ from openscope.models.tokens import prompt_ids
 from openscope.train import TrainConfig, train
 
 log = logging.getLogger("gpu_check")
+T = TypeVar("T")
+STAGES = ("harvest", "checks", "train", "peers", "eval", "features", "steer", "attribution")
 OUT = Path(__file__).parent / "out" / "gpu_check.json"
 PROMPT = "Fact: the Eiffel Tower is a famous old landmark located in the city of"
 
@@ -90,6 +96,19 @@ class Report:
         row["seconds"] = round(time.perf_counter() - start, 2)
         log.info("%s", row)
         self.checks.append(row)
+
+    def stage(self, name: str, fn: Callable[[], T]) -> T | None:
+        """Run one stage; one that raises is a failed check (`<name> runs`, with its error) and the later
+        stages still run, so one call on a device finds every failure, not only the first."""
+        start = time.perf_counter()
+        try:
+            return fn()
+        except Exception as exc:
+            log.exception("stage %s failed", name)
+            row = {"check": f"{name} runs", "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            self.checks.append(row)
+            return None
 
     def figure(self, name: str, value: float, unit: str, **extra: Any) -> None:
         row = {"figure": name, "value": value, "unit": unit, **extra}
@@ -361,9 +380,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--widths", default="", help="Training widths, comma list (default 16384,131072; quick 128)."
     )
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"Comma list of stages to run (default all: {','.join(STAGES)}); a stage that fails is reported "
+        "and the others still run.",
+    )
     p.add_argument("--output", type=Path, default=OUT, help=f"JSON report (default {OUT}).")
     p.add_argument("--workdir", type=Path, default=None, help="Scratch folder (default: a temporary one).")
     args = p.parse_args(argv)
+    args.stages = [st for st in args.stages.split(",") if st]
+    if unknown := set(args.stages) - set(STAGES):
+        p.error(f"unknown stages {sorted(unknown)}; expected some of {', '.join(STAGES)}")
     q = args.quick
     args.widths = [int(w) for w in (args.widths or ("128" if q else "16384,131072")).split(",")]
     args.context_len = 32 if q else 256
@@ -405,36 +433,70 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     lm = load_model(args.model, device=device)
     site = f"{lm.n_layers // 2}.resid_post"
     common = {"model": args.model, "source": args.source, "context_len": args.context_len, "device": device}
-    h = harvest(
-        HarvestConfig(sites="*.resid_post", tokens=args.harvest_tokens, output=root / "all", **common),
-        loaded=lm,
-        progress=False,
-    )
-    report.figure("harvest every resid_post", h.tokens_per_s, "tokens/s", sites=lm.n_layers)
-    store = root / "mid"
+    want = args.stages.__contains__
+    if want("harvest"):
+        report.stage("harvest", lambda: harvest_all(report, args, lm, root, common))
+    store = root / "mid"  # every later stage reads this one store
     h = harvest(
         HarvestConfig(sites=site, tokens=args.harvest_tokens, output=store, **common),
         loaded=lm,
         progress=False,
     )
     report.figure(f"harvest {site}", h.tokens_per_s, "tokens/s")
-    run_checks(report, lm, args, device, store, site, root)
-    folder = train_throughput(report, args, store, site, device, root)
-    sparsify_vs_openscope(report, args, store, site, device)
-    ev = evaluate(
-        EvalConfig(
-            dictionaries=[folder],
-            tokens=args.eval_tokens,
-            output=root / "eval",
-            absorption=True,
-            absorption_words=args.absorption_words,
-            **common,
-        ),  # fmt: skip
-        loaded=lm,
-        progress=False,
-    )
+    if want("checks"):
+        report.stage("checks", lambda: run_checks(report, lm, args, device, store, site, root))
+    folder: Path | None = None
+    if want("train"):
+        folder = report.stage("train", lambda: train_throughput(report, args, store, site, device, root))
+    if want("peers"):
+        report.stage("peers", lambda: sparsify_vs_openscope(report, args, store, site, device))
+    if {"eval", "features", "steer"} & set(args.stages) and folder is None:
+        folder = report.stage("fixture", lambda: small_dictionary(args, store, site, device, root))
+    if folder is not None and want("eval"):
+        report.stage("eval", lambda: evaluate_one(report, args, lm, folder, root, common))
+    if folder is not None and want("features"):
+        report.stage("features", lambda: features_of(report, args, lm, folder, root, common))
+    if folder is not None and want("steer"):
+        report.stage("steer", lambda: steer_one(report, args, lm, folder))
+    if want("attribution"):
+        report.stage("attribution", lambda: attribution_of_one_prompt(report, args, lm, device))
+    return report
+
+
+def harvest_all(
+    report: Report, args: argparse.Namespace, lm: LoadedModel, root: Path, common: dict[str, Any]
+) -> None:
+    cfg = HarvestConfig(sites="*.resid_post", tokens=args.harvest_tokens, output=root / "all", **common)
+    h = harvest(cfg, loaded=lm, progress=False)
+    report.figure("harvest every resid_post", h.tokens_per_s, "tokens/s", sites=lm.n_layers)
+
+
+def small_dictionary(args: argparse.Namespace, store: Path, site: str, device: str, root: Path) -> Path:
+    """A TopK SAE trained briefly, for the stages that need a dictionary when the train stage is left out."""
+    cfg = TrainConfig(
+        store=store, sites=site, width=args.widths[0], activation="topk", k=32, batch_size=args.batch_size,
+        tokens=args.batch_size * 8, output=root / "fixture", device=device, log_every=10**9,
+    )  # fmt: skip
+    return next(iter(train(cfg, progress=False).folders.values()))
+
+
+def evaluate_one(
+    report: Report,
+    args: argparse.Namespace,
+    lm: LoadedModel,
+    folder: Path,
+    root: Path,
+    common: dict[str, Any],
+) -> None:
+    cfg = EvalConfig(
+        dictionaries=[folder], tokens=args.eval_tokens, output=root / "eval", absorption=True,
+        absorption_words=args.absorption_words, **common,
+    )  # fmt: skip
+    ev = evaluate(cfg, loaded=lm, progress=False)
     report.figure("eval (splice, KL, loss recovered, absorption)", ev.tokens_per_s, "tokens/s")
-    explore_and_steer(report, args, lm, folder, root, common)
+
+
+def attribution_of_one_prompt(report: Report, args: argparse.Namespace, lm: LoadedModel, device: str) -> None:
     ids = prompt_ids(lm.tokenizer, PROMPT).to(lm.device)
     dicts = random_transcoders(lm, args.attr_width, args.attr_l0, ids)
     sync(device)
@@ -445,10 +507,9 @@ def run(args: argparse.Namespace, root: Path) -> Report:
         "attribution of one prompt", time.perf_counter() - start, "s",
         tokens=graph.n_tokens, active=graph.n_active, width=args.attr_width,
     )  # fmt: skip
-    return report
 
 
-def explore_and_steer(
+def features_of(
     report: Report,
     args: argparse.Namespace,
     lm: LoadedModel,
@@ -456,14 +517,17 @@ def explore_and_steer(
     root: Path,
     common: dict[str, Any],
 ) -> None:
-    """Dashboards (top activations, histograms, logits) of the first trained dictionary, then one
-    steered generation with its first latent added, sampled (the sampler's generator is the CPU's)."""
-    feats = compute_features(
-        FeaturesConfig(dictionaries=[folder], tokens=args.eval_tokens, output=root / "features.db", **common),
-        loaded=lm,
-        progress=False,
+    """Dashboards (top activations, histograms, logits) of the dictionary."""
+    cfg = FeaturesConfig(
+        dictionaries=[folder], tokens=args.eval_tokens, output=root / "features.db", **common
     )
+    feats = compute_features(cfg, loaded=lm, progress=False)
     report.figure("features (dashboards)", feats.tokens_per_s, "tokens/s")
+
+
+def steer_one(report: Report, args: argparse.Namespace, lm: LoadedModel, folder: Path) -> None:
+    """One steered generation with the dictionary's first latent added, sampled (the sampler's generator
+    is the CPU's)."""
     device = str(lm.device)
     steer = Intervention(load_dictionary(folder, lm, device=device), latent=0, value=8.0)
     sync(device)

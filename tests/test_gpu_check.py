@@ -123,3 +123,35 @@ def test_bundle_rebuilds_the_architecture_and_tokenizer_with_random_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same twice
     assert any(not torch.equal(a[k], original[k]) for k in a if k in original)  # but not the real weights
     assert bundle.main(["unpack", str(tmp_path / "nowhere"), str(tmp_path / "m3")]) == 2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failing_stage_is_a_failed_check_and_the_later_stages_still_run(
+    tiny_model_dir: Path, text_file: Path, tmp_path: Path, monkeypatch
+):
+    """--stages picks stages (a dictionary is trained for those that need one); a stage that raises is
+    reported as `<stage> runs` failed, with its error, and does not stop the stages after it."""
+    script = _script()
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("indices should be either on cpu or on the same device")
+
+    monkeypatch.setattr(script, "features_of", broken)
+    out = tmp_path / "report.json"
+    argv = ["--device", "cpu", "--quick", "--model", str(tiny_model_dir), "--source", str(text_file)]
+    status = script.main([*argv, "--stages", "features,steer", "--output", str(out)])
+    doc = json.loads(out.read_text())
+    assert status == 1
+    assert doc["checks"] == [
+        {
+            "check": "features runs",
+            "ok": False,
+            "error": "RuntimeError: indices should be either on cpu or on the same device",
+            "seconds": doc["checks"][0]["seconds"],
+        }
+    ]
+    figures = {f["figure"] for f in doc["figures"]}
+    assert "steered generation (plain and steered)" in figures  # after the failed stage
+    assert not figures & {"harvest every resid_post", "train topk w128 float32", "attribution of one prompt"}
+    with pytest.raises(SystemExit):
+        script.main([*argv, "--stages", "train,nonsense"])
