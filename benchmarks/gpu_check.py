@@ -309,7 +309,11 @@ def sparsify_vs_openscope(
         report.figure(f"step sparsify topk w{width}", rate, "tokens/s")
 
 
-def openscope_step(x: Tensor, width: int) -> Callable[[], Any]:
+def openscope_step(
+    x: Tensor, width: int, k: int = 32, path: str = "auto", bf16: bool | None = None
+) -> Callable[[], Any]:
+    """One openscope TopK training step on x (Adam included); bf16 None: bf16 products on a GPU, as
+    openscope trains there by default and as sparsify's encoder runs."""
     from openscope.train.steps import (
         DeadLatentTracker,
         StepConfig,
@@ -318,15 +322,16 @@ def openscope_step(x: Tensor, width: int) -> Callable[[], Any]:
     )  # peer run only
 
     d = x.shape[1]
-    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, width=width, activation="topk", k=32)).to(x.device)
+    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, width=width, activation="topk", k=k)).to(x.device)
     opt, tracker = make_optimizer(coder, lr=7e-5), DeadLatentTracker(width)
-    # bf16 products on a GPU, as openscope trains there by default and as sparsify's encoder runs.
-    sc = StepConfig(sparsity="none", lr=7e-5, lr_warmup_steps=0, bf16=x.device.type == "cuda")
+    bf16 = x.device.type == "cuda" if bf16 is None else bf16
+    sc = StepConfig(sparsity="none", lr=7e-5, lr_warmup_steps=0, path=path, bf16=bf16)  # type: ignore[arg-type]
     return lambda: train_step(coder, opt, x, None, sc, 0, tracker)
 
 
-def sparsify_step(sparsify: Any, x: Tensor, width: int, device: str) -> Callable[[], Any]:
-    cfg = sparsify.SparseCoderConfig(activation="topk", num_latents=width, k=32)
+def sparsify_step(sparsify: Any, x: Tensor, width: int, device: str, k: int = 32) -> Callable[[], Any]:
+    """One sparsify TopK training step on x, as its Trainer runs it (Adam, unit-norm decoder)."""
+    cfg = sparsify.SparseCoderConfig(activation="topk", num_latents=width, k=k)
     sae = sparsify.SparseCoder(x.shape[1], cfg, device=device)
     adam = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999))
 

@@ -12,49 +12,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
+from gpu_check import openscope_step, sparsify_step, sync  # the GPU check's arms (this folder)
 from torch.profiler import ProfilerActivity, profile
-
-from openscope.coders.coder import CoderConfig, SparseCoder
-from openscope.train.steps import DeadLatentTracker, StepConfig, make_optimizer, train_step
-
-
-def openscope_step(x: torch.Tensor, width: int, k: int, path: str, bf16: bool) -> Callable[[], Any]:
-    d = x.shape[1]
-    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, width=width, activation="topk", k=k)).to(x.device)
-    opt, tracker = make_optimizer(coder, lr=7e-5), DeadLatentTracker(width)
-    sc = StepConfig(sparsity="none", lr=7e-5, lr_warmup_steps=0, path=path, bf16=bf16)  # type: ignore[arg-type]
-    return lambda: train_step(coder, opt, x, None, sc, 0, tracker)
-
-
-def sparsify_step(x: torch.Tensor, width: int, k: int) -> Callable[[], Any] | None:
-    try:
-        import sparsify  # type: ignore[import-not-found]  # a peer, measured only where installed
-    except Exception:
-        return None
-    sae = sparsify.SparseCoder(
-        x.shape[1], sparsify.SparseCoderConfig(activation="topk", num_latents=width, k=k)
-    )
-    sae = sae.to(x.device)
-    adam = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=(0.0, 0.999))
-
-    def step() -> None:
-        sae.set_decoder_norm_to_unit_norm()
-        out = sae(x, dead_mask=None)
-        (out.fvu + out.multi_topk_fvu / 8).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        adam.step()
-        adam.zero_grad()
-
-    return step
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -74,8 +35,12 @@ def main() -> None:
         for path in ("sparse", "dense")
         for bf16 in (False, True)
     }
-    if (peer := sparsify_step(x, args.width, args.k)) is not None:
-        arms["sparsify"] = peer
+    try:
+        import sparsify  # type: ignore[import-not-found]  # a peer, measured only where it imports
+    except Exception as exc:
+        print(f"sparsify not measured: {type(exc).__name__}: {exc}")
+    else:
+        arms["sparsify"] = sparsify_step(sparsify, x, args.width, args.device, args.k)
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for name, step in arms.items():
