@@ -12,7 +12,8 @@ Correctness (each a pass/fail with the largest difference it saw):
 Throughput (tokens/s, wall time of the whole call, start-up included):
 - harvest of every layer's resid_post;
 - training of one dictionary per configuration: widths (default 16k and 131k) × TopK / JumpReLU ×
-  float32 / bf16 autocast (`--precision`), on the middle layer's resid_post;
+  float32 / bf16 autocast (`--precision`), on the middle layer's resid_post; then the first width's bf16
+  TopK with no batches read ahead and with 2 (`--batches-ahead`), side by side;
 - with sparsify importable in this Python, sparsify's TopK step against openscope's on the same
   activations and the same GPU (otherwise the report says it was not installed);
 - evaluation (splice, KL, loss recovered, absorption) of the first trained dictionary;
@@ -256,21 +257,29 @@ def resume_vs_uninterrupted(
 # ---- throughput ----------------------------------------------------------------------------------------
 
 
-def train_configs(args: argparse.Namespace) -> list[tuple[int, str, str]]:
+def train_configs(args: argparse.Namespace) -> list[tuple[int, str, str, int | None]]:
+    """(width, activation, precision, batches ahead) of each timed run: every width x TopK/JumpReLU x
+    float32/bf16 with the default read-ahead, then the first width's bf16 TopK with none and with 2 (side
+    by side: what reading batches ahead in a background thread buys)."""
     precisions = ["float32", "bf16"]
-    return [(w, act, p) for w in args.widths for act in ("topk", "jumprelu") for p in precisions]
+    runs: list[tuple[int, str, str, int | None]] = [
+        (w, act, p, None) for w in args.widths for act in ("topk", "jumprelu") for p in precisions
+    ]
+    return runs + [(args.widths[0], "topk", "bf16", ahead) for ahead in (0, 2)]
 
 
 def train_throughput(
     report: Report, args: argparse.Namespace, store: Path, site: str, device: str, root: Path
 ) -> Path:
     first: Path | None = None
-    for width, activation, precision in train_configs(args):
-        out = root / f"train_{width}_{activation}_{precision}"
+    for width, activation, precision, ahead in train_configs(args):
+        label = f"train {activation} w{width} {precision}" + (
+            "" if ahead is None else f" batches ahead {ahead}"
+        )
         cfg = TrainConfig(
             store=store, sites=site, width=width, activation=activation, k=32 if activation == "topk" else None,
-            target_l0=32, batch_size=args.batch_size, tokens=args.train_tokens, output=out, device=device,
-            precision=precision, checkpoint_every=10**9, log_every=10**9,
+            target_l0=32, batch_size=args.batch_size, tokens=args.train_tokens, output=root / label.replace(" ", "_"),
+            device=device, precision=precision, checkpoint_every=10**9, log_every=10**9, batches_ahead=ahead,
         )  # fmt: skip
         sync(device)
         start = time.perf_counter()
@@ -279,7 +288,7 @@ def train_throughput(
         seconds = time.perf_counter() - start
         final = next(iter(result.final.values()))
         report.figure(
-            f"train {activation} w{width} {precision}", args.train_tokens / seconds, "tokens/s",
+            label, args.train_tokens / seconds, "tokens/s",
             fvu=round(final.get("fvu", math.nan), 4), l0=round(final.get("l0", math.nan), 1),
         )  # fmt: skip
         first = first or next(iter(result.folders.values()))

@@ -6,14 +6,17 @@
   row lies in the batch (what feature dashboards and role statistics read): `store_batches` reads them
   from a store that keeps its token ids, `live_batches` runs the model on a text source; `keep_roles`
   keeps only the rows of some chat roles.
+- `batches_ahead`: any of these assembled by a background thread while the consumer works.
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,6 +28,52 @@ from openscope.models.hooks import run_to_sites
 from openscope.models.load import LoadedModel
 from openscope.models.sites import Site
 from openscope.models.tokens import keep_mask
+
+T = TypeVar("T")
+
+
+def batches_ahead(batches: Iterator[T], depth: int) -> Iterator[T]:
+    """The same items in the same order, drawn by a background thread up to `depth` ahead of the consumer
+    (0: drawn in the consumer's thread). A GPU step leaves the CPU idle while it runs; the thread uses
+    that time to gather (and pin) the next batches. A failure while drawing raises in the consumer, at
+    the item where it happened; a consumer that stops early stops the thread."""
+    if depth < 1:
+        yield from batches
+        return
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put((kind, value), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in batches:
+                if not put("item", item):
+                    return
+            put("end", None)
+        except BaseException as exc:  # raised again in the consumer, where the draw would have raised it
+            put("error", exc)
+
+    thread = threading.Thread(target=fill, name="batches-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 class ActivationBatch(NamedTuple):

@@ -133,7 +133,7 @@ def _clt_data(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[int]]:
             dataclasses.replace(cfg, sites="*.mlp_in" if cfg.sites == "all" else cfg.sites), device
         )
         return data, clt_layers("all", data.widths)
-    data, _ = from_store(dataclasses.replace(cfg, sites="all"))
+    data, _ = from_store(dataclasses.replace(cfg, sites="all"), device)
     n_layers = ActivationStore(cfg.store, verify=False).manifest["model"].get("n_layers")
     return data, clt_layers(cfg.sites, data.widths, n_layers)
 
@@ -187,7 +187,7 @@ def _crosscoder_data(cfg: TrainConfig, device: str) -> tuple[TrainingData, list[
         # Live: capture the chosen sites only (as an SAE run would: no transcoder targets added).
         data, _ = live(dataclasses.replace(cfg, sites=spec, kind="sae"), device)
         return data, crosscoder_sites(spec, data.widths)
-    data, _ = from_store(dataclasses.replace(cfg, sites="all"))
+    data, _ = from_store(dataclasses.replace(cfg, sites="all"), device)
     n_layers = ActivationStore(cfg.store, verify=False).manifest["model"].get("n_layers")
     return data, crosscoder_sites(cfg.sites, data.widths, n_layers)
 
@@ -370,7 +370,7 @@ def train_clt(cfg: TrainConfig, progress: bool = True, stop_after: int | None = 
 
     reps = par.replicas
     sites = list(dict.fromkeys(sites_in + sites_out))
-    batches = first_then_rest(replica_batches(data, sites, first, reps))  # this replica's rows only
+    batches = first_then_rest(replica_batches(data, sites, first, par))  # this replica's rows only
     run = open_run(cfg, par.layout)  # the data gave its first batch: now the run's folder is made
     metrics = metrics_path.open("a") if par.writes else io.StringIO()  # other replicas write nothing
     logs = (

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from openscope.activations.batches import ActivationBatch
+from openscope.activations.batches import ActivationBatch, batches_ahead
 from openscope.activations.live import LiveActivations
 from openscope.activations.store import ActivationStore
 from openscope.coders.io import read_coder_config
@@ -89,17 +89,27 @@ class TrainingData(NamedTuple):
 
 
 def replica_batches(
-    data: TrainingData, sites: list[str], start: int, replicas: Replicas | None
+    data: TrainingData, sites: list[str], start: int, par: RunLayout
 ) -> Iterator[ActivationBatch]:
     """This replica's batches from batch `start` on: the one place that decides how a data-parallel
     replica gets its rows. A live model's replica runs the forward on its own share of the contexts
     (`TrainingData.shards`); a store's replica reads the global batch and keeps its `local_rows`.
-    Without replicas, the global batches."""
+    Without replicas, the global batches. `par.ahead` of them are assembled in a background thread."""
+    replicas = par.replicas
     if replicas is None:
-        return data.batches(sites, start)
-    if data.shards is not None:
-        return data.shards(sites, start, replicas.index, replicas.size)
-    return (local_rows(b, replicas.index, replicas.size) for b in data.batches(sites, start))
+        stream = data.batches(sites, start)
+    elif data.shards is not None:
+        stream = data.shards(sites, start, replicas.index, replicas.size)
+    else:
+        stream = (local_rows(b, replicas.index, replicas.size) for b in data.batches(sites, start))
+    return batches_ahead(stream, par.ahead)
+
+
+def ahead_count(cfg: TrainConfig, device: str) -> int:
+    """cfg.batches_ahead resolved: 2 on CUDA, 0 on the CPU when unset."""
+    if cfg.batches_ahead is not None:
+        return cfg.batches_ahead
+    return 2 if device.startswith("cuda") else 0
 
 
 def store_site_names(store: ActivationStore, spec: str) -> list[str]:
@@ -125,8 +135,9 @@ def store_site_names(store: ActivationStore, spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def from_store(cfg: TrainConfig) -> tuple[TrainingData, list[str]]:
-    """The activation store at cfg.store, and the site names cfg.sites picks from it."""
+def from_store(cfg: TrainConfig, device: str = "cpu") -> tuple[TrainingData, list[str]]:
+    """The activation store at cfg.store, and the site names cfg.sites picks from it; batches for a CUDA
+    `device` read ahead come in page-locked memory."""
     store = ActivationStore(cfg.store)
     if not store.complete and not cfg.incomplete_store:
         raise OpenscopeError(
@@ -140,9 +151,12 @@ def from_store(cfg: TrainConfig) -> tuple[TrainingData, list[str]]:
     roles = role_ids(cfg.roles)
     store.check_roles(roles)
     cutoff = heldout_cutoff(store, cfg)  # --eval-every: the store's last contexts are held out
+    pin = device.startswith("cuda") and ahead_count(cfg, device) > 0
 
     def batches(sites: list[str], start: int) -> Iterator[ActivationBatch]:
-        stream = store.batches(sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True, roles=roles)
+        stream = store.batches(
+            sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True, roles=roles, pin_memory=pin
+        )
         if cutoff is not None:
             stream = without_heldout(stream, cutoff, cfg.batch_size)
         return itertools.islice(stream, start, None)  # replays the seeded order up to the checkpoint
@@ -240,6 +254,7 @@ def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it (not where it writes, how
     often it logs, or on which device)."""
     skip = {"resume", "device", "checkpoint_every", "log_every", "output", "overwrite", "incomplete_store"}
+    skip.add("batches_ahead")  # how the batches are read, never which
     skip |= {"data_parallel", "precision"}  # as resolved, in `RunLayout.identity` (older runs lack them)
     if not cfg.roles:
         skip.add("roles")  # checkpoints of runs from before role filters still resume
@@ -272,6 +287,8 @@ class RunLayout(NamedTuple):
     """The device this rank trains on (under torchrun on CUDA: the local rank's GPU, `rank_device`)."""
     bf16: bool
     """Whether the dictionaries' products run in bfloat16 (--precision)."""
+    ahead: int
+    """Batches assembled ahead of the step in a background thread (--batches-ahead, resolved)."""
 
     @property
     def writes(self) -> bool:
@@ -309,7 +326,7 @@ def run_layout(cfg: TrainConfig, n_dicts: int, device: str) -> RunLayout:
         torch.backends.cudnn.allow_tf32 = tf32
     if world > 1:
         init_process_group(device)
-    return RunLayout(layout, replica_group(layout), device, bf16)
+    return RunLayout(layout, replica_group(layout), device, bf16, ahead_count(cfg, device))
 
 
 PRECISIONS = ("auto", "float32", "tf32", "bf16")

@@ -199,7 +199,7 @@ def train(
         return train_clt(cfg, progress, stop_after)
     device = training_device(cfg.device)
     ft = KLFineTune(cfg, device) if cfg.finetune else None
-    data, names = (ft.data, ft.names) if ft else live(cfg, device) if cfg.model else from_store(cfg)
+    data, names = (ft.data, ft.names) if ft else live(cfg, device) if cfg.model else from_store(cfg, device)
     specs = _specs(cfg, _pairs(cfg, data, names))
     par = run_layout(cfg, len(specs), device)
     lay = par.layout
@@ -224,7 +224,7 @@ def train(
     first = start_step(cfg, checkpoint, identity, dicts, metrics_path if par.writes else None)
 
     sites = sorted({s for d in dicts for s in (d.site_in, d.site_out)})
-    batches = first_then_rest(replica_batches(data, sites, first, par.replicas) if dicts else iter(()))
+    batches = first_then_rest(replica_batches(data, sites, first, par) if dicts else iter(()))
     run = open_run(cfg, lay)  # the data gave its first batch: now the run's folder is made
     metrics = metrics_path.open("a") if par.writes else io.StringIO()  # other replicas write nothing
     logs = (
