@@ -95,3 +95,15 @@ def test_resuming_with_another_batches_ahead_is_allowed(store_dir: Path, tmp_pat
 def test_a_negative_count_is_a_one_line_error(tmp_path: Path):
     with pytest.raises(OpenscopeError, match="--batches-ahead must be 0 or more, got -1"):
         TrainConfig(store=tmp_path, batches_ahead=-1)
+
+
+def test_a_live_model_never_reads_ahead(tmp_path: Path):
+    """A live model's forward stays in the step's thread: its hooks would otherwise meet the step's own."""
+    from openscope.train.loop import ahead_count
+
+    with pytest.raises(OpenscopeError, match="--batches-ahead reads a store ahead"):
+        TrainConfig(model="gemma-3-270m", batches_ahead=2)
+    assert ahead_count(TrainConfig(model="gemma-3-270m"), "cuda") == 0
+    assert ahead_count(TrainConfig(store=tmp_path), "cuda") == 2
+    assert ahead_count(TrainConfig(store=tmp_path), "cpu") == 0
+    assert ahead_count(TrainConfig(store=tmp_path, batches_ahead=3), "cpu") == 3

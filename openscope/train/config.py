@@ -142,9 +142,10 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, ..."""
     batches_ahead: int | None = None
-    """Batches a background thread assembles ahead of the training step, store runs in page-locked memory
-    so that their copy to the GPU does not block (never changes which rows come in which batch). None:
-    2 on CUDA, 0 on the CPU, where the thread would take cores from the step."""
+    """Batches a background thread assembles from the store ahead of the training step, in page-locked
+    memory so that their copy to the GPU does not block (never changes which rows come in which batch).
+    None: 2 on CUDA, 0 on the CPU, where the thread would take cores from the step. Store runs only: a live
+    model's forward stays in the step's thread (its hooks are the model's)."""
     precision: str = "auto"
     """float32; tf32 (CUDA: float32 with TF32 products); bf16 (the dictionaries' products in bfloat16 under
     autocast, float32 master weights, Adam state, losses and statistics); auto: bf16 on CUDA, else float32."""
@@ -168,6 +169,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batches_ahead is not None and self.batches_ahead < 0:
             raise OpenscopeError(f"--batches-ahead must be 0 or more, got {self.batches_ahead}")
+        if self.batches_ahead and (self.model or self.finetune):
+            raise OpenscopeError(
+                "--batches-ahead reads a store ahead; a live model (--model, --finetune) runs in the step's thread"
+            )
         # The command line gives text. One number is kept as a number, so a one-dictionary run's saved
         # settings, checkpoint identity and folders are what they were before lists were allowed.
         self.width = _one_or_list(self.width, int)

@@ -106,7 +106,10 @@ def replica_batches(
 
 
 def ahead_count(cfg: TrainConfig, device: str) -> int:
-    """cfg.batches_ahead resolved: 2 on CUDA, 0 on the CPU when unset."""
+    """cfg.batches_ahead resolved: 2 on CUDA, 0 on the CPU when unset; 0 for a live model, whose forward
+    must not run beside the step's own uses of the model (splices, held-out evaluation: hooks are global)."""
+    if cfg.model or cfg.finetune:
+        return 0
     if cfg.batches_ahead is not None:
         return cfg.batches_ahead
     return 2 if device.startswith("cuda") else 0
