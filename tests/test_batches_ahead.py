@@ -107,3 +107,18 @@ def test_a_live_model_never_reads_ahead(tmp_path: Path):
     assert ahead_count(TrainConfig(store=tmp_path), "cuda") == 2
     assert ahead_count(TrainConfig(store=tmp_path), "cpu") == 0
     assert ahead_count(TrainConfig(store=tmp_path, batches_ahead=3), "cpu") == 3
+
+
+def test_stopping_early_closes_the_source():
+    closed = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            yield from range(1000)
+        finally:
+            closed.set()
+
+    stream = batches_ahead(source(), 2)
+    assert next(stream) == 0
+    stream.close()
+    assert closed.wait(5)

@@ -60,6 +60,10 @@ def batches_ahead(batches: Iterator[T], depth: int) -> Iterator[T]:
             put("end", None)
         except BaseException as exc:  # raised again in the consumer, where the draw would have raised it
             put("error", exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # a generator's own clean-up (a store's reader thread) runs now, here
+                close()
 
     thread = threading.Thread(target=fill, name="batches-ahead", daemon=True)
     thread.start()
