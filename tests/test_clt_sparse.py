@@ -151,3 +151,28 @@ def test_training_on_the_sparse_path_equals_training_on_the_dense_one(kind: str,
     for name, value in states["dense"].items():
         assert not torch.equal(value, start[name]), f"{name} did not train"
         assert_equal_fp32(states["sparse"][name], value, name)
+
+
+def test_auto_path_goes_dense_above_the_device_limit(monkeypatch):
+    """path="auto" takes the dense path above the device's fraction of touched latents (15% on the CPU,
+    2% on CUDA, measured: `CLT_DENSE_ABOVE`), or above an explicit `sparse_max_density`."""
+    from openscope.coders import sparse
+
+    assert sparse.clt_dense_above(torch.device("cpu")) == 0.15
+    assert sparse.clt_dense_above(torch.device("cuda", 0)) == 0.02
+    assert sparse.clt_dense_above(torch.device("meta")) == 0.15  # others: the CPU's
+    clt = CrossLayerCoder(CLTConfig(n_layers=3, d_in=12, d_out=10, width=64, seed=0))
+    x = torch.randn(3, 200, 12, generator=torch.Generator().manual_seed(0))
+    clt.calibrate_threshold_(x, 4.0)  # 4 of 64 latents fire: ~6% touched
+    dense_calls = []
+    original = CrossLayerCoder._train_forward_dense
+    monkeypatch.setattr(
+        CrossLayerCoder, "_train_forward_dense", lambda self, *a: dense_calls.append(1) or original(self, *a)
+    )
+    clt.train_forward(x)  # CPU limit 15%: sparse
+    assert dense_calls == []
+    monkeypatch.setitem(sparse.CLT_DENSE_ABOVE, "cpu", 0.02)  # as on CUDA
+    clt.train_forward(x)
+    assert dense_calls == [1]
+    clt.train_forward(x, sparse_max_density=0.5)  # an explicit limit wins
+    assert dense_calls == [1]

@@ -59,7 +59,7 @@ from openscope.coders import activations as act
 from openscope.coders.clt_decode import add_to_targets, decode_to_targets
 from openscope.coders.coder import SparseCoder, unit_rows
 from openscope.coders.protocol import Reconstruction
-from openscope.coders.sparse import gathered_linear, make_entries, sum_to_targets
+from openscope.coders.sparse import clt_dense_above, gathered_linear, make_entries, sum_to_targets
 from openscope.errors import OpenscopeError
 
 
@@ -274,16 +274,14 @@ class CrossLayerCoder(nn.Module):
         *,
         prefixes: tuple[int, ...] = (),
         path: Literal["auto", "sparse", "dense"] = "auto",
-        sparse_max_density: float = 0.15,
+        sparse_max_density: float | None = None,
     ) -> CLTTrainOutput:
         """The training pass on inputs x [L, B, d_in]: reconstructions, Matryoshka prefix
         reconstructions, per-layer L0 and firing rates.
 
         path: "dense" (plain batched products: the reference) or "sparse" (encoder backward and decoder
         through the active latents only; the same numbers); "auto" takes the sparse path while at most
-        `sparse_max_density` of the L·B·F latents are touched. The default is higher than a single-layer
-        coder's 3%: the dense decoder costs ~(L+1)/2 times a transcoder's, the sparse one the same per
-        entry and target block (at 18 layers of Gemma 3 270M, 8% of latents touched, sparse is ~2× faster).
+        `sparse_max_density` of the L·B·F latents are touched (None: the device's, `clt_dense_above`).
         """
         self._check_input(x)
         for p in prefixes:
@@ -297,7 +295,8 @@ class CrossLayerCoder(nn.Module):
             z = [self.pre_activations_at(i, x[i]).float() for i in range(self.cfg.n_layers)]
             touched = [zi > cut for zi, cut in zip(z, self._selection_cut(), strict=True)]
         n_touched = sum(int(t.sum()) for t in touched)
-        if path == "auto" and n_touched > sparse_max_density * x.shape[0] * x.shape[1] * self.cfg.width:
+        limit = clt_dense_above(x.device) if sparse_max_density is None else sparse_max_density
+        if path == "auto" and n_touched > limit * x.shape[0] * x.shape[1] * self.cfg.width:
             return self._train_forward_dense(x, prefixes)
         return self._train_forward_sparse(x, z, touched, prefixes)
 
