@@ -73,7 +73,7 @@ def unpack(bundle: Path, out: Path, seed: int = 0) -> None:
     if not (bundle / "config.json").is_file():
         raise OpenscopeError(f"{bundle} is not a bundle (no config.json); make one with `pack`")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bundle), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(bundle)).to(torch.float32)
     model.save_pretrained(out)
     for name in MODEL_FILES:
         if name != "config.json" and (bundle / name).is_file():

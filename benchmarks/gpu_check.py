@@ -450,13 +450,14 @@ def run(args: argparse.Namespace, root: Path) -> Report:
     want = args.stages.__contains__
     if want("harvest"):
         report.stage("harvest", lambda: harvest_all(report, args, lm, root, common))
-    store = root / "mid"  # every later stage reads this one store
-    h = harvest(
-        HarvestConfig(sites=site, tokens=args.harvest_tokens, output=store, **common),
-        loaded=lm,
-        progress=False,
-    )
-    report.figure(f"harvest {site}", h.tokens_per_s, "tokens/s")
+    store = root / "mid"  # the stages but harvest and attribution read this one store
+    if set(args.stages) - {"harvest", "attribution"}:
+        h = harvest(
+            HarvestConfig(sites=site, tokens=args.harvest_tokens, output=store, **common),
+            loaded=lm,
+            progress=False,
+        )
+        report.figure(f"harvest {site}", h.tokens_per_s, "tokens/s")
     if want("checks"):
         report.stage("checks", lambda: run_checks(report, lm, args, device, store, site, root))
     folder: Path | None = None

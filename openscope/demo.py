@@ -346,6 +346,7 @@ class _Stages:
             device=cfg.device,
         )
         drop = {"store", "output", "device", "resume", "overwrite", "incomplete_store", "checkpoint_every"}
+        drop.add("batches_ahead")  # how batches are read, never which: folders from before it stay valid
         t_settings = _settings(tcfg, drop | {"log_every"}, store=shards)
         state.check_same("train", t_settings, root)
         folders = [root / f for f in state.stages.get("train", {}).get("folders", [])]

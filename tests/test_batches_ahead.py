@@ -122,3 +122,31 @@ def test_stopping_early_closes_the_source():
     assert next(stream) == 0
     stream.close()
     assert closed.wait(5)
+
+
+def _readers() -> list[str]:
+    names = ("store-reader", "batches-ahead")
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith(names) for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [t.name for t in threading.enumerate() if t.name.startswith(names)]
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_a_failed_run_leaves_no_reader_thread(store_dir: Path, tmp_path: Path, ahead: int, monkeypatch):
+    """The run closes its batches however its loop ends: the store's read-ahead and this thread stop then,
+    even while a kept traceback (a notebook, a test) holds the run's frames alive."""
+    import openscope.train.trainer as trainer
+
+    real, calls = trainer.train_step, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("a step failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", failing)
+    with pytest.raises(RuntimeError, match="a step failed") as kept:
+        train(tiny_train_config(store_dir, tmp_path / "t", batches_ahead=ahead), progress=False)
+    assert kept.traceback and _readers() == []

@@ -155,3 +155,12 @@ def test_a_failing_stage_is_a_failed_check_and_the_later_stages_still_run(
     assert not figures & {"harvest every resid_post", "train topk w128 float32", "attribution of one prompt"}
     with pytest.raises(SystemExit):
         script.main([*argv, "--stages", "train,nonsense"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_attribution_alone_harvests_nothing(tiny_model_dir: Path, text_file: Path, tmp_path: Path):
+    out = tmp_path / "report.json"
+    argv = ["--device", "cpu", "--quick", "--model", str(tiny_model_dir), "--source", str(text_file)]
+    assert _script().main([*argv, "--stages", "attribution", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [f["figure"] for f in doc["figures"]] == ["attribution of one prompt"] and doc["checks"] == []

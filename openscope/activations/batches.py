@@ -6,7 +6,8 @@
   row lies in the batch (what feature dashboards and role statistics read): `store_batches` reads them
   from a store that keeps its token ids, `live_batches` runs the model on a text source; `keep_roles`
   keeps only the rows of some chat roles.
-- `batches_ahead`: any of these assembled by a background thread while the consumer works.
+- `batches_ahead`: any of these assembled by a background thread while the consumer works;
+  `close_iterator` ends a stream of them (and whatever reads for it) now.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -30,9 +31,18 @@ from openscope.models.sites import Site
 from openscope.models.tokens import keep_mask
 
 T = TypeVar("T")
+_END = object()
 
 
-def batches_ahead(batches: Iterator[T], depth: int) -> Iterator[T]:
+def close_iterator(items: Iterator[Any]) -> None:
+    """Close a generator now (its `finally` clauses run: reader threads stop); other iterators have
+    nothing to close."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
+
+
+def batches_ahead(batches: Iterator[T], depth: int) -> Generator[T]:
     """The same items in the same order, drawn by a background thread up to `depth` ahead of the consumer
     (0: drawn in the consumer's thread). A GPU step leaves the CPU idle while it runs; the thread uses
     that time to gather (and pin) the next batches. A failure while drawing raises in the consumer, at
@@ -54,16 +64,17 @@ def batches_ahead(batches: Iterator[T], depth: int) -> Iterator[T]:
 
     def fill() -> None:
         try:
-            for item in batches:
+            while not stop.is_set():  # checked before each draw, not only while waiting to hand one over
+                item = next(batches, _END)
+                if item is _END:
+                    put("end", None)
+                    return
                 if not put("item", item):
                     return
-            put("end", None)
         except BaseException as exc:  # raised again in the consumer, where the draw would have raised it
             put("error", exc)
         finally:
-            close = getattr(batches, "close", None)
-            if close is not None:  # a generator's own clean-up (a store's reader thread) runs now, here
-                close()
+            close_iterator(batches)  # a generator's own clean-up (a store's reader thread) runs now, here
 
     thread = threading.Thread(target=fill, name="batches-ahead", daemon=True)
     thread.start()
@@ -77,7 +88,7 @@ def batches_ahead(batches: Iterator[T], depth: int) -> Iterator[T]:
             yield value
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join(timeout=1)  # a draw under way finishes on its own; the thread then sees `stop`
 
 
 class ActivationBatch(NamedTuple):

@@ -330,7 +330,7 @@ def _stacked(
 ) -> Tensor:
     """[L, B, d] normalised activations of the sites (one per layer), checked finite (with `replicas`:
     on every replica, so all of them stop together on bad data and none waits on one that stopped)."""
-    t = torch.stack([batch.acts[s] for s in sites]).to(device)
+    t = torch.stack([batch.acts[s].to(device, non_blocking=batch.acts[s].is_pinned()) for s in sites])
     finite = torch.isfinite(t).all()
     if not bool(finite if replicas is None else replicas.all_true(finite)):
         raise OpenscopeError(

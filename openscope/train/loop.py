@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from openscope.activations.batches import ActivationBatch, batches_ahead
+from openscope.activations.batches import ActivationBatch, batches_ahead, close_iterator
 from openscope.activations.live import LiveActivations
 from openscope.activations.store import ActivationStore
 from openscope.coders.io import read_coder_config
@@ -101,8 +101,17 @@ def replica_batches(
     elif data.shards is not None:
         stream = data.shards(sites, start, replicas.index, replicas.size)
     else:
-        stream = (local_rows(b, replicas.index, replicas.size) for b in data.batches(sites, start))
+        stream = _local(data.batches(sites, start), replicas)
     return batches_ahead(stream, par.ahead)
+
+
+def _local(batches: Iterator[ActivationBatch], replicas: Replicas) -> Iterator[ActivationBatch]:
+    """This replica's rows of each global batch; closing it closes `batches`."""
+    try:
+        for b in batches:
+            yield local_rows(b, replicas.index, replicas.size)
+    finally:
+        close_iterator(batches)
 
 
 def ahead_count(cfg: TrainConfig, device: str) -> int:
@@ -154,15 +163,18 @@ def from_store(cfg: TrainConfig, device: str = "cpu") -> tuple[TrainingData, lis
     roles = role_ids(cfg.roles)
     store.check_roles(roles)
     cutoff = heldout_cutoff(store, cfg)  # --eval-every: the store's last contexts are held out
-    pin = device.startswith("cuda") and ahead_count(cfg, device) > 0
+    # Page-locked batches for the GPU's non-blocking copies (the held-out filter would copy them out).
+    pin = device.startswith("cuda") and ahead_count(cfg, device) > 0 and cutoff is None
 
     def batches(sites: list[str], start: int) -> Iterator[ActivationBatch]:
         stream = store.batches(
             sites, cfg.batch_size, seed=cfg.seed, epochs=None, drop_last=True, roles=roles, pin_memory=pin
         )
-        if cutoff is not None:
-            stream = without_heldout(stream, cutoff, cfg.batch_size)
-        return itertools.islice(stream, start, None)  # replays the seeded order up to the checkpoint
+        held = stream if cutoff is None else without_heldout(stream, cutoff, cfg.batch_size)
+        try:
+            yield from itertools.islice(held, start, None)  # replays the seeded order up to the checkpoint
+        finally:
+            close_iterator(stream)  # the store's reader thread ends with the run, not at garbage collection
 
     info = store.manifest["sites"]
     data = TrainingData(
@@ -324,9 +336,7 @@ def run_layout(cfg: TrainConfig, n_dicts: int, device: str) -> RunLayout:
     if device.startswith("cuda"):
         # TF32 for the products autocast leaves in float32; set both ways, since the flag is the process's
         # and an earlier bf16 run in it must not turn a float32 run's products into TF32 ones.
-        tf32 = cfg.precision != "float32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision != "float32"
     if world > 1:
         init_process_group(device)
     return RunLayout(layout, replica_group(layout), device, bf16, ahead_count(cfg, device))
@@ -534,7 +544,15 @@ def first_then_rest(batches: Iterator[ActivationBatch]) -> Iterator[ActivationBa
     """The same batches, the first one already read: data that cannot give one fails here, before
     the run writes anything."""
     first = next(batches, None)
-    return batches if first is None else itertools.chain([first], batches)
+    return batches if first is None else _then(first, batches)
+
+
+def _then(first: ActivationBatch, rest: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
+    try:
+        yield first
+        yield from rest
+    finally:
+        close_iterator(rest)
 
 
 def run_steps(
@@ -561,6 +579,7 @@ def run_steps(
                 metrics.flush()
                 save(step)
     finally:
+        close_iterator(batches)  # the batches read ahead, and their thread, end with the loop
         bar.close()
         metrics.close()
     return step

@@ -244,7 +244,7 @@ def train(
 
     def one_step(step_index: int, batch: ActivationBatch) -> None:
         # `batch` holds this replica's rows only (`replica_batches`).
-        batch = batch._replace(acts={s: batch.acts[s].to(device) for s in sites})  # once for all widths
+        batch = batch.to(device)  # once for all widths; without blocking from page-locked memory
         reps = par.replicas
         if step_index == 0:  # every replica starts from the whole first batch, so all start alike
             _calibrate(dicts, _whole_batch(batch, sites, reps), cfg, device)
