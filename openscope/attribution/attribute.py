@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from openscope.attribution.graph import NodeLayout
+from openscope.attribution.graph import NodeLayout, count_below
 from openscope.attribution.memory import MemoryEstimate, check_memory, estimate_memory
 from openscope.attribution.replacement import ActiveFeatures, FrozenRun, LayerSlot, ReplacementModel
 from openscope.attribution.rows import Readout, RowStore, backward_rows, readout_bytes
@@ -96,14 +96,7 @@ def top_logits(logits: Tensor, max_logits: int, probability: float) -> tuple[Ten
         raise OpenscopeError(f"the logit probability to cover must be in (0, 1], got {probability}")
     probs = torch.softmax(logits.float(), dim=-1)
     top_p, top_i = probs.topk(min(max_logits, probs.numel()))
-    cut = (
-        int(
-            torch.searchsorted(
-                top_p.cumsum(0), torch.tensor(probability, dtype=top_p.dtype, device=top_p.device)
-            )
-        )
-        + 1
-    )
+    cut = count_below(top_p.cumsum(0), probability) + 1
     return top_i[:cut], top_p[:cut]
 
 

@@ -102,16 +102,18 @@ def logit_seed(layout: NodeLayout, logit_probs: Tensor) -> Tensor:
     return seed
 
 
+def count_below(cumulative: Tensor, value: float) -> int:
+    """How many entries of the non-decreasing `cumulative` lie below `value` (searchsorted, left), the
+    value taken in the sequence's dtype and on its device."""
+    target = torch.tensor(value, dtype=cumulative.dtype, device=cumulative.device)
+    return int(torch.searchsorted(cumulative, target))
+
+
 def find_threshold(scores: Tensor, fraction: float) -> Tensor:
     """The score s such that keeping every score ≥ s keeps (just over) `fraction` of the total."""
     ordered = scores.flatten().sort(descending=True).values
     cumulative = ordered.cumsum(0) / ordered.sum().clamp(min=ROW_EPS)
-    index = int(
-        torch.searchsorted(
-            cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)
-        )
-    )
-    return ordered[min(index, len(ordered) - 1)]
+    return ordered[min(count_below(cumulative, fraction), len(ordered) - 1)]
 
 
 def cumulative_influence(influence: Tensor) -> Tensor:
@@ -226,12 +228,4 @@ def nodes_for_fraction(influence: Tensor, fraction: float) -> int:
     if total <= 0:
         return 0
     cumulative = ordered.cumsum(0) / total
-    return min(
-        int(
-            torch.searchsorted(
-                cumulative, torch.tensor(fraction, dtype=cumulative.dtype, device=cumulative.device)
-            )
-        )
-        + 1,
-        len(ordered),
-    )
+    return min(count_below(cumulative, fraction) + 1, len(ordered))
