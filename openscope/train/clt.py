@@ -330,7 +330,7 @@ def _stacked(
 ) -> Tensor:
     """[L, B, d] normalised activations of the sites (one per layer), checked finite (with `replicas`:
     on every replica, so all of them stop together on bad data and none waits on one that stopped)."""
-    t = torch.stack([batch.acts[s].to(device, non_blocking=batch.acts[s].is_pinned()) for s in sites])
+    t = torch.stack([batch.acts[s] for s in sites]).to(device)
     finite = torch.isfinite(t).all()
     if not bool(finite if replicas is None else replicas.all_true(finite)):
         raise OpenscopeError(
@@ -452,6 +452,7 @@ def _inputs(
 ) -> tuple[Tensor, Tensor]:
     """The coder's normalised inputs and targets [L, B, d] from a batch (a replica's own rows under
     data parallelism, checked on every replica: `_stacked`)."""
+    batch = batch.to(device)  # once for inputs and targets; page-locked rows copy without blocking
     x = _stacked(batch, sites[0], scales[0], device, step, replicas)
     # A crosscoder's targets are its inputs (same sites, same scales).
     return x, x if sites[1] == sites[0] else _stacked(batch, sites[1], scales[1], device, step, replicas)
