@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check import sync  # the GPU check's (this folder): waits for queued kernels on CUDA
 
 from openscope.coders.clt import CLTConfig, CrossLayerCoder
 from openscope.coders.coder import CoderConfig, SparseCoder
@@ -88,7 +89,7 @@ class Arm:
 
     def run(self) -> float:
         """Seconds of one training step of all 18·F latents (the device's queue drained at both ends)."""
-        sync(self.x.device)
+        sync(str(self.x.device))
         t0 = time.perf_counter()
         if self.coders:
             for i, (c, opt) in enumerate(zip(self.coders, self.opts, strict=True)):
@@ -96,14 +97,8 @@ class Arm:
         else:
             clt_train_step(self.clt, self.opt, self.x, self.y, self.cfg, self.step)
         self.step += 1
-        sync(self.x.device)
+        sync(str(self.x.device))
         return time.perf_counter() - t0
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the GPU's queued kernels, so that a step's wall time is its own."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
